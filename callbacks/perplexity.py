@@ -1,0 +1,56 @@
+"""Perplexity of the FP / RTN baselines before calibration and of the quantized model after."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from omniquant_pl.eval.perplexity import perplexity_on_source
+from omniquant_pl.errors import OmniQuantError
+from omniquant_pl.hooks import CalibrationCallback
+from omniquant_pl.quant.rtn import rtn_weights
+
+log = logging.getLogger(__name__)
+
+
+class PerplexityCallback(CalibrationCallback):
+    """Evaluates `sequencer.config.eval` on the whole model (moved to the accelerator for it).
+
+    Results go to ``results["perplexity"][method][dataset]`` with method in fp / rtn / omniquant.
+    A dataset that cannot be loaded (offline, missing file) is skipped with a warning and
+    recorded, so calibration work is never lost to an evaluation problem.
+    """
+
+    def _evaluate(self, sequencer, method: str) -> None:
+        cfg = sequencer.config.eval
+        model = sequencer.model
+        model.to(sequencer.device)
+        table = sequencer.results["perplexity"].setdefault(method, {})
+        try:
+            for dataset in cfg.datasets:
+                try:
+                    result = perplexity_on_source(
+                        model, sequencer.tokenizer, dataset, cfg.seqlen, cfg.max_windows,
+                        cfg.batch_size, sequencer.device,
+                    )
+                except OmniQuantError as err:
+                    log.warning("skipping perplexity on %s: %s", dataset, err)
+                    sequencer.results.setdefault("skipped_eval", {})[dataset] = str(err)
+                    continue
+                table[dataset] = result
+                log.info("%s perplexity on %s: %.3f (%d windows)", method, dataset, result["ppl"], result["windows"])
+        finally:
+            model.to("cpu")
+            if sequencer.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+    def on_calibration_start(self, sequencer) -> None:
+        baselines = sequencer.config.eval.baselines
+        if "fp" in baselines:
+            self._evaluate(sequencer, "fp")
+        if "rtn" in baselines:
+            with rtn_weights(sequencer.model, sequencer.spec, sequencer.config.quant):
+                self._evaluate(sequencer, "rtn")
+
+    def on_calibration_end(self, sequencer, results) -> None:
+        self._evaluate(sequencer, "omniquant")

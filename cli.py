@@ -1,0 +1,120 @@
+"""`omniquant` command line: calibrate | evaluate | export (LightningCLI's argument parser).
+
+    omniquant calibrate --config configs/smollm2-135m/quickstart-w3a16.yaml --quant.wbits 4
+    omniquant calibrate --config ... --print_config
+    omniquant evaluate --model.name_or_path outputs/run/model --eval.datasets [wikitext2]
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.cli import LightningArgumentParser
+
+from omniquant_pl.config import EvalConfig, ModelConfig, RunConfig
+from omniquant_pl.errors import OmniQuantError
+
+
+def _quiet_lightning() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*JsonargparseDeprecationWarning.*")
+
+
+def build_parser() -> LightningArgumentParser:
+    parser = LightningArgumentParser(prog="omniquant", description="OmniQuant calibration for Hugging Face causal LMs")
+    commands = parser.add_subcommands(dest="command")
+
+    calibrate = LightningArgumentParser(description="Quantize a model block by block with OmniQuant.")
+    calibrate.add_argument("--config", action="config", help="YAML config (see configs/)")
+    calibrate.add_class_arguments(RunConfig, None)
+    calibrate.add_argument(
+        "--callbacks", type=list[Callback] | None, default=None,
+        help="extra Lightning/Calibration callbacks, run on every block's Trainer (class_path + init_args)",
+    )
+    commands.add_subcommand("calibrate", calibrate, help="calibrate and evaluate a quantized model")
+
+    evaluate = LightningArgumentParser(description="Perplexity of a model (hub id, folder or saved OmniQuant output).")
+    evaluate.add_argument("--config", action="config")
+    evaluate.add_class_arguments(ModelConfig, "model")
+    evaluate.add_class_arguments(EvalConfig, "eval")
+    evaluate.add_argument("--accelerator", type=str, default="auto")
+    evaluate.add_argument("--output", type=str | None, default=None, help="write eval.json here")
+    commands.add_subcommand("evaluate", evaluate, help="perplexity of a model")
+
+    export = LightningArgumentParser(description="Export to an inference engine format (not built yet).")
+    export.add_argument("run_dir", type=str)
+    commands.add_subcommand("export", export, help="export a calibrated model (not built yet)")
+    return parser
+
+
+def run_calibrate(args) -> dict:
+    from omniquant_pl import calibrate
+    from omniquant_pl.report import print_summary
+
+    init = args.parser_init if hasattr(args, "parser_init") else args
+    config = RunConfig(model=init.model, quant=init.quant, calib=init.calib, train=init.train,
+                       eval=init.eval, output_dir=init.output_dir, save_model=init.save_model)
+    results = calibrate(config, callbacks=init.callbacks)
+    print_summary(results)
+    print(f"results: {Path(config.output_dir) / 'results.json'}")
+    return results
+
+
+def run_evaluate(args) -> dict:
+    import torch
+
+    from omniquant_pl.eval.perplexity import perplexity_on_source
+    from omniquant_pl.models import load_model_and_tokenizer
+    from omniquant_pl.sequencer import resolve_device
+
+    device = resolve_device(args.accelerator)
+    model, tokenizer = load_model_and_tokenizer(args.model, device)
+    model.to(device)
+    report = {"model": args.model.name_or_path, "perplexity": {}}
+    for dataset in args.eval.datasets:
+        with torch.no_grad():
+            result = perplexity_on_source(model, tokenizer, dataset, args.eval.seqlen, args.eval.max_windows,
+                                          args.eval.batch_size, device)
+        report["perplexity"][dataset] = result
+        print(f"{dataset}: ppl {result['ppl']:.4f} ({result['windows']} windows of {result['seqlen']})")
+    if args.output:
+        from omniquant_pl.io import atomic_write_json
+
+        atomic_write_json(report, Path(args.output))
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    _quiet_lightning()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    try:
+        cfg = parser.parse_args(argv)
+        init = parser.instantiate_classes(cfg)
+        command = init.command
+        sub = init[command]
+        if command == "calibrate":
+            run_calibrate(sub)
+        elif command == "evaluate":
+            print(json.dumps(run_evaluate(sub)["perplexity"], indent=2))
+        elif command == "export":
+            print("omniquant export is not built yet: the saved model in <output_dir>/model loads with "
+                  "transformers' from_pretrained (fake-quantized weights).", file=sys.stderr)
+            return 2
+    except OmniQuantError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; finished blocks are saved in the output directory", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

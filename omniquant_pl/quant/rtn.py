@@ -1,0 +1,36 @@
+"""Round-to-nearest (RTN) baseline: the same grid as OmniQuant with no learned clipping."""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from omniquant_pl.arch.base import ArchSpec
+from omniquant_pl.arch.registry import get_blocks
+from omniquant_pl.config import QuantConfig
+from omniquant_pl.quant.lwc import WeightQuantizer
+
+
+def rtn_quantizer(weight: torch.Tensor, quant: QuantConfig) -> WeightQuantizer:
+    return WeightQuantizer(
+        tuple(weight.shape), quant.wbits, quant.group_size, quant.symmetric, learnable_clipping=False
+    )
+
+
+@contextlib.contextmanager
+@torch.no_grad()
+def rtn_weights(model: nn.Module, spec: ArchSpec, quant: QuantConfig) -> Iterator[nn.Module]:
+    """Temporarily replace every block linear's weight by its RTN fake-quantized value."""
+    originals: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for block in get_blocks(model, spec):
+        for name in spec.linear_names:
+            weight = block.get_submodule(name).weight
+            originals.append((weight, weight.detach().to("cpu", copy=True)))
+            weight.copy_(rtn_quantizer(weight, quant)(weight))
+    try:
+        yield model
+    finally:
+        for weight, original in originals:
+            weight.copy_(original)

@@ -1,0 +1,41 @@
+"""Human-readable summary of a run: per-block losses and perplexities as a rich table."""
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4g}"
+
+
+def summary_tables(results: dict[str, Any]) -> list[Table]:
+    blocks = Table(title=f"{results.get('quant_tag', '')} per-block loss (MSE to the FP block output)")
+    for column in ("block", "RTN loss", "init loss", "final loss", "final/RTN", "seconds"):
+        blocks.add_column(column, justify="right")
+    for m in results.get("blocks", []):
+        ratio = m["final_loss"] / m["rtn_loss"] if m.get("rtn_loss") and "final_loss" in m else None
+        blocks.add_row(
+            str(m["block"]), _fmt(m.get("rtn_loss")), _fmt(m.get("init_loss")), _fmt(m.get("final_loss")),
+            _fmt(ratio), f"{m.get('seconds', 0):.1f}",
+        )
+    ppl = Table(title="perplexity")
+    ppl.add_column("method")
+    datasets = sorted({d for table in results.get("perplexity", {}).values() for d in table})
+    for dataset in datasets:
+        ppl.add_column(dataset, justify="right")
+    for method, table in results.get("perplexity", {}).items():
+        ppl.add_row(method, *[_fmt(table[d]["ppl"]) if d in table else "-" for d in datasets])
+    return [blocks, ppl]
+
+
+def print_summary(results: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    for table in summary_tables(results):
+        console.print(table)
+    if "calibration_seconds" in results:
+        console.print(f"calibration: {results['calibration_seconds']:.1f} s; total {results.get('total_seconds', 0):.1f} s")

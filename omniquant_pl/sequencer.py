@@ -1,0 +1,255 @@
+"""BlockSequencer: quantize a model block by block, one Lightning Trainer per block.
+
+For block i: cache the FP block's outputs on the FP-chain inputs (targets), build the block's
+LightningModule on the quantized-chain inputs, fit, fuse (a callback), propagate the quantized
+block's outputs to block i+1, move the block back to CPU and checkpoint. Only one block and the
+activation caches live on the accelerator.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+
+from omniquant_pl.arch.registry import get_arch, get_blocks
+from omniquant_pl.block_module import BlockModule, cached_batch_loader
+from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to, run_block
+from omniquant_pl.calib.data import calibration_windows
+from omniquant_pl.config import RunConfig
+from omniquant_pl.errors import NonFiniteLossError
+from omniquant_pl.hooks import CalibrationCallback
+from omniquant_pl.io import atomic_save_safetensors, atomic_write_json
+from omniquant_pl.models import load_model_and_tokenizer
+from omniquant_pl.quant.lwc import clipping_disabled
+from omniquant_pl.quant.rtn import rtn_quantizer
+
+log = logging.getLogger(__name__)
+
+
+def resolve_device(accelerator: str) -> torch.device:
+    if accelerator in ("gpu", "cuda") or (accelerator == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_precision(precision: str, device: torch.device, model_dtype: torch.dtype) -> str:
+    """``auto``: mixed precision in the model's half dtype on GPU, full fp32 on CPU."""
+    if precision != "auto":
+        return precision
+    if device.type != "cuda":
+        return "32-true"
+    return "16-mixed" if model_dtype == torch.float16 else "bf16-mixed"
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
+
+
+def default_callbacks() -> list[Callback]:
+    from callbacks.fuse import FuseCallback
+    from callbacks.perplexity import PerplexityCallback
+    from callbacks.progress import ProgressCallback
+
+    return [FuseCallback(), PerplexityCallback(), ProgressCallback()]
+
+
+class BlockSequencer:
+    """Drives the whole calibration. `callbacks` add to (or, by class, replace) the defaults."""
+
+    def __init__(
+        self,
+        config: RunConfig,
+        callbacks: list[Callback] | None = None,
+        model: nn.Module | None = None,
+        tokenizer: Any = None,
+    ) -> None:
+        self.config = config
+        user = list(callbacks or [])
+        replaced = {type(cb) for cb in user}
+        self.callbacks = [cb for cb in default_callbacks() if type(cb) not in replaced] + user
+        self.output_dir = Path(config.output_dir)
+        self.device = resolve_device(config.train.accelerator)
+        self.model, self.tokenizer = model, tokenizer
+        self.results: dict[str, Any] = {}
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _calibration_callbacks(self) -> list[CalibrationCallback]:
+        return [cb for cb in self.callbacks if isinstance(cb, CalibrationCallback)]
+
+    def _emit(self, hook: str, *args: Any) -> None:
+        for cb in self._calibration_callbacks():
+            getattr(cb, hook)(self, *args)
+
+    @torch.no_grad()
+    def _propagate(self, block: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
+        """Block outputs for all cached inputs, in batches, in the training precision."""
+        outputs = torch.empty_like(inputs)
+        step = max(self.config.train.batch_size, 4)
+        dtype = autocast_dtype(self.precision)
+        for start in range(0, inputs.shape[0], step):
+            with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
+                outputs[start : start + step] = run_block(block, inputs[start : start + step], self.block_kwargs)
+        return outputs
+
+    def _check_shapes(self) -> None:
+        """Fail before any work if a quantizer cannot be built for the model's linears."""
+        block = self.blocks[0]
+        self.spec.check_block(block)
+        for name in self.spec.linear_names:
+            rtn_quantizer(block.get_submodule(name).weight, self.config.quant)
+
+    def _make_trainer(self, index: int) -> L.Trainer:
+        train = self.config.train
+        return L.Trainer(
+            accelerator="gpu" if self.device.type == "cuda" else "cpu",
+            devices=1,
+            precision=self.precision,
+            max_epochs=train.epochs,
+            logger=CSVLogger(self.output_dir, name="logs", version=f"block_{index:03d}"),
+            callbacks=list(self.callbacks),
+            enable_checkpointing=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            num_sanity_val_steps=0,
+            log_every_n_steps=max(1, math.ceil(self.config.calib.nsamples / train.batch_size)),
+        )
+
+    # -- the run -------------------------------------------------------------------------------
+    def setup(self) -> None:
+        cfg = self.config
+        if self.model is None:
+            self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, self.device)
+        self.model.eval()
+        self.spec = get_arch(self.model)
+        self.blocks = get_blocks(self.model, self.spec)
+        self._check_shapes()
+        self.model_dtype = next(self.model.parameters()).dtype
+        self.precision = resolve_precision(cfg.train.precision, self.device, self.model_dtype)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        started = time.perf_counter()
+        self.setup()
+        self.results = {
+            "config": cfg.to_dict(),
+            "quant_tag": cfg.quant.tag,
+            "model_type": self.model.config.model_type,
+            "device": str(self.device),
+            "precision": self.precision,
+            "blocks": [],
+            "perplexity": {},
+        }
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        self._emit("on_calibration_start")
+
+        windows, source = calibration_windows(
+            self.tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed
+        )
+        self.results["calibration_source"] = source
+        captured = capture_block_inputs(self.model, self.spec, windows)
+        cache_dtype = self.model_dtype if self.device.type == "cuda" else torch.float32
+        self.block_kwargs = kwargs_to(captured.block_kwargs, self.device)
+        fp_inputs = captured.hidden_states.to(self.device, cache_dtype)  # (N, T, hidden)
+        quant_inputs = fp_inputs
+        del captured
+
+        calib_started = time.perf_counter()
+        learned: dict[str, torch.Tensor] = {}
+        for index in range(len(self.blocks)):
+            fp_inputs, quant_inputs, metrics, block_state = self._calibrate_block(index, fp_inputs, quant_inputs)
+            learned.update({f"layers.{index}.{k}": v for k, v in block_state.items()})
+            self.results["blocks"].append(metrics)
+            atomic_save_safetensors(learned, self.output_dir / "learned_params.safetensors", {"quant": cfg.quant.tag})
+            atomic_write_json(self.results, self.output_dir / "results.json")
+            self._emit("on_block_end", index, metrics)
+        del fp_inputs, quant_inputs
+
+        self.results["calibration_seconds"] = time.perf_counter() - calib_started
+        if self.device.type == "cuda":
+            self.results["peak_accelerator_memory_bytes"] = torch.cuda.max_memory_allocated()
+        self._emit("on_calibration_end", self.results)
+        if cfg.save_model:
+            self.save_model()
+        self.results["total_seconds"] = time.perf_counter() - started
+        atomic_write_json(self.results, self.output_dir / "results.json")
+        return self.results
+
+    def _calibrate_block(
+        self, index: int, fp_inputs: torch.Tensor, quant_inputs: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]:
+        cfg, started = self.config, time.perf_counter()
+        torch.manual_seed(cfg.calib.seed * 100_003 + index)
+        block = self.blocks[index].to(self.device)
+        targets = self._propagate(block, fp_inputs)
+        del fp_inputs
+        aug_targets = self._propagate(block, quant_inputs) if cfg.train.aug_loss else None
+        module = BlockModule(block, index, self.spec, self.block_kwargs, cfg.quant, cfg.train).to(self.device)
+        caches = [quant_inputs, targets] + ([aug_targets] if aug_targets is not None else [])
+        loader = cached_batch_loader(
+            *caches, batch_size=cfg.train.batch_size, shuffle=cfg.train.shuffle, seed=cfg.calib.seed + index
+        )
+        metrics: dict[str, Any] = {"block": index}
+        amp = autocast_dtype(self.precision)
+        if cfg.train.report_losses:
+            with clipping_disabled(module):
+                metrics["rtn_loss"] = module.mean_loss(loader, amp)
+            metrics["init_loss"] = module.mean_loss(loader, amp)
+
+        initial_state = module.learned_state()
+        self._emit("on_block_start", index, module)
+        if cfg.train.epochs > 0 and module.lwc_parameters():
+            self._make_trainer(index).fit(module, train_dataloaders=loader)
+        metrics["epoch_losses"] = module.epoch_losses
+        if any(not math.isfinite(loss) for loss in module.epoch_losses):
+            raise NonFiniteLossError(
+                f"block {index}: the loss became non-finite during training; lower train.lwc_lr, "
+                "or use train.precision: 32-true / bf16-mixed instead of 16-mixed"
+            )
+        if cfg.train.report_losses:
+            metrics["final_loss"] = module.mean_loss(loader, amp)
+            if cfg.train.keep_best and not metrics["final_loss"] <= metrics["init_loss"]:
+                module.load_learned_state(initial_state)
+                log.warning("block %d: training raised the loss (%.4g -> %.4g); kept the initial parameters",
+                            index, metrics["init_loss"], metrics["final_loss"])
+                metrics["trained_loss"], metrics["final_loss"] = metrics["final_loss"], metrics["init_loss"]
+                metrics["restored_initial"] = True
+        block_state = module.learned_state()
+        self._emit("on_block_fit_end", index, module)
+        if module.quant_linears:
+            raise RuntimeError(
+                f"block {index} was not fused: keep callbacks.fuse.FuseCallback (or a replacement "
+                "that calls module.fuse()) among the callbacks"
+            )
+        next_quant_inputs = self._propagate(block, quant_inputs)
+        del module, loader, caches, aug_targets, quant_inputs
+        self.blocks[index] = block.to("cpu")
+        metrics["seconds"] = time.perf_counter() - started
+        return targets, next_quant_inputs, metrics, block_state
+
+    def save_model(self) -> Path:
+        """Save the fused fake-quant model (plain transformers modules) and its tokenizer."""
+        path = self.output_dir / "model"
+        self.model.config.use_cache = True
+        self.model.config.omniquant = {
+            "method": "omniquant-lwc",
+            "wbits": self.config.quant.wbits,
+            "abits": self.config.quant.abits,
+            "group_size": self.config.quant.group_size,
+            "symmetric": self.config.quant.symmetric,
+            "fake_quant": True,
+        }
+        self.model.save_pretrained(path)
+        if self.tokenizer is not None:
+            self.tokenizer.save_pretrained(path)
+        self.results["saved_model"] = str(path)
+        return path

@@ -1,0 +1,66 @@
+"""Perplexity protocol, text sources and the calibration window sampler."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+from conftest import SHARED_DATA, requires_shared_data, tiny_llama, tiny_opt
+
+from omniquant_pl.calib.data import load_text, sample_windows, tokenize_cached
+from omniquant_pl.errors import ConfigError
+from omniquant_pl.eval.perplexity import evaluate_perplexity
+
+
+@pytest.mark.parametrize("builder", [tiny_llama, tiny_opt])
+def test_perplexity_matches_a_direct_transformers_loop(builder):
+    model = builder()
+    ids = torch.randint(0, 384, (1000,), generator=torch.Generator().manual_seed(0))
+    seqlen = 96
+    ppl, windows = evaluate_perplexity(model, ids, seqlen=seqlen, batch_size=4)
+    assert windows == 1000 // seqlen  # tail dropped
+    nlls = []
+    with torch.no_grad():
+        for i in range(windows):
+            window = ids[i * seqlen : (i + 1) * seqlen].unsqueeze(0)
+            loss = model(input_ids=window, labels=window).loss  # mean over seqlen - 1 predictions
+            nlls.append(loss.float() * seqlen)
+    reference = math.exp(torch.stack(nlls).sum().item() / (windows * seqlen))
+    assert ppl == pytest.approx(reference, rel=1e-5)
+    first_two, n = evaluate_perplexity(model, ids, seqlen=seqlen, max_windows=2)
+    assert n == 2 and first_two != pytest.approx(ppl, rel=1e-9)
+
+
+def test_window_sampler_follows_the_protocol():
+    ids = torch.arange(5000)
+    windows = sample_windows(ids, nsamples=5, seqlen=100, seed=2)
+    rng = random.Random(2)
+    for window in windows:
+        start = rng.randint(0, 5000 - 100 - 1)
+        assert torch.equal(window, torch.arange(start, start + 100))
+    with pytest.raises(ConfigError, match="fewer than calib.seqlen"):
+        sample_windows(torch.arange(50), 1, 100, 0)
+
+
+def test_text_sources(tmp_path, tokenizer):
+    calib, held_out = load_text("pydoc", "calib"), load_text("pydoc", "eval")
+    assert len(calib.text) > 200_000 and len(held_out.text) > 20_000
+    assert held_out.text[:200] not in calib.text
+    jsonl = tmp_path / "docs.jsonl"
+    jsonl.write_text('{"text": "first doc"}\n{"text": "second doc"}\n')
+    assert load_text(str(jsonl), "calib").text == "first doc\n\nsecond doc"
+    with pytest.raises(ConfigError, match="unknown text source 'wikitext3'"):
+        load_text("wikitext3", "calib")
+    with pytest.raises(ConfigError, match="not found"):
+        load_text(str(tmp_path / "missing.txt"), "calib")
+    ids = tokenize_cached(tokenizer, calib)
+    assert torch.equal(tokenize_cached(tokenizer, calib), ids)  # second call from the cache
+
+
+@requires_shared_data()
+def test_local_wikitext2_is_found(tokenizer):
+    test = load_text("wikitext2", "eval")
+    assert "local" in test.description and str(SHARED_DATA) in test.description
+    assert test.text.startswith(" = Robert Boulter = \n")
+    assert not load_text("wikitext2", "calib").text.startswith("\ufeff")  # BOM stripped

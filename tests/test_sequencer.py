@@ -1,0 +1,135 @@
+"""Block capture, block training, fusing and the saved model, on tiny random Llama (GQA) and OPT."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import TINY_BUILDERS
+
+from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig, calibrate
+from omniquant_pl.arch import get_arch
+from omniquant_pl.arch.registry import get_blocks
+from omniquant_pl.block_module import BlockModule
+from omniquant_pl.calib.capture import capture_block_inputs, run_block
+
+FAMILIES = sorted(TINY_BUILDERS)
+
+
+def _windows(n=3, seqlen=32, vocab=384, seed=0):
+    return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_captured_inputs_and_block_chain_match_the_model(family):
+    model = TINY_BUILDERS[family](layers=3)
+    spec = get_arch(model)
+    windows = _windows()
+    captured = capture_block_inputs(model, spec, windows)
+    with torch.no_grad():
+        reference = model(input_ids=windows, output_hidden_states=True).hidden_states
+        hidden = captured.hidden_states
+        torch.testing.assert_close(hidden, reference[0])
+        for i, block in enumerate(get_blocks(model, spec)[:2]):
+            hidden = run_block(block, hidden, captured.block_kwargs)
+            torch.testing.assert_close(hidden, reference[i + 1], rtol=1e-5, atol=1e-5)
+
+
+def _heavy_tailed_(model):
+    """Give linears outlier-heavy weights so that clipping matters, as in real LLMs."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if param.ndim == 2 and "embed" not in name and "lm_head" not in name:
+                param.copy_(torch.distributions.StudentT(2.5).sample(param.shape) * 0.02)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fused_block_equals_fake_quant_block(family):
+    model = TINY_BUILDERS[family]()
+    spec = get_arch(model)
+    captured = capture_block_inputs(model, spec, _windows())
+    block = get_blocks(model, spec)[0]
+    module = BlockModule(block, 0, spec, captured.block_kwargs, QuantConfig(wbits=3, group_size=16), TrainConfig())
+    with torch.no_grad():
+        for p in module.lwc_parameters():
+            p.uniform_(-2, 5)
+        fake_quant = module(captured.hidden_states)
+        fused = module.fuse()
+        fused_out = run_block(fused, captured.hidden_states, captured.block_kwargs)
+    assert not any("Quant" in type(m).__name__ for m in fused.modules())
+    torch.testing.assert_close(fused_out, fake_quant, rtol=0, atol=0)
+
+
+def _run(tmp_path, tokenizer, family, name, layers=2, **overrides):
+    model = TINY_BUILDERS[family](layers=layers)
+    _heavy_tailed_(model)
+    cfg = RunConfig(
+        model=ModelConfig("in-memory"),
+        quant=overrides.pop("quant", QuantConfig(wbits=3)),
+        calib=CalibConfig(source="pydoc", nsamples=8, seqlen=64),
+        train=overrides.pop("train", TrainConfig(epochs=15, batch_size=2, lwc_lr=2e-2)),
+        eval=EvalConfig(datasets=["pydoc"], seqlen=64, max_windows=4),
+        output_dir=str(tmp_path / name),
+        **overrides,
+    )
+    return calibrate(cfg, model=model, tokenizer=tokenizer), cfg
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lwc_training_lowers_block_loss_well_below_rtn(tmp_path, tokenizer, family):
+    """Paper init (σ(4)), one block fed exact inputs: training alone must beat RTN clearly."""
+    results, _ = _run(tmp_path, tokenizer, family, "lwc", layers=1, save_model=False,
+                      train=TrainConfig(epochs=30, batch_size=2, lwc_lr=2e-2, keep_best=False))
+    (block,) = results["blocks"]
+    assert block["final_loss"] < 0.85 * block["rtn_loss"], block
+    assert block["final_loss"] < 0.85 * block["init_loss"], block
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_searched_init_with_keep_best(tmp_path, tokenizer, family):
+    """The searched init lowers the weight error; keep_best means training never ends worse than
+    where it started, and block 0 (exact inputs) ends below RTN."""
+    results, _ = _run(tmp_path, tokenizer, family, "search", save_model=False,
+                      quant=QuantConfig(wbits=3, lwc_init_search=True))
+    for block in results["blocks"]:
+        assert block["final_loss"] <= block["init_loss"], block
+    assert results["blocks"][0]["final_loss"] < results["blocks"][0]["rtn_loss"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_results_and_saved_model_reproduce_perplexity(tmp_path, tokenizer, family):
+    from transformers import AutoModelForCausalLM
+
+    from omniquant_pl.eval.perplexity import perplexity_on_source
+
+    results, cfg = _run(tmp_path, tokenizer, family, "save", quant=QuantConfig(wbits=4, group_size=32),
+                        train=TrainConfig(epochs=2, batch_size=4))
+    out = tmp_path / "save"
+    on_disk = json.loads((out / "results.json").read_text())
+    assert on_disk["quant_tag"] == "W4A16g32"
+    assert set(on_disk["perplexity"]) == {"fp", "rtn", "omniquant"}
+    assert "pydoc" in on_disk["calibration_source"]
+    assert len(on_disk["blocks"]) == 2 and on_disk["total_seconds"] > 0
+    assert (out / "learned_params.safetensors").is_file()
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert reloaded.config.omniquant["wbits"] == 4
+    ppl = perplexity_on_source(reloaded, tokenizer, "pydoc", 64, 4)["ppl"]
+    assert ppl == pytest.approx(results["perplexity"]["omniquant"]["pydoc"]["ppl"], rel=1e-6)
+    # the saved weights are on the 4-bit grid: at most 16 distinct values per group of 32
+    weight = get_blocks(reloaded, get_arch(reloaded))[0].get_submodule(get_arch(reloaded).fc2[0]).weight
+    groups = weight.reshape(-1, 32)
+    assert max(g.unique().numel() for g in groups) <= 16
+
+
+def test_same_seed_gives_identical_learned_parameters(tmp_path, tokenizer):
+    from safetensors.torch import load_file
+
+    train = TrainConfig(epochs=3, batch_size=2, shuffle=True)
+    _run(tmp_path, tokenizer, "llama", "a", train=train, save_model=False)
+    _run(tmp_path, tokenizer, "llama", "b", train=train, save_model=False)
+    a = load_file(tmp_path / "a" / "learned_params.safetensors")
+    b = load_file(tmp_path / "b" / "learned_params.safetensors")
+    assert a.keys() == b.keys() and len(a) == 2 * 7 * 2
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
