@@ -17,13 +17,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from omniquant_pl.config import EvalConfig, ModelConfig, RunConfig
 from omniquant_pl.errors import OmniQuantError
-
-
-def _quiet_lightning() -> None:
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*JsonargparseDeprecationWarning.*")
+from omniquant_pl.sequencer import quiet_lightning
 
 
 def build_parser() -> LightningArgumentParser:
@@ -59,7 +53,7 @@ def run_calibrate(args) -> dict:
 
     init = args.parser_init if hasattr(args, "parser_init") else args
     config = RunConfig(model=init.model, quant=init.quant, calib=init.calib, train=init.train,
-                       eval=init.eval, output_dir=init.output_dir, save_model=init.save_model)
+                       eval=init.eval, output_dir=init.output_dir, save_model=init.save_model, resume=init.resume)
     results = calibrate(config, callbacks=init.callbacks)
     print_summary(results)
     print(f"results: {Path(config.output_dir) / 'results.json'}")
@@ -91,7 +85,8 @@ def run_evaluate(args) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _quiet_lightning()
+    quiet_lightning()
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module="jsonargparse")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     try:

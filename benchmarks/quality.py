@@ -13,6 +13,7 @@ import argparse
 import copy
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -74,6 +75,7 @@ def main() -> None:
                 output_dir=str(out_root / f"{tag}-{variant}"),
                 save_model=False,
             )
+            shutil.rmtree(cfg.output_dir, ignore_errors=True)  # a benchmark always starts fresh
             results = calibrate(cfg, model=copy.deepcopy(base_model), tokenizer=tokenizer)
             if not rtn_done:
                 rows.append({"setting": tag, "method": "RTN", "ppl": results["perplexity"]["rtn"]["wikitext2"]["ppl"], "seconds": 0.0})

@@ -2,6 +2,7 @@
 its class (or a subclass registered under the same class) to the sequencer."""
 from callbacks.fuse import FuseCallback
 from callbacks.perplexity import PerplexityCallback
+from callbacks.plot import LossPlotCallback
 from callbacks.progress import ProgressCallback
 
-__all__ = ["FuseCallback", "PerplexityCallback", "ProgressCallback"]
+__all__ = ["FuseCallback", "LossPlotCallback", "PerplexityCallback", "ProgressCallback"]

@@ -45,7 +45,8 @@ class PerplexityCallback(CalibrationCallback):
                 torch.cuda.empty_cache()
 
     def on_calibration_start(self, sequencer) -> None:
-        baselines = sequencer.config.eval.baselines
+        # a resumed run keeps the baselines measured before it was interrupted
+        baselines = [b for b in sequencer.config.eval.baselines if b not in sequencer.results["perplexity"]]
         if "fp" in baselines:
             self._evaluate(sequencer, "fp")
         if "rtn" in baselines:

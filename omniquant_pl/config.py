@@ -119,6 +119,8 @@ class TrainConfig:
         accelerator: Lightning accelerator (``auto``, ``gpu``, ``cpu``).
         shuffle: shuffle the order of batches every epoch.
         report_losses: measure each block's RTN, initial and final loss with extra no-grad passes.
+        logger: Lightning logger of each block's Trainer: ``csv`` (``logs/block_XXX/metrics.csv``),
+            ``tensorboard`` (needs the tensorboard package) or ``none``.
         keep_best: if training ends with a higher block loss than it started with, restore the
             initial parameters (needs report_losses).
     """
@@ -134,6 +136,7 @@ class TrainConfig:
     shuffle: bool = False
     report_losses: bool = True
     keep_best: bool = True
+    logger: Literal["csv", "tensorboard", "none"] = "csv"
 
     def __post_init__(self) -> None:
         if self.epochs < 0:
@@ -170,7 +173,14 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    """One calibration run: model, quantization, data, training, evaluation, outputs."""
+    """One calibration run: model, quantization, data, training, evaluation, outputs.
+
+    Args:
+        output_dir: where results.json, the checkpoint, learned parameters, logs and the model go.
+        save_model: save the fused fake-quant model to ``<output_dir>/model``.
+        resume: continue the run checkpointed in ``output_dir`` at its first unfinished block
+            (refused if the model/quant/calib/train settings differ).
+    """
 
     model: ModelConfig
     quant: QuantConfig = field(default_factory=QuantConfig)
@@ -179,6 +189,11 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output_dir: str = "outputs/run"
     save_model: bool = True
+    resume: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.output_dir:
+            raise ConfigError("output_dir must be a directory path")
 
     def to_dict(self) -> dict:
         return asdict(self)

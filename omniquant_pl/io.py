@@ -30,6 +30,11 @@ def atomic_write_json(data: Any, path: Path) -> None:
     _atomic_write(path, lambda handle: handle.write(payload))
 
 
+def atomic_write_text(text: str, path: Path) -> None:
+    payload = text.encode("utf-8")
+    _atomic_write(path, lambda handle: handle.write(payload))
+
+
 def atomic_save_torch(obj: Any, path: Path) -> None:
     _atomic_write(path, lambda handle: torch.save(obj, handle))
 

@@ -67,7 +67,19 @@ def load_model_and_tokenizer(config: ModelConfig, device: torch.device) -> tuple
             f"could not load model '{config.name_or_path}': {str(err).splitlines()[0]} "
             "(offline? give a local folder, or set HF_HUB_OFFLINE=0 with network access)"
         ) from err
+    if config.gguf_file:
+        _forget_gguf_quantizer(model)
     model.eval()
     model.config.use_cache = False
     log.info("loaded %s (%s, %s)", config.name_or_path, model.config.model_type, dtype)
     return model, tokenizer
+
+
+def _forget_gguf_quantizer(model: nn.Module) -> None:
+    """transformers de-quantizes GGUF tensors to float on load but keeps a GGUF quantizer marker,
+    which makes save_pretrained refuse the (plain float) model. Drop the marker."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.quantization_method = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config

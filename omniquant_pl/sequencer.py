@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import logging
 import math
+import resource
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
+import yaml
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
@@ -24,9 +27,10 @@ from omniquant_pl.block_module import BlockModule, cached_batch_loader
 from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to, run_block
 from omniquant_pl.calib.data import calibration_windows
 from omniquant_pl.config import RunConfig
-from omniquant_pl.errors import NonFiniteLossError
+from omniquant_pl.checkpoint import block_state, existing_progress, load_checkpoint, write_checkpoint
+from omniquant_pl.errors import NonFiniteLossError, OmniQuantError
 from omniquant_pl.hooks import CalibrationCallback
-from omniquant_pl.io import atomic_save_safetensors, atomic_write_json
+from omniquant_pl.io import atomic_write_json, atomic_write_text
 from omniquant_pl.models import load_model_and_tokenizer
 from omniquant_pl.quant.lwc import clipping_disabled
 from omniquant_pl.quant.rtn import rtn_quantizer
@@ -53,12 +57,22 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(precision)
 
 
+def quiet_lightning() -> None:
+    """One Trainer per block would repeat Lightning's start-up banners 30+ times: keep warnings only."""
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.pytorch.accelerators.cuda", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # blocks calibrate in eval mode
+    warnings.filterwarnings("ignore", message=r".*does not have many workers.*")  # caches are in memory
+    warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+
+
 def default_callbacks() -> list[Callback]:
     from callbacks.fuse import FuseCallback
     from callbacks.perplexity import PerplexityCallback
+    from callbacks.plot import LossPlotCallback
     from callbacks.progress import ProgressCallback
 
-    return [FuseCallback(), PerplexityCallback(), ProgressCallback()]
+    return [FuseCallback(), PerplexityCallback(), ProgressCallback(), LossPlotCallback()]
 
 
 class BlockSequencer:
@@ -106,6 +120,16 @@ class BlockSequencer:
         for name in self.spec.linear_names:
             rtn_quantizer(block.get_submodule(name).weight, self.config.quant)
 
+    def _make_logger(self, index: int):
+        kind = self.config.train.logger
+        if kind == "none":
+            return False
+        if kind == "tensorboard":
+            from lightning.pytorch.loggers import TensorBoardLogger
+
+            return TensorBoardLogger(self.output_dir, name="logs", version=f"block_{index:03d}")
+        return CSVLogger(self.output_dir, name="logs", version=f"block_{index:03d}")
+
     def _make_trainer(self, index: int) -> L.Trainer:
         train = self.config.train
         return L.Trainer(
@@ -113,7 +137,7 @@ class BlockSequencer:
             devices=1,
             precision=self.precision,
             max_epochs=train.epochs,
-            logger=CSVLogger(self.output_dir, name="logs", version=f"block_{index:03d}"),
+            logger=self._make_logger(index),
             callbacks=list(self.callbacks),
             enable_checkpointing=False,
             enable_progress_bar=False,
@@ -125,6 +149,7 @@ class BlockSequencer:
     # -- the run -------------------------------------------------------------------------------
     def setup(self) -> None:
         cfg = self.config
+        quiet_lightning()
         if self.model is None:
             self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, self.device)
         self.model.eval()
@@ -135,19 +160,41 @@ class BlockSequencer:
         self.precision = resolve_precision(cfg.train.precision, self.device, self.model_dtype)
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
-    def run(self) -> dict[str, Any]:
-        cfg = self.config
-        started = time.perf_counter()
-        self.setup()
-        self.results = {
-            "config": cfg.to_dict(),
-            "quant_tag": cfg.quant.tag,
+    def _fresh_results(self) -> dict[str, Any]:
+        return {
+            "config": self.config.to_dict(),
+            "quant_tag": self.config.quant.tag,
             "model_type": self.model.config.model_type,
             "device": str(self.device),
             "precision": self.precision,
             "blocks": [],
             "perplexity": {},
         }
+
+    def _restore_or_start(self) -> dict[str, torch.Tensor]:
+        """Results and learned parameters of finished blocks (empty for a fresh run)."""
+        if self.config.resume:
+            restored = load_checkpoint(self.output_dir, self.config)
+            if restored is not None:
+                self.results, learned = restored
+                self.results["resumed_at_block"] = len(self.results["blocks"])
+                log.info("resuming %s at block %d", self.output_dir, len(self.results["blocks"]))
+                return learned
+        elif existing_progress(self.output_dir):
+            raise OmniQuantError(
+                f"{self.output_dir} already holds a checkpoint with {existing_progress(self.output_dir)} "
+                "finished blocks; add --resume true to continue it, or choose another output_dir"
+            )
+        self.results = self._fresh_results()
+        return {}
+
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        started = time.perf_counter()
+        self.setup()
+        learned = self._restore_or_start()
+        finished = len(self.results["blocks"])
+        atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.output_dir / "config.yaml")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         self._emit("on_calibration_start")
@@ -164,25 +211,47 @@ class BlockSequencer:
         del captured
 
         calib_started = time.perf_counter()
-        learned: dict[str, torch.Tensor] = {}
         for index in range(len(self.blocks)):
-            fp_inputs, quant_inputs, metrics, block_state = self._calibrate_block(index, fp_inputs, quant_inputs)
-            learned.update({f"layers.{index}.{k}": v for k, v in block_state.items()})
+            if index < finished:  # rebuild the inputs of the first unfinished block
+                fp_inputs, quant_inputs = self._replay_block(index, fp_inputs, quant_inputs, learned)
+                continue
+            fp_inputs, quant_inputs, metrics, state = self._calibrate_block(index, fp_inputs, quant_inputs)
+            learned.update({f"layers.{index}.{k}": v for k, v in state.items()})
             self.results["blocks"].append(metrics)
-            atomic_save_safetensors(learned, self.output_dir / "learned_params.safetensors", {"quant": cfg.quant.tag})
+            write_checkpoint(self.output_dir, cfg, self.results, learned)
             atomic_write_json(self.results, self.output_dir / "results.json")
             self._emit("on_block_end", index, metrics)
         del fp_inputs, quant_inputs
 
-        self.results["calibration_seconds"] = time.perf_counter() - calib_started
+        self.results["calibration_seconds"] = sum(b["seconds"] for b in self.results["blocks"])
+        self.results["session_seconds"] = time.perf_counter() - calib_started
         if self.device.type == "cuda":
             self.results["peak_accelerator_memory_bytes"] = torch.cuda.max_memory_allocated()
+        self.results["peak_host_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self._emit("on_calibration_end", self.results)
         if cfg.save_model:
             self.save_model()
         self.results["total_seconds"] = time.perf_counter() - started
         atomic_write_json(self.results, self.output_dir / "results.json")
         return self.results
+
+    def _build_module(self, index: int, block: nn.Module) -> BlockModule:
+        cfg = self.config
+        return BlockModule(block, index, self.spec, self.block_kwargs, cfg.quant, cfg.train).to(self.device)
+
+    def _replay_block(
+        self, index: int, fp_inputs: torch.Tensor, quant_inputs: torch.Tensor, learned: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Re-apply a finished block's learned parameters (no training) and propagate both chains."""
+        block = self.blocks[index].to(self.device)
+        targets = self._propagate(block, fp_inputs)
+        del fp_inputs
+        module = self._build_module(index, block)
+        module.load_learned_state(block_state(learned, index))
+        module.fuse()
+        next_quant_inputs = self._propagate(block, quant_inputs)
+        self.blocks[index] = block.to("cpu")
+        return targets, next_quant_inputs
 
     def _calibrate_block(
         self, index: int, fp_inputs: torch.Tensor, quant_inputs: torch.Tensor
@@ -193,7 +262,7 @@ class BlockSequencer:
         targets = self._propagate(block, fp_inputs)
         del fp_inputs
         aug_targets = self._propagate(block, quant_inputs) if cfg.train.aug_loss else None
-        module = BlockModule(block, index, self.spec, self.block_kwargs, cfg.quant, cfg.train).to(self.device)
+        module = self._build_module(index, block)
         caches = [quant_inputs, targets] + ([aug_targets] if aug_targets is not None else [])
         loader = cached_batch_loader(
             *caches, batch_size=cfg.train.batch_size, shuffle=cfg.train.shuffle, seed=cfg.calib.seed + index
@@ -223,7 +292,7 @@ class BlockSequencer:
                             index, metrics["init_loss"], metrics["final_loss"])
                 metrics["trained_loss"], metrics["final_loss"] = metrics["final_loss"], metrics["init_loss"]
                 metrics["restored_initial"] = True
-        block_state = module.learned_state()
+        learned_state = module.learned_state()
         self._emit("on_block_fit_end", index, module)
         if module.quant_linears:
             raise RuntimeError(
@@ -234,7 +303,7 @@ class BlockSequencer:
         del module, loader, caches, aug_targets, quant_inputs
         self.blocks[index] = block.to("cpu")
         metrics["seconds"] = time.perf_counter() - started
-        return targets, next_quant_inputs, metrics, block_state
+        return targets, next_quant_inputs, metrics, learned_state
 
     def save_model(self) -> Path:
         """Save the fused fake-quant model (plain transformers modules) and its tokenizer."""

@@ -133,3 +133,62 @@ def test_same_seed_gives_identical_learned_parameters(tmp_path, tokenizer):
     assert a.keys() == b.keys() and len(a) == 2 * 7 * 2
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+
+
+def test_calibration_callbacks_see_every_block_and_epoch(tmp_path, tokenizer):
+    from omniquant_pl import CalibrationCallback
+
+    class Recorder(CalibrationCallback):
+        def __init__(self):
+            self.events = []
+
+        def on_calibration_start(self, sequencer):
+            self.events.append("start")
+
+        def on_block_start(self, sequencer, index, module):
+            self.events.append(("block_start", index))
+
+        def on_train_epoch_end(self, trainer, pl_module):  # a plain Lightning hook
+            self.events.append(("epoch", pl_module.index, trainer.current_epoch))
+
+        def on_block_end(self, sequencer, index, metrics):
+            assert metrics["block"] == index and "final_loss" in metrics
+            self.events.append(("block_end", index))
+
+        def on_calibration_end(self, sequencer, results):
+            self.events.append("end")
+
+    recorder = Recorder()
+    train = TrainConfig(epochs=2, batch_size=4)
+    model = TINY_BUILDERS["llama"]()
+    cfg = RunConfig(model=ModelConfig("in-memory"), quant=QuantConfig(wbits=4),
+                    calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32), train=train,
+                    eval=EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=1, baselines=[]),
+                    output_dir=str(tmp_path / "cb"), save_model=False)
+    calibrate(cfg, callbacks=[recorder], model=model, tokenizer=tokenizer)
+    assert recorder.events == [
+        "start",
+        ("block_start", 0), ("epoch", 0, 0), ("epoch", 0, 1), ("block_end", 0),
+        ("block_start", 1), ("epoch", 1, 0), ("epoch", 1, 1), ("block_end", 1),
+        "end",
+    ]
+
+
+def test_progress_without_terminal_has_no_control_codes(tmp_path, tokenizer):
+    import io
+
+    from rich.console import Console
+
+    from callbacks.progress import ProgressCallback
+
+    buffer = io.StringIO()
+    progress = ProgressCallback(console=Console(file=buffer, force_terminal=False, width=200))
+    model = TINY_BUILDERS["opt"]()
+    cfg = RunConfig(model=ModelConfig("in-memory"), quant=QuantConfig(wbits=4),
+                    calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32), train=TrainConfig(epochs=1),
+                    eval=EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=1, baselines=[]),
+                    output_dir=str(tmp_path / "p"), save_model=False)
+    calibrate(cfg, callbacks=[progress], model=model, tokenizer=tokenizer)
+    text = buffer.getvalue()
+    assert "\x1b" not in text and "\r" not in text
+    assert text.count("block ") == 2 and "block 2/2: rtn" in text

@@ -1,0 +1,125 @@
+"""Resume after SIGKILL mid-block == uninterrupted run; mismatched resume refused; YAML callbacks."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file
+
+import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _config(path: Path, model_dir: Path, output_dir: Path, callbacks: list | None = None) -> Path:
+    config = {
+        "model": {"name_or_path": str(model_dir)},
+        "quant": {"wbits": 3, "group_size": 16},
+        "calib": {"source": "pydoc", "nsamples": 4, "seqlen": 64},
+        "train": {"epochs": 3, "batch_size": 2, "shuffle": True},
+        "eval": {"datasets": ["pydoc"], "seqlen": 64, "max_windows": 2},
+        "output_dir": str(output_dir),
+    }
+    if callbacks:
+        config["callbacks"] = callbacks
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_sigkill_mid_block_then_resume_matches_uninterrupted(tmp_path, tiny_model_dir):
+    marker = tmp_path / "paused"
+    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    pause = {"class_path": "helpers_callbacks.PauseInBlock", "init_args": {"block": 1, "marker": str(marker)}}
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), str(ROOT)]))
+    proc = subprocess.Popen(
+        [sys.executable, str(ROOT / "cli.py"), "calibrate", "--config",
+         str(_config(tmp_path / "pause.yaml", tiny_model_dir, killed_dir, [pause]))],
+        cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        deadline = time.time() + 240
+        while not marker.exists():
+            assert proc.poll() is None, proc.stderr.read()[-3000:]
+            assert time.time() < deadline, "the run never reached block 1"
+            time.sleep(0.2)
+        os.kill(proc.pid, signal.SIGKILL)  # in the middle of block 1's training
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    state = json.loads((killed_dir / "checkpoint.json").read_text())
+    assert state["finished_blocks"] == 1
+    assert not (killed_dir / "model").exists()
+    assert not list(killed_dir.glob(".*.tmp"))  # no half-written files
+
+    plain = _config(tmp_path / "plain.yaml", tiny_model_dir, killed_dir)
+    assert cli.main(["calibrate", "--config", str(plain), "--resume", "true"]) == 0
+    assert cli.main(["calibrate", "--config", str(plain), "--output_dir", str(clean_dir)]) == 0
+
+    resumed, clean = load_file(killed_dir / "learned_params.safetensors"), load_file(clean_dir / "learned_params.safetensors")
+    assert resumed.keys() == clean.keys() and any(k.startswith("layers.1.") for k in clean)
+    for key in clean:
+        torch.testing.assert_close(resumed[key], clean[key], rtol=0, atol=0)
+    resumed_results = json.loads((killed_dir / "results.json").read_text())
+    clean_results = json.loads((clean_dir / "results.json").read_text())
+    assert resumed_results["resumed_at_block"] == 1
+    assert [b["final_loss"] for b in resumed_results["blocks"]] == [b["final_loss"] for b in clean_results["blocks"]]
+    assert resumed_results["perplexity"]["omniquant"]["pydoc"]["ppl"] == clean_results["perplexity"]["omniquant"]["pydoc"]["ppl"]
+
+
+def test_mismatched_resume_and_accidental_overwrite_are_refused(tmp_path, tiny_model_dir, capsys):
+    config = _config(tmp_path / "run.yaml", tiny_model_dir, tmp_path / "out")
+    assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1"]) == 0
+    capsys.readouterr()
+    assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1", "--resume", "true",
+                     "--quant.wbits", "4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "different config" in err and "quant.wbits: 3 -> 4" in err
+    assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1"]) == 2
+    assert "--resume true" in capsys.readouterr().err
+    # resuming a finished run recomputes nothing but the final evaluation
+    assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1", "--resume", "true"]) == 0
+
+
+def test_callback_named_in_yaml_runs_for_every_block(tmp_path, tiny_model_dir):
+    record = tmp_path / "blocks.txt"
+    callback = {"class_path": "helpers_callbacks.RecordBlocks", "init_args": {"path": str(record)}}
+    config = _config(tmp_path / "cb.yaml", tiny_model_dir, tmp_path / "out", [callback])
+    sys.path.insert(0, str(ROOT / "tests"))
+    try:
+        assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1"]) == 0
+    finally:
+        sys.path.remove(str(ROOT / "tests"))
+    lines = record.read_text().splitlines()
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [line.split()[0] for line in lines] == ["0", "1"]
+    assert [float(line.split()[1]) for line in lines] == [float(f"{b['final_loss']:.6g}") for b in results["blocks"]]
+
+
+def test_readme_custom_callback_example_runs(tmp_path, tiny_model_dir):
+    readme = (ROOT / "README.md").read_text()
+    after = readme.split("<!-- example: plateau-callback -->", 1)[1]
+    code = after.split("```python", 1)[1].split("```", 1)[0]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    log_path = tmp_path / "plateau.txt"
+    callback = namespace["StopOnPlateau"](min_delta=0.5, log_path=str(log_path))  # stops after epoch 2
+    from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig, calibrate
+
+    cfg = RunConfig(model=ModelConfig(str(tiny_model_dir)), quant=QuantConfig(wbits=3),
+                    calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32), train=TrainConfig(epochs=6),
+                    eval=EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=1, baselines=[]),
+                    output_dir=str(tmp_path / "out"), save_model=False)
+    results = calibrate(cfg, callbacks=[callback])
+    rows = [line.split() for line in log_path.read_text().splitlines()]
+    assert [r[0] for r in rows] == ["0", "1"]
+    assert all(int(r[1]) == 2 for r in rows)  # the plateau rule ended every block after 2 of 6 epochs
+    assert all(len(b["epoch_losses"]) == 2 for b in results["blocks"])
+    assert (tmp_path / "out" / "block_losses.png").is_file()
