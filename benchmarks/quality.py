@@ -29,7 +29,7 @@ from omniquant_pl.eval.perplexity import perplexity_on_source  # noqa: E402
 from omniquant_pl.models import load_model_and_tokenizer  # noqa: E402
 from omniquant_pl.sequencer import resolve_device  # noqa: E402
 
-SETTINGS = {"W4A16": (4, 0), "W3A16": (3, 0), "W2A16g64": (2, 64)}
+SETTINGS = {"W3A16": (3, 0), "W2A16g64": (2, 64), "W4A16": (4, 0)}
 SCALES = {
     # nsamples, seqlen, epochs (W3/W4), epochs (W2), eval windows (0 = all)
     "reduced": dict(nsamples=32, seqlen=512, epochs=2, w2_epochs=4, eval_windows=8),

@@ -1,10 +1,12 @@
 """Perplexity of the FP / RTN baselines before calibration and of the quantized model after."""
 from __future__ import annotations
 
+import contextlib
 import logging
 
 import torch
 
+from omniquant_pl.arch.attention_hooks import activation_quantization
 from omniquant_pl.eval.perplexity import perplexity_on_source
 from omniquant_pl.errors import OmniQuantError
 from omniquant_pl.hooks import CalibrationCallback
@@ -50,7 +52,10 @@ class PerplexityCallback(CalibrationCallback):
         if "fp" in baselines:
             self._evaluate(sequencer, "fp")
         if "rtn" in baselines:
-            with rtn_weights(sequencer.model, sequencer.spec, sequencer.config.quant):
+            quant = sequencer.config.quant
+            with rtn_weights(sequencer.model, sequencer.spec, quant), contextlib.ExitStack() as stack:
+                if quant.abits < 16:
+                    stack.enter_context(activation_quantization(list(sequencer.blocks), sequencer.spec, quant.abits))
                 self._evaluate(sequencer, "rtn")
 
     def on_calibration_end(self, sequencer, results) -> None:

@@ -6,19 +6,26 @@ the full-precision block (plus, with `aug_loss`, the FP block's output on the qu
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import math
 from typing import Any
 
 import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset
 
+from omniquant_pl.arch.attention_hooks import BlockActivationQuantizers
 from omniquant_pl.arch.base import ArchSpec
 from omniquant_pl.calib.capture import run_block
+from omniquant_pl.let.init import init_let_from_ranges
+from omniquant_pl.let.params import LETParams
 from omniquant_pl.config import QuantConfig, TrainConfig
 from omniquant_pl.quant.linear import QuantLinear, quantize_block_linears, restore_block_linears
-from omniquant_pl.quant.lwc import WeightQuantizer
+from omniquant_pl.quant.lwc import WeightQuantizer, clipping_disabled
 
 
 class CachedBatches(Dataset):
@@ -54,14 +61,24 @@ class BlockModule(L.LightningModule):
         block_kwargs: dict[str, Any],
         quant: QuantConfig,
         train: TrainConfig,
+        input_ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         super().__init__()
         self.index = index
+        self.spec = spec
+        self.lr_scale = 1.0
         self.quant_config = quant
         self.train_config = train
         self.block = block
         self.block.requires_grad_(False)
         self.block_kwargs = block_kwargs
+        # LET scales/shifts (shifts only where biases absorb them, and only with activation quant)
+        self.let: LETParams | None = None
+        if quant.let:
+            let_spec = spec if quant.abits < 16 else dataclasses.replace(spec, let_shifts=False)
+            self.let = LETParams(block, let_spec).to(next(block.parameters()).device)
+            if input_ranges is not None:
+                init_let_from_ranges(self.let, block, let_spec, input_ranges, quant.let_alpha)
         self.quant_linears: dict[str, QuantLinear] = quantize_block_linears(
             block,
             spec.linear_names,
@@ -75,8 +92,10 @@ class BlockModule(L.LightningModule):
             ),
         )
         if quant.lwc and quant.lwc_init_search:
-            for linear in self.quant_linears.values():
-                linear.weight_quantizer.init_clipping_by_search(linear.weight)
+            weights = self.let.transformed(block) if self.let is not None else {}
+            for name, linear in self.quant_linears.items():
+                linear.weight_quantizer.init_clipping_by_search(weights.get(f"{name}.weight", linear.weight).detach())
+        self.act_quantizers = BlockActivationQuantizers(block, spec, quant.abits) if quant.abits < 16 else None
         self.epoch_losses: list[float] = []
 
     # -- parameters --------------------------------------------------------------------------
@@ -88,19 +107,24 @@ class BlockModule(L.LightningModule):
                 params += [quantizer.upper_logit, quantizer.lower_logit]
         return params
 
+    def let_parameters(self) -> list[nn.Parameter]:
+        return list(self.let.parameters()) if self.let is not None else []
+
     def learned_state(self) -> dict[str, torch.Tensor]:
-        """Learned parameters by name (``<linear>.lwc.upper`` ...), for safetensors."""
-        state = {}
+        """Learned parameters by name (``<linear>.lwc.upper``, ``let.qkv_scale`` ...), for safetensors."""
+        state = {f"let.{name}": p.detach().float().cpu().clone() for name, p in (self.let.named_parameters() if self.let else [])}
         for name, linear in self.quant_linears.items():
             quantizer = linear.weight_quantizer
             if quantizer is not None and quantizer.learnable:
-                state[f"{name}.lwc.upper"] = quantizer.upper_logit.detach().float().cpu()
-                state[f"{name}.lwc.lower"] = quantizer.lower_logit.detach().float().cpu()
+                state[f"{name}.lwc.upper"] = quantizer.upper_logit.detach().float().cpu().clone()
+                state[f"{name}.lwc.lower"] = quantizer.lower_logit.detach().float().cpu().clone()
         return state
 
     def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
         """Inverse of learned_state()."""
         with torch.no_grad():
+            for name, param in (self.let.named_parameters() if self.let else []):
+                param.copy_(state[f"let.{name}"])
             for name, linear in self.quant_linears.items():
                 quantizer = linear.weight_quantizer
                 if quantizer is not None and quantizer.learnable:
@@ -113,8 +137,22 @@ class BlockModule(L.LightningModule):
         self.block.eval()  # no dropout / layer-drop while calibrating
         return self
 
+    @contextlib.contextmanager
+    def plain_rtn(self):
+        """Round-to-nearest reference: no learned clipping and no LET (activation quant stays)."""
+        let, self.let = self.let, None
+        try:
+            with clipping_disabled(self):
+                yield
+        finally:
+            self.let = let
+
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return run_block(self.block, hidden_states, self.block_kwargs)
+        if self.let is None:
+            return run_block(self.block, hidden_states, self.block_kwargs)
+        # the frozen norm/linear parameters are swapped for their LET-transformed versions
+        out = functional_call(self.block, self.let.transformed(self.block), (hidden_states,), self.block_kwargs)
+        return out[0] if isinstance(out, tuple) else out
 
     def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         inputs, target, *aug_target = batch
@@ -141,11 +179,17 @@ class BlockModule(L.LightningModule):
     def on_train_epoch_end(self) -> None:
         epoch_loss = self.current_epoch_loss()
         self.epoch_losses.append(epoch_loss)
+        if not math.isfinite(epoch_loss):
+            self.trainer.should_stop = True  # the sequencer restores and retries
         self.log("block", float(self.index), on_epoch=True)
         self.log("train_loss", epoch_loss, on_epoch=True, prog_bar=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
-        groups = [{"params": self.lwc_parameters(), "lr": self.train_config.lwc_lr, "name": "lwc"}]
+        train = self.train_config
+        groups = [
+            {"params": self.lwc_parameters(), "lr": train.lwc_lr * self.lr_scale, "name": "lwc"},
+            {"params": self.let_parameters(), "lr": train.let_lr * self.lr_scale, "name": "let"},
+        ]
         groups = [g for g in groups if g["params"]]
         if not groups:  # nothing to learn (RTN): a no-op optimizer keeps the loop uniform
             groups = [{"params": [nn.Parameter(torch.zeros((), device=self.device))], "lr": 0.0}]
@@ -165,7 +209,14 @@ class BlockModule(L.LightningModule):
         return (total / max(steps, 1)).item()
 
     def fuse(self) -> nn.Module:
-        """Bake the learned quantization into plain modules; returns the block (original class)."""
+        """Fold LET into the norms/linears, bake the clipped weights into plain nn.Linear modules
+        and move the activation quantizers onto them. Returns the block (original structure)."""
+        if self.let is not None:
+            self.let.fold_into(self.block)
+        if self.act_quantizers is not None:
+            self.act_quantizers.remove()
         restore_block_linears(self.block)
         self.quant_linears = {}
+        if self.act_quantizers is not None:
+            self.act_quantizers = BlockActivationQuantizers(self.block, self.spec, self.quant_config.abits)
         return self.block

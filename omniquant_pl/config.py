@@ -46,7 +46,10 @@ class QuantConfig:
         lwc_init_search: start each channel/group at the clipping ratio that minimises its weight
             quantization error (a grid search, milliseconds per block) instead of ``lwc_init``;
             the paper's recipe is ``false``.
-        let: learn the equivalent transformation (LET) scales/shifts.
+        let: learn the equivalent transformation (LET) scales (and, for models whose biases can
+            absorb them and weight-activation runs, shifts).
+        let_alpha: SmoothQuant migration strength of the LET scale initialisation,
+            s = max|x|^alpha / max|W|^(1-alpha) (paper: 0.5; 0.75 for W4A4).
     """
 
     wbits: int = 4
@@ -57,21 +60,15 @@ class QuantConfig:
     lwc_init: float = 4.0
     lwc_init_search: bool = False
     let: bool = False
+    let_alpha: float = 0.5
 
     def __post_init__(self) -> None:
         check_bits("quant.wbits", self.wbits)
         check_bits("quant.abits", self.abits)
         if not isinstance(self.group_size, int) or self.group_size < 0:
             raise ConfigError(f"quant.group_size must be 0 (per channel) or a positive integer, got {self.group_size!r}")
-        if self.let:
-            raise ConfigError(
-                "quant.let=true (LET) is not available in this version yet; set quant.let=false"
-            )
-        if self.abits < 16:
-            raise ConfigError(
-                f"quant.abits={self.abits}: weight-activation quantization comes with LET; "
-                "this version supports weight-only runs (abits: 16)"
-            )
+        if not 0.0 <= self.let_alpha <= 1.0:
+            raise ConfigError(f"quant.let_alpha must be in [0, 1], got {self.let_alpha}")
 
     @property
     def tag(self) -> str:

@@ -22,6 +22,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
+from omniquant_pl.arch.attention_hooks import ATTENTION_NAME, use_quantized_attention
 from omniquant_pl.arch.registry import get_arch, get_blocks
 from omniquant_pl.block_module import BlockModule, cached_batch_loader
 from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to, run_block
@@ -30,9 +31,9 @@ from omniquant_pl.config import RunConfig
 from omniquant_pl.checkpoint import block_state, existing_progress, load_checkpoint, write_checkpoint
 from omniquant_pl.errors import NonFiniteLossError, OmniQuantError
 from omniquant_pl.hooks import CalibrationCallback
+from omniquant_pl.let.init import input_ranges
 from omniquant_pl.io import atomic_write_json, atomic_write_text
 from omniquant_pl.models import load_model_and_tokenizer
-from omniquant_pl.quant.lwc import clipping_disabled
 from omniquant_pl.quant.rtn import rtn_quantizer
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,14 @@ def resolve_precision(precision: str, device: torch.device, model_dtype: torch.d
     if device.type != "cuda":
         return "32-true"
     return "16-mixed" if model_dtype == torch.float16 else "bf16-mixed"
+
+
+def overflow_safe_precision(precision: str, abits: int, bf16_supported: bool) -> str:
+    """fp16 AMP overflows on the large activations that >= 8-bit activation quantization keeps (a
+    known failure of the official code): switch to bf16 where supported, else full fp32."""
+    if precision in ("16-mixed", "16-true") and 8 <= abits < 16:
+        return "bf16-mixed" if bf16_supported else "32-true"
+    return precision
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
@@ -158,6 +167,13 @@ class BlockSequencer:
         self._check_shapes()
         self.model_dtype = next(self.model.parameters()).dtype
         self.precision = resolve_precision(cfg.train.precision, self.device, self.model_dtype)
+        bf16_ok = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+        safe = overflow_safe_precision(self.precision, cfg.quant.abits, bf16_ok)
+        if safe != self.precision:
+            log.warning("precision %s overflows with %d-bit activations; using %s", self.precision, cfg.quant.abits, safe)
+            self.precision = safe
+        if cfg.quant.abits < 16:
+            use_quantized_attention(self.model)
         self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def _fresh_results(self) -> dict[str, Any]:
@@ -235,9 +251,9 @@ class BlockSequencer:
         atomic_write_json(self.results, self.output_dir / "results.json")
         return self.results
 
-    def _build_module(self, index: int, block: nn.Module) -> BlockModule:
+    def _build_module(self, index: int, block: nn.Module, ranges: dict | None = None) -> BlockModule:
         cfg = self.config
-        return BlockModule(block, index, self.spec, self.block_kwargs, cfg.quant, cfg.train).to(self.device)
+        return BlockModule(block, index, self.spec, self.block_kwargs, cfg.quant, cfg.train, ranges).to(self.device)
 
     def _replay_block(
         self, index: int, fp_inputs: torch.Tensor, quant_inputs: torch.Tensor, learned: dict[str, torch.Tensor]
@@ -259,10 +275,12 @@ class BlockSequencer:
         cfg, started = self.config, time.perf_counter()
         torch.manual_seed(cfg.calib.seed * 100_003 + index)
         block = self.blocks[index].to(self.device)
-        targets = self._propagate(block, fp_inputs)
+        names = self.spec.linear_names if cfg.quant.let else ()
+        with input_ranges(block, names) as ranges:  # LET init statistics, from the targets pass
+            targets = self._propagate(block, fp_inputs)
         del fp_inputs
         aug_targets = self._propagate(block, quant_inputs) if cfg.train.aug_loss else None
-        module = self._build_module(index, block)
+        module = self._build_module(index, block, ranges if cfg.quant.let else None)
         caches = [quant_inputs, targets] + ([aug_targets] if aug_targets is not None else [])
         loader = cached_batch_loader(
             *caches, batch_size=cfg.train.batch_size, shuffle=cfg.train.shuffle, seed=cfg.calib.seed + index
@@ -270,20 +288,15 @@ class BlockSequencer:
         metrics: dict[str, Any] = {"block": index}
         amp = autocast_dtype(self.precision)
         if cfg.train.report_losses:
-            with clipping_disabled(module):
+            with module.plain_rtn():
                 metrics["rtn_loss"] = module.mean_loss(loader, amp)
             metrics["init_loss"] = module.mean_loss(loader, amp)
 
         initial_state = module.learned_state()
         self._emit("on_block_start", index, module)
-        if cfg.train.epochs > 0 and module.lwc_parameters():
-            self._make_trainer(index).fit(module, train_dataloaders=loader)
+        if cfg.train.epochs > 0 and (module.lwc_parameters() or module.let_parameters()):
+            self._fit_with_retries(index, module, loader, initial_state, metrics)
         metrics["epoch_losses"] = module.epoch_losses
-        if any(not math.isfinite(loss) for loss in module.epoch_losses):
-            raise NonFiniteLossError(
-                f"block {index}: the loss became non-finite during training; lower train.lwc_lr, "
-                "or use train.precision: 32-true / bf16-mixed instead of 16-mixed"
-            )
         if cfg.train.report_losses:
             metrics["final_loss"] = module.mean_loss(loader, amp)
             if cfg.train.keep_best and not metrics["final_loss"] <= metrics["init_loss"]:
@@ -305,19 +318,53 @@ class BlockSequencer:
         metrics["seconds"] = time.perf_counter() - started
         return targets, next_quant_inputs, metrics, learned_state
 
+    def _fit_with_retries(self, index, module, loader, initial_state, metrics, attempts: int = 3) -> None:
+        """Fit; on a non-finite loss restore the initial parameters and retry at half the lr."""
+        for attempt in range(attempts):
+            module.epoch_losses = []
+            self._make_trainer(index).fit(module, train_dataloaders=loader)
+            if all(math.isfinite(loss) for loss in module.epoch_losses):
+                return
+            module.load_learned_state(initial_state)
+            module.lr_scale *= 0.5
+            metrics.setdefault("nonfinite_retries", []).append(
+                {"attempt": attempt + 1, "epoch_losses": module.epoch_losses, "next_lr_scale": module.lr_scale}
+            )
+            log.warning("block %d: non-finite loss; restored the initial parameters, retrying at lr x%.3g",
+                        index, module.lr_scale)
+        raise NonFiniteLossError(
+            f"block {index}: the loss stayed non-finite after {attempts} attempts (lr down to x{module.lr_scale:.3g}); "
+            "use train.precision: 32-true, or lower train.lwc_lr / train.let_lr. Finished blocks are saved; "
+            "resume with --resume true"
+        )
+
     def save_model(self) -> Path:
         """Save the fused fake-quant model (plain transformers modules) and its tokenizer."""
         path = self.output_dir / "model"
         self.model.config.use_cache = True
+        quant = self.config.quant
         self.model.config.omniquant = {
-            "method": "omniquant-lwc",
-            "wbits": self.config.quant.wbits,
-            "abits": self.config.quant.abits,
-            "group_size": self.config.quant.group_size,
-            "symmetric": self.config.quant.symmetric,
+            "method": "omniquant-" + "+".join(m for m, on in (("lwc", quant.lwc), ("let", quant.let)) if on),
+            "wbits": quant.wbits,
+            "abits": quant.abits,
+            "group_size": quant.group_size,
+            "symmetric": quant.symmetric,
             "fake_quant": True,
+            # weights hold the fake-quantized values; when abits < 16 the inputs of every linear
+            # and q/k/v of attention are quantized per token (asymmetric, dynamic) at inference
+            "activations": None if quant.abits >= 16 else {
+                "bits": quant.abits, "granularity": "per-token", "symmetric": False, "dynamic": True,
+                "targets": ["linear inputs", "attention q/k/v"],
+            },
         }
-        self.model.save_pretrained(path)
+        attention = self.model.config._attn_implementation
+        if attention == ATTENTION_NAME:  # save a config that plain transformers loads
+            self.model.set_attn_implementation("sdpa")
+        try:
+            self.model.save_pretrained(path)
+        finally:
+            if attention == ATTENTION_NAME:
+                self.model.set_attn_implementation(ATTENTION_NAME)
         if self.tokenizer is not None:
             self.tokenizer.save_pretrained(path)
         self.results["saved_model"] = str(path)

@@ -87,6 +87,10 @@ def test_shipped_configs_parse(path):
     assert init.quant.wbits in (2, 3, 4, 6, 8)
     if init.quant.wbits == 2:
         assert init.train.epochs == 40 and init.train.aug_loss
+    if init.quant.abits < 16:  # weight-activation configs learn LET
+        assert init.quant.let
+    if (init.quant.wbits, init.quant.abits) == (4, 4):
+        assert init.quant.let_alpha == 0.75 and init.train.let_lr == 1e-3
 
 
 def test_help_and_print_config():

@@ -61,9 +61,20 @@ def test_fused_block_equals_fake_quant_block(family):
     torch.testing.assert_close(fused_out, fake_quant, rtol=0, atol=0)
 
 
-def _run(tmp_path, tokenizer, family, name, layers=2, **overrides):
+def _activation_outliers_(model):
+    """A few norm channels 20x larger than the rest: the outlier channels LET exists for."""
+    spec = get_arch(model)
+    with torch.no_grad():
+        for block in get_blocks(model, spec):
+            for norm in (spec.qkv.norm, spec.fc1.norm):
+                block.get_submodule(norm).weight[:4] *= 20
+
+
+def _run(tmp_path, tokenizer, family, name, layers=2, outliers=False, **overrides):
     model = TINY_BUILDERS[family](layers=layers)
     _heavy_tailed_(model)
+    if outliers:
+        _activation_outliers_(model)
     cfg = RunConfig(
         model=ModelConfig("in-memory"),
         quant=overrides.pop("quant", QuantConfig(wbits=3)),
@@ -192,3 +203,21 @@ def test_progress_without_terminal_has_no_control_codes(tmp_path, tokenizer):
     text = buffer.getvalue()
     assert "\x1b" not in text and "\r" not in text
     assert text.count("block ") == 2 and "block 2/2: rtn" in text
+
+
+def test_learned_state_is_a_snapshot_and_loads_back():
+    from omniquant_pl.config import QuantConfig as Q
+
+    model = TINY_BUILDERS["opt"](layers=1)
+    spec = get_arch(model)
+    captured = capture_block_inputs(model, spec, _windows())
+    module = BlockModule(get_blocks(model, spec)[0], 0, spec, captured.block_kwargs, Q(wbits=3, abits=8, let=True), TrainConfig())
+    snapshot = module.learned_state()
+    assert any(k.startswith("let.") for k in snapshot) and any(k.endswith(".lwc.upper") for k in snapshot)
+    with torch.no_grad():
+        for p in module.lwc_parameters() + module.let_parameters():
+            p.add_(1.0)
+    assert all(not torch.equal(snapshot[k], v) for k, v in module.learned_state().items())
+    module.load_learned_state(snapshot)
+    for key, value in module.learned_state().items():
+        torch.testing.assert_close(value, snapshot[key], rtol=0, atol=0)

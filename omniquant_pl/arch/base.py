@@ -44,6 +44,12 @@ class ArchSpec:
     fc2: tuple[str, ...]
     norm_has_bias: bool = False
     extra_linears: tuple[str, ...] = field(default=())
+    # LET: which channels rotate together in the rotary embedding ("half": d with d + head_dim/2,
+    # "interleaved": 2i with 2i+1, None: no rotary), whether a q/k scale is valid at all (not with
+    # per-head q/k norms), and whether biases can absorb shifts (OPT).
+    rotary_pairs: str | None = "half"
+    let_qk: bool = True
+    let_shifts: bool = False
 
     @property
     def linear_names(self) -> tuple[str, ...]:

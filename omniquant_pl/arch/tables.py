@@ -1,12 +1,14 @@
 """The adapter tables of the supported families. Adding a family is one entry here."""
 from __future__ import annotations
 
+import dataclasses
+
 from omniquant_pl.arch.base import ArchSpec, LinearGroup, NormGroup
 
 # Llama 1/2/3, Mistral, Qwen2/3 and SmolLM2 share this block: RMSNorm, q/k/v/o, gated MLP.
 LLAMA_LIKE = ArchSpec(
     name="llama",
-    model_types=("llama", "mistral", "qwen2", "qwen3"),
+    model_types=("llama", "mistral", "qwen2"),
     backbone="model",
     layers="layers",
     attention="self_attn",
@@ -15,6 +17,9 @@ LLAMA_LIKE = ArchSpec(
     out=LinearGroup("self_attn.v_proj", "self_attn.o_proj"),
     fc2=("mlp.down_proj",),
 )
+
+# Qwen3 normalises q and k per head after the projection, which undoes a q/k scale.
+QWEN3 = dataclasses.replace(LLAMA_LIKE, name="qwen3", model_types=("qwen3",), let_qk=False)
 
 # OPT: LayerNorm with bias, fc1/fc2 with ReLU, learned positions (added before the blocks).
 OPT = ArchSpec(
@@ -28,6 +33,8 @@ OPT = ArchSpec(
     out=LinearGroup("self_attn.v_proj", "self_attn.out_proj"),
     fc2=("fc2",),
     norm_has_bias=True,
+    rotary_pairs=None,
+    let_shifts=True,
 )
 
-BUILTIN_ARCHS = (LLAMA_LIKE, OPT)
+BUILTIN_ARCHS = (LLAMA_LIKE, QWEN3, OPT)

@@ -1,4 +1,4 @@
-"""QuantLinear: an nn.Linear whose weight (and optionally input) is fake-quantized on the fly."""
+"""QuantLinear: an nn.Linear whose weight is fake-quantized on the fly (inputs: see attention_hooks)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from omniquant_pl.quant.act import PerTokenActQuantizer
 from omniquant_pl.quant.lwc import WeightQuantizer
 
 
@@ -19,12 +18,7 @@ class QuantLinear(nn.Module):
     exactly what this one computes.
     """
 
-    def __init__(
-        self,
-        linear: nn.Linear,
-        weight_quantizer: WeightQuantizer | None,
-        act_quantizer: PerTokenActQuantizer | None = None,
-    ) -> None:
+    def __init__(self, linear: nn.Linear, weight_quantizer: WeightQuantizer | None) -> None:
         super().__init__()
         self.in_features = linear.in_features
         self.out_features = linear.out_features
@@ -34,7 +28,6 @@ class QuantLinear(nn.Module):
         if self.bias is not None:
             self.bias.requires_grad_(False)
         self.weight_quantizer = weight_quantizer
-        self.act_quantizer = act_quantizer
 
     def quantized_weight(self) -> torch.Tensor:
         if self.weight_quantizer is None:
@@ -42,8 +35,6 @@ class QuantLinear(nn.Module):
         return self.weight_quantizer(self.weight)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.act_quantizer is not None:
-            x = self.act_quantizer(x)
         return F.linear(x, self.quantized_weight(), self.bias)
 
     @torch.no_grad()
@@ -73,7 +64,6 @@ def quantize_block_linears(
     block: nn.Module,
     linear_names: Iterable[str],
     make_weight_quantizer: Callable[[nn.Linear], WeightQuantizer | None],
-    make_act_quantizer: Callable[[nn.Linear], PerTokenActQuantizer | None] = lambda _: None,
 ) -> dict[str, QuantLinear]:
     """Replace each named nn.Linear of `block` (in place) with a QuantLinear; returns them."""
     replaced: dict[str, QuantLinear] = {}
@@ -81,7 +71,7 @@ def quantize_block_linears(
         linear = block.get_submodule(name)
         if isinstance(linear, QuantLinear):
             raise RuntimeError(f"{name} is already quantized")
-        quant_linear = QuantLinear(linear, make_weight_quantizer(linear), make_act_quantizer(linear))
+        quant_linear = QuantLinear(linear, make_weight_quantizer(linear))
         _set_submodule(block, name, quant_linear)
         replaced[name] = quant_linear
     return replaced

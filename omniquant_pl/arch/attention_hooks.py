@@ -1,0 +1,84 @@
+"""Activation quantization without copying model code.
+
+- Linear inputs: a forward pre-hook quantizes the input per token (the module stays nn.Linear).
+- q/k/v of the attention matmuls (after rotary embeddings; k/v are what a KV cache would hold):
+  an attention function registered through transformers' public AttentionInterface quantizes
+  them per token and head, then calls the SDPA implementation. Softmax probabilities stay in
+  full precision. Modules without a registered quantizer pass through unchanged.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import weakref
+from collections.abc import Iterator
+
+from torch import nn
+
+from omniquant_pl.arch.base import ArchSpec
+from omniquant_pl.quant.act import PerTokenActQuantizer
+
+log = logging.getLogger(__name__)
+
+ATTENTION_NAME = "omniquant_sdpa"
+_QKV_QUANTIZERS: weakref.WeakKeyDictionary[nn.Module, PerTokenActQuantizer] = weakref.WeakKeyDictionary()
+_registered = False
+
+
+def _quantized_attention(module, query, key, value, attention_mask, **kwargs):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    quantizer = _QKV_QUANTIZERS.get(module)
+    if quantizer is not None:  # (B, heads, T, head_dim): per token and head
+        query, key, value = quantizer(query), quantizer(key), quantizer(value)
+    return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+
+def use_quantized_attention(model: nn.Module) -> None:
+    """Route the model's attention through `_quantized_attention` (same math as SDPA)."""
+    global _registered
+    if not _registered:
+        from transformers import AttentionInterface
+
+        AttentionInterface.register(ATTENTION_NAME, _quantized_attention)
+        _registered = True
+    if model.config._attn_implementation != ATTENTION_NAME:
+        log.info("attention: %s -> %s (q/k/v activation quantization)", model.config._attn_implementation, ATTENTION_NAME)
+        model.set_attn_implementation(ATTENTION_NAME)
+
+
+def _input_quant_hook(quantizer: PerTokenActQuantizer):
+    def hook(module, args):
+        return (quantizer(args[0]), *args[1:])
+
+    return hook
+
+
+class BlockActivationQuantizers:
+    """Installs (and removes) per-token input quantizers on a block's linears and attention."""
+
+    def __init__(self, block: nn.Module, spec: ArchSpec, bits: int, linears: bool = True) -> None:
+        self.quantizer = PerTokenActQuantizer(bits)
+        self.handles = []
+        if linears:
+            for name in spec.linear_names:
+                self.handles.append(block.get_submodule(name).register_forward_pre_hook(_input_quant_hook(self.quantizer)))
+        self.attention = block.get_submodule(spec.attention)
+        _QKV_QUANTIZERS[self.attention] = self.quantizer
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        _QKV_QUANTIZERS.pop(self.attention, None)
+
+
+@contextlib.contextmanager
+def activation_quantization(blocks: list[nn.Module], spec: ArchSpec, bits: int) -> Iterator[None]:
+    """Quantize activations of every given block for the duration of the context."""
+    installed = [BlockActivationQuantizers(block, spec, bits) for block in blocks]
+    try:
+        yield
+    finally:
+        for quantizers in installed:
+            quantizers.remove()

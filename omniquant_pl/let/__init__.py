@@ -1,0 +1,1 @@
+"""Learnable Equivalent Transformation (LET): per-channel scales/shifts moved into weights."""

@@ -1,0 +1,72 @@
+"""LET initialisation from activation statistics (SmoothQuant-style), gathered in one pass.
+
+The statistics are per-channel min/max of every linear's input, recorded by forward pre-hooks
+while the full-precision block computes the targets (no extra forward pass).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from omniquant_pl.arch.base import ArchSpec
+from omniquant_pl.let.params import LETParams
+
+SCALE_MIN = 1e-5
+
+
+@contextlib.contextmanager
+def input_ranges(block: nn.Module, names: tuple[str, ...]) -> Iterator[dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """Per-channel (min, max) over all tokens of each named linear's input."""
+    ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def make_hook(name: str):
+        def hook(module, args):
+            x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, in_features)
+            lo, hi = x.amin(0), x.amax(0)
+            if name in ranges:
+                lo, hi = torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)
+            ranges[name] = (lo, hi)
+
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    try:
+        yield ranges
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _smooth_scale(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:
+    scale = act_absmax.clamp(min=SCALE_MIN).pow(alpha) / weight_absmax.clamp(min=SCALE_MIN).pow(1 - alpha)
+    return scale.clamp(min=SCALE_MIN)
+
+
+@torch.no_grad()
+def init_let_from_ranges(
+    let: LETParams, block: nn.Module, spec: ArchSpec, ranges: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float
+) -> None:
+    """Scales s = max|x - shift|^α / max|W|^(1-α) per channel; shifts (where used) = (max+min)/2."""
+    for group, scale, shift in ((spec.qkv, let.qkv_scale, let.qkv_shift), (spec.fc1, let.fc1_scale, let.fc1_shift)):
+        lo, hi = ranges[group.linears[0]]
+        center = (hi + lo) / 2 if shift is not None else torch.zeros_like(hi)
+        act_absmax = torch.maximum((hi - center).abs(), (lo - center).abs())
+        weights = torch.cat([block.get_submodule(n).weight.float() for n in group.linears])  # (Σout, in)
+        scale.copy_(_smooth_scale(act_absmax, weights.abs().amax(0), alpha).to(scale))
+        if shift is not None:
+            shift.copy_(center.to(shift))
+
+    geo = let.geometry
+    lo, hi = ranges[spec.out.target]  # o_proj input: (heads·head_dim,), query-head layout
+    lo = lo.view(geo.kv_heads, geo.groups, geo.head_dim).amin(1).reshape(-1)  # -> kv channels
+    hi = hi.view(geo.kv_heads, geo.groups, geo.head_dim).amax(1).reshape(-1)
+    center = (hi + lo) / 2 if let.out_shift is not None else torch.zeros_like(hi)
+    act_absmax = torch.maximum((hi - center).abs(), (lo - center).abs())
+    o_weight = block.get_submodule(spec.out.target).weight.float()  # (out, heads·head_dim)
+    w_absmax = o_weight.abs().amax(0).view(geo.kv_heads, geo.groups, geo.head_dim).amax(1).reshape(-1)
+    let.out_scale.copy_(_smooth_scale(act_absmax, w_absmax, alpha).to(let.out_scale))
+    if let.out_shift is not None:
+        let.out_shift.copy_(center.to(let.out_shift))

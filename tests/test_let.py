@@ -1,0 +1,179 @@
+"""LET transforms: with quantization off, any LET parameters leave the block's function unchanged."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import TINY_BUILDERS
+from torch.func import functional_call
+
+from omniquant_pl.arch import get_arch
+from omniquant_pl.arch.registry import get_blocks
+from omniquant_pl.calib.capture import capture_block_inputs, run_block
+from omniquant_pl.let.params import LETParams
+from omniquant_pl.let.transforms import qk_channel_scale
+
+FAMILIES = sorted(TINY_BUILDERS)
+
+
+def _random_let(let: LETParams, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in let.named_parameters():
+            if "shift" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
+            else:  # positive scales spread over ~[0.2, 5]
+                param.copy_(torch.exp(torch.randn(param.shape, generator=generator) * 0.8))
+
+
+def _block_and_inputs(family):
+    model = TINY_BUILDERS[family](layers=1).double()
+    spec = get_arch(model)
+    windows = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(1))
+    captured = capture_block_inputs(model, spec, windows)
+    return get_blocks(model, spec)[0], spec, captured
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_let_with_quantization_off_is_exact_before_and_after_folding(family):
+    block, spec, captured = _block_and_inputs(family)
+    let = LETParams(block, spec).double()
+    _random_let(let)
+    with torch.no_grad():
+        reference = run_block(block, captured.hidden_states, captured.block_kwargs)
+        transformed = let.transformed(block)
+        assert {f"{spec.qkv.norm}.weight", f"{spec.out.target}.weight"} <= set(transformed)
+        out = functional_call(block, transformed, (captured.hidden_states,), captured.block_kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        torch.testing.assert_close(out, reference, rtol=1e-9, atol=1e-9)
+        names_before = [n for n, _ in block.named_parameters()]
+        let.fold_into(block)
+        assert [n for n, _ in block.named_parameters()] == names_before  # no extra parameters
+        folded = run_block(block, captured.hidden_states, captured.block_kwargs)
+        torch.testing.assert_close(folded, reference, rtol=1e-9, atol=1e-9)
+        # the transformation did change the weights
+        assert not torch.allclose(transformed[f"{spec.qkv.linears[0]}.weight"], reference.new_zeros(1))
+
+
+def test_gradients_reach_every_let_parameter():
+    for family in FAMILIES:
+        block, spec, captured = _block_and_inputs(family)
+        block.requires_grad_(False)
+        let = LETParams(block, spec).double()
+        _random_let(let, seed=3)
+        out = functional_call(block, let.transformed(block), (captured.hidden_states,), captured.block_kwargs)
+        # a non-symmetric function of the output, so no gradient cancels by symmetry
+        (out.pow(3).sum() + out[..., 0].sum()).backward()
+        for name, param in let.named_parameters():
+            assert param.grad is not None and param.grad.abs().sum() > 0, (family, name)
+
+
+def test_qk_scale_must_respect_rotary_pairs():
+    """Only a scale equal on the two channels of a rotary pair commutes with RoPE: a free
+    per-channel scale breaks equivalence, the paired one keeps it."""
+    block, spec, captured = _block_and_inputs("llama")
+    let = LETParams(block, spec).double()
+    assert let.qk_param.shape == (let.geometry.kv_heads, let.geometry.head_dim // 2)
+    with torch.no_grad():
+        reference = run_block(block, captured.hidden_states, captured.block_kwargs)
+        let.qk_param.copy_(torch.linspace(0.3, 3.0, let.qk_param.numel()).view_as(let.qk_param))
+        paired = functional_call(block, let.transformed(block), (captured.hidden_states,), captured.block_kwargs)
+        torch.testing.assert_close(paired, reference, rtol=1e-9, atol=1e-9)
+        # an unpaired scale (what ignoring RoPE would do) changes the output
+        spec_unpaired = type(spec)(**{**spec.__dict__, "rotary_pairs": None})
+        unpaired = LETParams(block, spec_unpaired).double()
+        unpaired.qk_param.copy_(torch.linspace(0.3, 3.0, unpaired.qk_param.numel()).view_as(unpaired.qk_param))
+        broken = functional_call(block, unpaired.transformed(block), (captured.hidden_states,), captured.block_kwargs)
+        assert (broken - reference).abs().max() > 1e-4
+    assert torch.equal(qk_channel_scale(torch.tensor([[1.0, 2.0]]), "half"), torch.tensor([[1.0, 2.0, 1.0, 2.0]]))
+    assert torch.equal(qk_channel_scale(torch.tensor([[1.0, 2.0]]), "interleaved"), torch.tensor([[1.0, 1.0, 2.0, 2.0]]))
+
+
+def test_folded_block_equals_unfolded_fake_quant_with_activation_quant():
+    from omniquant_pl.block_module import BlockModule
+    from omniquant_pl.config import QuantConfig, TrainConfig
+
+    for family in FAMILIES:
+        block, spec, captured = _block_and_inputs(family)
+        block.float()
+        hidden = captured.hidden_states.float()
+        kwargs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else
+                      tuple(t.float() for t in v) if isinstance(v, tuple) else v) for k, v in captured.block_kwargs.items()}
+        module = BlockModule(block, 0, spec, kwargs, QuantConfig(wbits=4, abits=6, group_size=16, let=True), TrainConfig())
+        _random_let(module.let, seed=5)
+        with torch.no_grad():
+            for p in module.lwc_parameters():
+                p.uniform_(0, 5)
+            fake_quant = module(hidden)
+            fused = module.fuse()
+            folded = run_block(fused, hidden, kwargs)
+        assert type(fused.get_submodule(spec.qkv.linears[0])) is torch.nn.Linear
+        torch.testing.assert_close(folded, fake_quant, rtol=1e-5, atol=1e-5)
+
+
+def _tiny_run(tmp_path, tokenizer, family, quant, epochs=20):
+    import test_sequencer
+
+    from omniquant_pl import TrainConfig
+
+    results, _ = test_sequencer._run(tmp_path, tokenizer, family, f"{family}-{quant.let}", layers=1, quant=quant,
+                                     outliers=True,
+                                     train=TrainConfig(epochs=epochs, batch_size=2), save_model=False)
+    return results
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_w4a4_lwc_let_lowers_block_loss_well_below_rtn(tmp_path, tokenizer, family):
+    """With outlier activation channels, LWC+LET must beat RTN by far, and beat LWC alone."""
+    from omniquant_pl import QuantConfig
+
+    with_let = _tiny_run(tmp_path, tokenizer, family, QuantConfig(wbits=4, abits=4, let=True, let_alpha=0.75))
+    lwc_only = _tiny_run(tmp_path, tokenizer, family, QuantConfig(wbits=4, abits=4, let=False))
+    (block,), (lwc_block,) = with_let["blocks"], lwc_only["blocks"]
+    assert block["final_loss"] < 0.5 * block["rtn_loss"], block
+    assert block["final_loss"] < 0.8 * lwc_block["final_loss"], (block, lwc_block)
+    assert {"fp", "rtn", "omniquant"} <= set(with_let["perplexity"])
+
+
+def test_fp16_amp_is_replaced_for_8bit_activations():
+    from omniquant_pl.sequencer import overflow_safe_precision
+
+    assert overflow_safe_precision("16-mixed", 8, bf16_supported=True) == "bf16-mixed"
+    assert overflow_safe_precision("16-mixed", 8, bf16_supported=False) == "32-true"
+    assert overflow_safe_precision("16-mixed", 4, bf16_supported=True) == "16-mixed"
+    assert overflow_safe_precision("16-mixed", 16, bf16_supported=True) == "16-mixed"
+    assert overflow_safe_precision("bf16-mixed", 8, bf16_supported=True) == "bf16-mixed"
+
+
+def test_nonfinite_loss_restores_and_retries_at_lower_lr(tmp_path, tokenizer):
+    import json
+
+    from lightning.pytorch.callbacks import Callback
+
+    import test_sequencer
+    from omniquant_pl import QuantConfig, TrainConfig
+
+    class PoisonOnce(Callback):
+        """Make block 0's clipping NaN during its first fit only."""
+
+        def __init__(self):
+            self.done = False
+
+        def on_train_epoch_start(self, trainer, pl_module):
+            if pl_module.index == 0 and not self.done and trainer.current_epoch == 1:
+                self.done = True
+                with torch.no_grad():
+                    pl_module.lwc_parameters()[0].fill_(float("nan"))
+
+    model = test_sequencer.TINY_BUILDERS["llama"](layers=1)
+    from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, RunConfig, calibrate
+
+    cfg = RunConfig(model=ModelConfig("in-memory"), quant=QuantConfig(wbits=4, abits=8, let=True),
+                    calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32), train=TrainConfig(epochs=3, batch_size=2),
+                    eval=EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=1, baselines=[]),
+                    output_dir=str(tmp_path / "nan"), save_model=False)
+    results = calibrate(cfg, callbacks=[PoisonOnce()], model=model, tokenizer=tokenizer)
+    (block,) = results["blocks"]
+    assert len(block["nonfinite_retries"]) == 1 and block["nonfinite_retries"][0]["next_lr_scale"] == 0.5
+    assert len(block["epoch_losses"]) == 3 and all(map(__import__("math").isfinite, block["epoch_losses"]))
+    assert json.loads((tmp_path / "nan" / "results.json").read_text())["blocks"][0]["nonfinite_retries"]
+    assert torch.isfinite(torch.tensor(results["perplexity"]["omniquant"]["pydoc"]["ppl"]))
