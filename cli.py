@@ -28,7 +28,7 @@ def build_parser() -> LightningArgumentParser:
     calibrate.add_argument("--config", action="config", help="YAML config (see configs/)")
     calibrate.add_class_arguments(RunConfig, None)
     calibrate.add_argument(
-        "--callbacks", type=list[Callback] | None, default=None,
+        "--trainer.callbacks", type=list[Callback] | None, default=None,
         help="extra Lightning/Calibration callbacks, run on every block's Trainer (class_path + init_args)",
     )
     commands.add_subcommand("calibrate", calibrate, help="calibrate and evaluate a quantized model")
@@ -54,7 +54,7 @@ def run_calibrate(args) -> dict:
     init = args.parser_init if hasattr(args, "parser_init") else args
     config = RunConfig(model=init.model, quant=init.quant, calib=init.calib, train=init.train,
                        eval=init.eval, output_dir=init.output_dir, save_model=init.save_model, resume=init.resume)
-    results = calibrate(config, callbacks=init.callbacks)
+    results = calibrate(config, callbacks=init.trainer.callbacks)
     print_summary(results)
     print(f"results: {Path(config.output_dir) / 'results.json'}")
     return results
@@ -71,6 +71,17 @@ def run_evaluate(args) -> dict:
     model, tokenizer = load_model_and_tokenizer(args.model, device)
     model.to(device)
     report = {"model": args.model.name_or_path, "perplexity": {}}
+    activations = (getattr(model.config, "omniquant", None) or {}).get("activations")
+    if activations:  # a saved weight-activation model: run its activation quantizers again
+        from omniquant_pl.arch import get_arch
+        from omniquant_pl.arch.attention_hooks import BlockActivationQuantizers, use_quantized_attention
+        from omniquant_pl.arch.registry import get_blocks
+
+        spec = get_arch(model)
+        use_quantized_attention(model)
+        for block in get_blocks(model, spec):
+            BlockActivationQuantizers(block, spec, activations["bits"])  # hooks stay on the modules
+        report["activations"] = activations
     for dataset in args.eval.datasets:
         with torch.no_grad():
             result = perplexity_on_source(model, tokenizer, dataset, args.eval.seqlen, args.eval.max_windows,

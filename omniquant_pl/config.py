@@ -43,9 +43,6 @@ class QuantConfig:
         symmetric: symmetric weight grid (no zero point) instead of asymmetric.
         lwc: learn the weight clipping (LWC); False = round-to-nearest weights.
         lwc_init: initial value of the clipping logits γ and β (σ(4.0) ≈ 0.98).
-        lwc_init_search: start each channel/group at the clipping ratio that minimises its weight
-            quantization error (a grid search, milliseconds per block) instead of ``lwc_init``;
-            the paper's recipe is ``false``.
         let: learn the equivalent transformation (LET) scales (and, for models whose biases can
             absorb them and weight-activation runs, shifts).
         let_alpha: SmoothQuant migration strength of the LET scale initialisation,
@@ -58,7 +55,6 @@ class QuantConfig:
     symmetric: bool = False
     lwc: bool = True
     lwc_init: float = 4.0
-    lwc_init_search: bool = False
     let: bool = False
     let_alpha: float = 0.5
 

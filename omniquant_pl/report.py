@@ -23,6 +23,12 @@ def summary_tables(results: dict[str, Any]) -> list[Table]:
             str(m["block"]), _fmt(m.get("rtn_loss")), _fmt(m.get("init_loss")), _fmt(m.get("final_loss")),
             _fmt(ratio), f"{m.get('seconds', 0):.1f}",
         )
+    measured = [m for m in results.get("blocks", []) if "final_loss" in m]
+    if measured:
+        rtn, init, final = (sum(m[k] for m in measured) for k in ("rtn_loss", "init_loss", "final_loss"))
+        blocks.add_section()
+        blocks.add_row("total", _fmt(rtn), _fmt(init), _fmt(final), _fmt(final / rtn if rtn else None),
+                       f"{sum(m.get('seconds', 0) for m in measured):.1f}")
     ppl = Table(title="perplexity")
     ppl.add_column("method")
     datasets = sorted({d for table in results.get("perplexity", {}).values() for d in table})

@@ -100,3 +100,19 @@ def test_help_and_print_config():
     assert proc.returncode == 0
     printed = yaml.safe_load(proc.stdout)
     assert printed["quant"]["wbits"] == 3 and printed["calib"]["nsamples"] == 128
+
+
+def test_evaluate_reinstalls_activation_quantization_of_a_saved_w4a4_model(tmp_path, tiny_model_dir, capsys):
+    config = _write_config(tmp_path / "run.yaml", tiny_model_dir, tmp_path / "out")
+    assert cli.main(["calibrate", "--config", str(config), "--quant.wbits", "4", "--quant.abits", "4",
+                     "--quant.let", "true", "--train.epochs", "1"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    saved = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert saved["omniquant"]["activations"]["bits"] == 4 and saved["omniquant"]["method"] == "omniquant-lwc+let"
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model.name_or_path", str(tmp_path / "out" / "model"), "--eval.datasets", "[pydoc]",
+                     "--eval.seqlen", "64", "--eval.max_windows", "3", "--output", str(tmp_path / "eval.json")]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["activations"]["bits"] == 4
+    # the saved model + its activation quantizers reproduce the calibrated model's perplexity
+    assert abs(evaluated["perplexity"]["pydoc"]["ppl"] - results["perplexity"]["omniquant"]["pydoc"]["ppl"]) < 1e-3

@@ -28,7 +28,7 @@ def _config(path: Path, model_dir: Path, output_dir: Path, callbacks: list | Non
         "output_dir": str(output_dir),
     }
     if callbacks:
-        config["callbacks"] = callbacks
+        config["trainer"] = {"callbacks": callbacks}
     path.write_text(yaml.safe_dump(config))
     return path
 

@@ -65,34 +65,6 @@ class WeightQuantizer(nn.Module):
         scale, zero_point = self.grid.scale_and_zero(xmin, xmax)
         return fake_quantize(rows, scale, zero_point, self.grid).reshape(weight.shape).to(weight.dtype)
 
-    @torch.no_grad()
-    def init_clipping_by_search(self, weight: torch.Tensor, min_ratio: float = 0.5, steps: int = 20) -> torch.Tensor:
-        """Start each row's clipping at the ratio (of 1.0, 0.975, ..., min_ratio) that minimises
-        its weight quantization MSE, instead of the paper's fixed σ(4.0). Returns the ratios.
-
-        Training then refines γ/β on the block output loss. A row whose best ratio is 1.0 keeps
-        the configured init logit.
-        """
-        if not self.learnable:
-            raise RuntimeError("clipping search needs learnable_clipping=True")
-        rows = weight.float().reshape(-1, self.row_size)  # (out·in/row_size, row_size)
-        xmax = rows.amax(dim=-1, keepdim=True)
-        xmin = rows.amin(dim=-1, keepdim=True)
-        best_err = torch.full_like(xmax, float("inf"))
-        best_ratio = torch.ones_like(xmax)
-        for ratio in torch.linspace(1.0, min_ratio, steps + 1).tolist():
-            scale, zero_point = self.grid.scale_and_zero(xmin * ratio, xmax * ratio)
-            err = (fake_quantize(rows, scale, zero_point, self.grid) - rows).pow(2).sum(-1, keepdim=True)
-            better = err < best_err
-            best_err = torch.where(better, err, best_err)
-            best_ratio = torch.where(better, torch.full_like(best_ratio, ratio), best_ratio)
-        init_logit = self.upper_logit.detach().clone()
-        logit = torch.logit(best_ratio.clamp(max=0.999)).to(init_logit)
-        logit = torch.where(best_ratio >= 1.0, init_logit, torch.minimum(logit, init_logit))
-        self.upper_logit.copy_(logit)
-        self.lower_logit.copy_(logit)
-        return best_ratio
-
     def extra_repr(self) -> str:
         granularity = f"group={self.row_size}" if self.group_size else "per-channel"
         sym = "sym" if self.grid.symmetric else "asym"
