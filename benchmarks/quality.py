@@ -1,6 +1,6 @@
 """Quality benchmark: SmolLM2-135M, FP vs RTN vs OmniQuant (LWC) at W4A16, W3A16, W2A16g64.
 
-    python benchmarks/quality.py --scale reduced        # 2-core CPU, ~30 min
+    python benchmarks/quality.py --scale reduced        # 2-core CPU, about an hour
     python benchmarks/quality.py --scale paper          # GPU: 128 x 2048, 20/40 epochs, full test set
 
 Perplexity is WikiText-2 test (../shared/data when present, else the hub) with the protocol of
