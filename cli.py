@@ -51,10 +51,9 @@ def run_calibrate(args) -> dict:
     from omniquant_pl import calibrate
     from omniquant_pl.report import print_summary
 
-    init = args.parser_init if hasattr(args, "parser_init") else args
-    config = RunConfig(model=init.model, quant=init.quant, calib=init.calib, train=init.train,
-                       eval=init.eval, output_dir=init.output_dir, save_model=init.save_model, resume=init.resume)
-    results = calibrate(config, callbacks=init.trainer.callbacks)
+    config = RunConfig(model=args.model, quant=args.quant, calib=args.calib, train=args.train,
+                       eval=args.eval, output_dir=args.output_dir, save_model=args.save_model, resume=args.resume)
+    results = calibrate(config, callbacks=args.trainer.callbacks)
     print_summary(results)
     print(f"results: {Path(config.output_dir) / 'results.json'}")
     return results

@@ -56,13 +56,11 @@ def capture_block_inputs(model: nn.Module, spec: ArchSpec, windows: torch.Tensor
     return BlockInputs(hidden, recorder.block_kwargs or {})
 
 
-def kwargs_to(block_kwargs: dict[str, Any], device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
-    """Move the tensors of captured block kwargs (nested in tuples too) to a device/dtype."""
+def kwargs_to(block_kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    """Move the tensors of captured block kwargs (nested in tuples too) to a device."""
 
     def move(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            if dtype is not None and value.is_floating_point():
-                return value.to(device=device, dtype=dtype)
             return value.to(device)
         if isinstance(value, tuple):
             return tuple(move(v) for v in value)

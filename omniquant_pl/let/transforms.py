@@ -14,6 +14,13 @@ from __future__ import annotations
 import torch
 
 
+def absorb_shift(bias: torch.Tensor | None, weight: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor | None:
+    """Bias of a linear whose input was shifted by -shift: b + W·shift (b unchanged without shift)."""
+    if shift is None:
+        return bias
+    return (bias if bias is not None else 0) + weight @ shift
+
+
 def norm_into_linears(
     norm_weight: torch.Tensor,
     norm_bias: torch.Tensor | None,
@@ -28,12 +35,7 @@ def norm_into_linears(
     new_norm_weight = norm_weight / scale
     new_norm_bias = None if norm_bias is None else (norm_bias - (shift if shift is not None else 0)) / scale
     new_weights = [w * scale for w in linear_weights]  # (out, in) * (in,)
-    new_biases = []
-    for w, b in zip(linear_weights, linear_biases):
-        if shift is None:
-            new_biases.append(b)
-        else:
-            new_biases.append((b if b is not None else 0) + w @ shift)
+    new_biases = [absorb_shift(b, w, shift) for w, b in zip(linear_weights, linear_biases, strict=True)]
     return new_norm_weight, new_norm_bias, new_weights, new_biases
 
 
@@ -64,11 +66,8 @@ def linear_into_linear(
         new_source_bias = (source_bias - (shift if shift is not None else 0)) / scale
     wide_scale = expand_kv_channels(scale, kv_heads, groups)  # (heads·hd,)
     new_target_weight = target_weight * wide_scale
-    new_target_bias = target_bias
-    if shift is not None:
-        new_target_bias = (target_bias if target_bias is not None else 0) + target_weight @ expand_kv_channels(
-            shift, kv_heads, groups
-        )
+    wide_shift = None if shift is None else expand_kv_channels(shift, kv_heads, groups)
+    new_target_bias = absorb_shift(target_bias, target_weight, wide_shift)
     return new_source_weight, new_source_bias, new_target_weight, new_target_bias
 
 
