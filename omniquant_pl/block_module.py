@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import math
 from typing import Any
 
@@ -26,6 +27,34 @@ from omniquant_pl.let.params import LETParams
 from omniquant_pl.config import QuantConfig, TrainConfig
 from omniquant_pl.quant.linear import QuantLinear, quantize_block_linears, restore_block_linears
 from omniquant_pl.quant.lwc import WeightQuantizer, clipping_disabled
+
+log = logging.getLogger(__name__)
+
+
+def block_loss(module: BlockModule, inputs: torch.Tensor, target: torch.Tensor,
+               aug_target: torch.Tensor | None) -> torch.Tensor:
+    """MSE of the quantized block's output to the FP target (+ to the aug target), in fp32."""
+    output = module(inputs).float()
+    loss = F.mse_loss(output, target.float())
+    if aug_target is not None:
+        loss = loss + F.mse_loss(output, aug_target.float())
+    return loss
+
+
+_compiled_block_loss = None
+_block_compile_failed = False
+
+
+def compiled_block_loss():
+    """`block_loss` under torch.compile: forward and backward each become one graph, shared by
+    every block of a model (parameters are graph inputs, so a new block does not recompile)."""
+    global _compiled_block_loss
+    if _compiled_block_loss is None:
+        import torch._dynamo
+
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _compiled_block_loss = torch.compile(block_loss)
+    return _compiled_block_loss
 
 
 class CachedBatches(Dataset):
@@ -93,6 +122,7 @@ class BlockModule(L.LightningModule):
         )
         self.act_quantizers = BlockActivationQuantizers(block, spec, quant.abits) if quant.abits < 16 else None
         self.epoch_losses: list[float] = []
+        self.compile_block = False  # set by warm_up()
 
     # -- parameters --------------------------------------------------------------------------
     def lwc_parameters(self) -> list[nn.Parameter]:
@@ -152,11 +182,32 @@ class BlockModule(L.LightningModule):
 
     def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         inputs, target, *aug_target = batch
-        output = self(inputs).float()
-        loss = F.mse_loss(output, target.float())
-        if aug_target:
-            loss = loss + F.mse_loss(output, aug_target[0].float())
-        return loss
+        loss_fn = compiled_block_loss() if self.compile_block else block_loss
+        return loss_fn(self, inputs, target, aug_target[0] if aug_target else None)
+
+    def warm_up(self, batch: tuple[torch.Tensor, ...], autocast_dtype: torch.dtype | None) -> bool:
+        """Compile the training step (`train.compile: block`) with one forward/backward on
+        `batch` (gradients dropped, parameters unchanged). On a compiler failure warn and stay
+        eager for the rest of the run. Returns whether the compiled step is in use."""
+        global _block_compile_failed
+        if _block_compile_failed:
+            return False
+        self.compile_block = True
+        self.train()
+        batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
+        try:
+            with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                loss = self.loss(batch)
+            loss.backward()
+        except Exception as err:  # noqa: BLE001 - any compiler failure: calibrate eagerly instead
+            log.warning("compiling the block step failed (%s: %s); running eagerly", type(err).__name__,
+                        str(err).splitlines()[0] if str(err) else "")
+            _block_compile_failed = True
+            self.compile_block = False
+        finally:
+            for param in self.parameters():
+                param.grad = None
+        return self.compile_block
 
     def on_train_epoch_start(self) -> None:
         self._epoch_loss_sum = torch.zeros((), device=self.device)
@@ -182,14 +233,17 @@ class BlockModule(L.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         train = self.train_config
+        scale = self.lr_scale * train.lr_multiplier
         groups = [
-            {"params": self.lwc_parameters(), "lr": train.lwc_lr * self.lr_scale, "name": "lwc"},
-            {"params": self.let_parameters(), "lr": train.let_lr * self.lr_scale, "name": "let"},
+            {"params": self.lwc_parameters(), "lr": train.lwc_lr * scale, "name": "lwc"},
+            {"params": self.let_parameters(), "lr": train.let_lr * scale, "name": "let"},
         ]
         groups = [g for g in groups if g["params"]]
         if not groups:  # nothing to learn (RTN): a no-op optimizer keeps the loop uniform
             groups = [{"params": [nn.Parameter(torch.zeros((), device=self.device))], "lr": 0.0}]
-        return torch.optim.AdamW(groups, weight_decay=self.train_config.weight_decay)
+        # fused: one kernel for all parameters per step on CUDA (foreach elsewhere)
+        fused = self.device.type == "cuda" or None
+        return torch.optim.AdamW(groups, weight_decay=self.train_config.weight_decay, fused=fused)
 
     # -- outside the Trainer -----------------------------------------------------------------
     @torch.no_grad()

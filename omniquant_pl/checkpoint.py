@@ -24,10 +24,15 @@ CHECKPOINT = "checkpoint.json"
 LEARNED = "learned_params.safetensors"
 # Parts of the config that change the learned parameters; eval/output settings may differ.
 HASHED_SECTIONS = ("model", "quant", "calib", "train")
+# Settings that change speed or logging, not results: a resumed run may change them.
+UNHASHED_TRAIN = ("compile", "cache_device", "logger")
 
 
 def config_identity(config: RunConfig) -> dict[str, Any]:
-    return {section: asdict(getattr(config, section)) for section in HASHED_SECTIONS}
+    identity = {section: asdict(getattr(config, section)) for section in HASHED_SECTIONS}
+    for name in UNHASHED_TRAIN:
+        identity["train"].pop(name, None)
+    return identity
 
 
 def config_hash(config: RunConfig) -> str:

@@ -116,6 +116,15 @@ class TrainConfig:
             ``tensorboard`` (needs the tensorboard package) or ``none``.
         keep_best: if training ends with a higher block loss than it started with, restore the
             initial parameters (needs report_losses).
+        lr_batch_scaling: how the learning rates follow ``batch_size`` (they are tuned for 1):
+            ``none``, ``sqrt`` (lr·√batch) or ``linear`` (lr·batch).
+        compile: torch.compile for speed, same math: ``block`` compiles each step's forward and
+            backward (one graph shared by all blocks), ``quantizers`` only fuses the quantizer
+            math, ``off`` runs eagerly; ``auto`` = ``block`` on CUDA, ``off`` on CPU. Falls back
+            (block -> quantizers -> off) with a warning if compilation fails.
+        cache_device: where the calibration inputs/targets live: ``accelerator``, ``cpu`` (pinned
+            memory, batches copied asynchronously) or ``auto`` (accelerator when they fit in
+            half of its free memory).
     """
 
     epochs: int = 20
@@ -130,12 +139,24 @@ class TrainConfig:
     report_losses: bool = True
     keep_best: bool = True
     logger: Literal["csv", "tensorboard", "none"] = "csv"
+    lr_batch_scaling: Literal["none", "sqrt", "linear"] = "none"
+    compile: Literal["auto", "block", "quantizers", "off"] = "auto"
+    cache_device: Literal["auto", "accelerator", "cpu"] = "auto"
 
     def __post_init__(self) -> None:
+        for name, allowed in (("lr_batch_scaling", ("none", "sqrt", "linear")), ("compile", ("auto", "block", "quantizers", "off")),
+                              ("cache_device", ("auto", "accelerator", "cpu"))):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.epochs < 0:
             raise ConfigError(f"train.epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def lr_multiplier(self) -> float:
+        """Learning-rate factor for `batch_size` under `lr_batch_scaling`."""
+        return {"none": 1.0, "sqrt": self.batch_size**0.5, "linear": float(self.batch_size)}[self.lr_batch_scaling]
 
 
 @dataclass

@@ -34,6 +34,7 @@ from omniquant_pl.hooks import CalibrationCallback
 from omniquant_pl.let.init import input_ranges
 from omniquant_pl.io import atomic_write_json, atomic_write_text
 from omniquant_pl.models import load_model_and_tokenizer
+from omniquant_pl.quant.kernels import use_fused_quantizers
 from omniquant_pl.quant.rtn import rtn_quantizer
 
 log = logging.getLogger(__name__)
@@ -111,16 +112,49 @@ class BlockSequencer:
         for cb in self._calibration_callbacks():
             getattr(cb, hook)(self, *args)
 
+    def _new_cache(self, like: torch.Tensor) -> torch.Tensor:
+        """An empty cache shaped like `like` on the cache device (pinned when that is the host
+        and the blocks run on a GPU, so batch copies are asynchronous)."""
+        pin = like.device.type == "cpu" and self.device.type == "cuda"
+        return torch.empty(like.shape, dtype=like.dtype, device=like.device, pin_memory=pin)
+
     @torch.no_grad()
     def _propagate(self, block: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """Block outputs for all cached inputs, in batches, in the training precision."""
-        outputs = torch.empty_like(inputs)
+        outputs = self._new_cache(inputs)
         step = max(self.config.train.batch_size, 4)
         dtype = autocast_dtype(self.precision)
         for start in range(0, inputs.shape[0], step):
+            batch = inputs[start : start + step].to(self.device, non_blocking=True)
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-                outputs[start : start + step] = run_block(block, inputs[start : start + step], self.block_kwargs)
+                out = run_block(block, batch, self.block_kwargs)
+            outputs[start : start + step].copy_(out, non_blocking=True)
+        if outputs.device != self.device and self.device.type == "cuda":
+            torch.cuda.synchronize()  # the host-side cache is complete before anyone reads it
         return outputs
+
+    def _cache_device(self, cache_bytes: int) -> torch.device:
+        """Accelerator unless told otherwise or the caches (up to 5 live at once: inputs of both
+        chains, targets, aug targets, next inputs) would take over half of its free memory."""
+        choice = self.config.train.cache_device
+        if self.device.type != "cuda" or choice == "accelerator":
+            return self.device
+        if choice == "cpu":
+            return torch.device("cpu")
+        free, _ = torch.cuda.mem_get_info(self.device)
+        live = 5 if self.config.train.aug_loss else 4
+        if live * cache_bytes <= free // 2:
+            return self.device
+        log.info("calibration caches (%d x %.2f GiB) go to pinned host memory: the GPU has %.1f GiB free",
+                 live, cache_bytes / 2**30, free / 2**30)
+        return torch.device("cpu")
+
+    def compile_mode(self) -> str:
+        """train.compile with ``auto`` resolved: ``block`` on CUDA, ``off`` elsewhere."""
+        choice = self.config.train.compile
+        if choice == "auto":
+            return "block" if self.device.type == "cuda" else "off"
+        return choice
 
     def _check_shapes(self) -> None:
         """Fail before any work if a quantizer cannot be built for the model's linears."""
@@ -222,21 +256,28 @@ class BlockSequencer:
         captured = capture_block_inputs(self.model, self.spec, windows)
         cache_dtype = self.model_dtype if self.device.type == "cuda" else torch.float32
         self.block_kwargs = kwargs_to(captured.block_kwargs, self.device)
-        fp_inputs = captured.hidden_states.to(self.device, cache_dtype)  # (N, T, hidden)
+        hidden = captured.hidden_states  # (N, T, hidden)
+        cache_device = self._cache_device(hidden.numel() * torch.empty((), dtype=cache_dtype).element_size())
+        self.results["cache_device"] = str(cache_device)
+        fp_inputs = hidden.to(cache_device, cache_dtype)
+        if cache_device.type == "cpu" and self.device.type == "cuda":
+            fp_inputs = fp_inputs.pin_memory()
         quant_inputs = fp_inputs
-        del captured
+        del captured, hidden
 
         calib_started = time.perf_counter()
-        for index in range(len(self.blocks)):
-            if index < finished:  # rebuild the inputs of the first unfinished block
-                fp_inputs, quant_inputs = self._replay_block(index, fp_inputs, quant_inputs, learned)
-                continue
-            fp_inputs, quant_inputs, metrics, state = self._calibrate_block(index, fp_inputs, quant_inputs)
-            learned.update({f"layers.{index}.{k}": v for k, v in state.items()})
-            self.results["blocks"].append(metrics)
-            write_checkpoint(self.output_dir, cfg, self.results, learned)
-            atomic_write_json(self.results, self.output_dir / "results.json")
-            self._emit("on_block_end", index, metrics)
+        self.results["compile"] = self.compile_mode()
+        with use_fused_quantizers(self.compile_mode() == "quantizers"):
+            for index in range(len(self.blocks)):
+                if index < finished:  # rebuild the inputs of the first unfinished block
+                    fp_inputs, quant_inputs = self._replay_block(index, fp_inputs, quant_inputs, learned)
+                    continue
+                fp_inputs, quant_inputs, metrics, state = self.calibrate_block(index, fp_inputs, quant_inputs)
+                learned.update({f"layers.{index}.{k}": v for k, v in state.items()})
+                self.results["blocks"].append(metrics)
+                write_checkpoint(self.output_dir, cfg, self.results, learned)
+                atomic_write_json(self.results, self.output_dir / "results.json")
+                self._emit("on_block_end", index, metrics)
         del fp_inputs, quant_inputs
 
         self.results["calibration_seconds"] = sum(b["seconds"] for b in self.results["blocks"])
@@ -269,7 +310,7 @@ class BlockSequencer:
         self.blocks[index] = block.to("cpu")
         return targets, next_quant_inputs
 
-    def _calibrate_block(
+    def calibrate_block(
         self, index: int, fp_inputs: torch.Tensor, quant_inputs: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]:
         cfg, started = self.config, time.perf_counter()
@@ -287,6 +328,8 @@ class BlockSequencer:
         )
         metrics: dict[str, Any] = {"block": index}
         amp = autocast_dtype(self.precision)
+        if self.compile_mode() == "block" and cfg.train.epochs > 0:
+            metrics["compiled_step"] = module.warm_up(next(iter(loader)), amp)
         if cfg.train.report_losses:
             with module.plain_rtn():
                 metrics["rtn_loss"] = module.mean_loss(loader, amp)

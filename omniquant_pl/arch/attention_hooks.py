@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import weakref
 from collections.abc import Iterator
 
 from torch import nn
@@ -21,14 +20,17 @@ from omniquant_pl.quant.act import PerTokenActQuantizer
 log = logging.getLogger(__name__)
 
 ATTENTION_NAME = "omniquant_sdpa"
-_QKV_QUANTIZERS: weakref.WeakKeyDictionary[nn.Module, PerTokenActQuantizer] = weakref.WeakKeyDictionary()
+# Attribute of an attention module holding its q/k/v quantizer (a plain attribute, not a
+# submodule: state dicts and module trees stay those of transformers, and torch.compile guards
+# stay per module instead of on a global registry).
+QKV_QUANTIZER_ATTR = "_omniquant_qkv_quantizer"
 _registered = False
 
 
 def _quantized_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    quantizer = _QKV_QUANTIZERS.get(module)
+    quantizer = module.__dict__.get(QKV_QUANTIZER_ATTR)
     if quantizer is not None:  # (B, heads, T, head_dim): per token and head
         query, key, value = quantizer(query), quantizer(key), quantizer(value)
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
@@ -64,13 +66,13 @@ class BlockActivationQuantizers:
             for name in spec.linear_names:
                 self.handles.append(block.get_submodule(name).register_forward_pre_hook(_input_quant_hook(self.quantizer)))
         self.attention = block.get_submodule(spec.attention)
-        _QKV_QUANTIZERS[self.attention] = self.quantizer
+        self.attention.__dict__[QKV_QUANTIZER_ATTR] = self.quantizer
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
-        _QKV_QUANTIZERS.pop(self.attention, None)
+        self.attention.__dict__.pop(QKV_QUANTIZER_ATTR, None)
 
 
 @contextlib.contextmanager

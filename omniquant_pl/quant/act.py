@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omniquant_pl.quant.primitives import QuantGrid, fake_quantize
+from omniquant_pl.quant.kernels import fake_quantize_rows
+from omniquant_pl.quant.primitives import QuantGrid
 
 
 class PerTokenActQuantizer(nn.Module):
@@ -21,14 +22,10 @@ class PerTokenActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        rows = x.float()
-        xmax = rows.amax(dim=-1, keepdim=True)  # (..., 1)
-        xmin = rows.amin(dim=-1, keepdim=True)
-        if not self.grid.symmetric:
-            # Keep 0 on the grid so that padding/zero activations stay exact.
-            xmax, xmin = xmax.clamp(min=0), xmin.clamp(max=0)
-        scale, zero_point = self.grid.scale_and_zero(xmin, xmax)
-        return fake_quantize(rows, scale, zero_point, self.grid).to(x.dtype)
+        # asymmetric: the range always holds 0, so padding/zero activations stay exact
+        return fake_quantize_rows(
+            x, None, None, self.grid.qmin, self.grid.qmax, self.grid.symmetric, keep_zero=not self.grid.symmetric
+        )
 
     def extra_repr(self) -> str:
         return f"bits={self.grid.bits}, per-token, {'sym' if self.grid.symmetric else 'asym'}"

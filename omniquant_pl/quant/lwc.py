@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from omniquant_pl.errors import ConfigError
-from omniquant_pl.quant.primitives import QuantGrid, fake_quantize
+from omniquant_pl.quant.kernels import fake_quantize_rows
+from omniquant_pl.quant.primitives import QuantGrid
 
 
 class WeightQuantizer(nn.Module):
@@ -56,14 +57,17 @@ class WeightQuantizer(nn.Module):
         return self.upper_logit is not None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        rows = weight.float().reshape(-1, self.row_size)  # (out·in/row_size, row_size)
-        xmax = rows.amax(dim=-1, keepdim=True)
-        xmin = rows.amin(dim=-1, keepdim=True)
-        if self.learnable and self.clipping_enabled:
-            xmax = xmax * torch.sigmoid(self.upper_logit)
-            xmin = xmin * torch.sigmoid(self.lower_logit)
-        scale, zero_point = self.grid.scale_and_zero(xmin, xmax)
-        return fake_quantize(rows, scale, zero_point, self.grid).reshape(weight.shape).to(weight.dtype)
+        rows = weight.reshape(-1, self.row_size)  # (out·in/row_size, row_size)
+        clip = self.learnable and self.clipping_enabled
+        quantized = fake_quantize_rows(
+            rows,
+            self.upper_logit if clip else None,
+            self.lower_logit if clip else None,
+            self.grid.qmin,
+            self.grid.qmax,
+            self.grid.symmetric,
+        )
+        return quantized.reshape(weight.shape)
 
     def extra_repr(self) -> str:
         granularity = f"group={self.row_size}" if self.group_size else "per-channel"

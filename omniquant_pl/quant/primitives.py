@@ -51,26 +51,34 @@ class QuantGrid:
     def scale_and_zero(
         self, xmin: torch.Tensor, xmax: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale and integer zero point that map [xmin, xmax] onto the grid.
+        """Scale and integer zero point that map [xmin, xmax] onto the grid."""
+        return scale_and_zero(xmin, xmax, self.qmax, self.symmetric)
 
-        The zero point is rounded without STE (as the paper does): LWC gradients reach γ/β through
-        the scale, and measured on heavy-tailed and Gaussian weights this converges more stably
-        than an STE zero point.
-        """
-        if self.symmetric:
-            absmax = torch.maximum(xmin.abs(), xmax.abs())
-            scale = (absmax / self.qmax).clamp(SCALE_MIN, SCALE_MAX)
-            return scale, torch.zeros_like(scale)
-        scale = ((xmax - xmin) / self.qmax).clamp(SCALE_MIN, SCALE_MAX)
-        zero_point = (-xmin / scale).clamp(-ZERO_POINT_LIMIT, ZERO_POINT_LIMIT).round()
-        return scale, zero_point
+
+def scale_and_zero(
+    xmin: torch.Tensor, xmax: torch.Tensor, qmax: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point that map [xmin, xmax] onto a grid with top `qmax`.
+
+    The zero point is rounded without STE (as the paper does): LWC gradients reach γ/β through
+    the scale, and measured on heavy-tailed and Gaussian weights this converges more stably
+    than an STE zero point.
+    """
+    if symmetric:
+        absmax = torch.maximum(xmin.abs(), xmax.abs())
+        scale = (absmax / qmax).clamp(SCALE_MIN, SCALE_MAX)
+        return scale, torch.zeros_like(scale)
+    scale = ((xmax - xmin) / qmax).clamp(SCALE_MIN, SCALE_MAX)
+    zero_point = (-xmin / scale).clamp(-ZERO_POINT_LIMIT, ZERO_POINT_LIMIT).round()
+    return scale, zero_point
 
 
 def fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, grid: QuantGrid
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, qmin: int, qmax: int
 ) -> torch.Tensor:
-    """Quantize to `grid` and de-quantize back; `scale`/`zero_point` broadcast against `x`."""
-    q = torch.clamp(round_ste(x / scale) + zero_point, grid.qmin, grid.qmax)
+    """Quantize to the integer grid [qmin, qmax] and de-quantize back; `scale`/`zero_point`
+    broadcast against `x`."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
     return (q - zero_point) * scale
 
 

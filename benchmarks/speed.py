@@ -1,0 +1,237 @@
+"""Calibration speed of one block: seconds per epoch, per step, peak memory, achieved TFLOP/s.
+
+    python benchmarks/speed.py --shape 7b --wbits 3 --compare            # H100: W3A16 LWC
+    python benchmarks/speed.py --shape 7b --wbits 4 --abits 4 --let --compare
+    python benchmarks/speed.py --shape tiny --nsamples 8 --seqlen 64 --compare   # CPU smoke run
+
+A random-weight Llama block of the named shape runs N epochs of calibration through the real
+path (BlockSequencer.calibrate_block: BlockModule + one Lightning Trainer, fuse, propagate).
+`--compare` first runs the reference path (eager quantizers: `train.compile off`) in the same
+process, so the speed ratio is measured in one run. The first epoch (compilation, warm-up) is
+reported separately; seconds per epoch are the mean of the later ones.
+
+FLOPs are model FLOPs: 3 x forward, forward = 2 x linear params x tokens + 4 x T^2 x head_dim x
+heads per sequence (attention scores and values, full square). Prints a table and writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import resource
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from rich.console import Console  # noqa: E402
+from rich.table import Table  # noqa: E402
+
+from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig  # noqa: E402
+from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to  # noqa: E402
+from omniquant_pl.quant.kernels import use_fused_quantizers  # noqa: E402
+from omniquant_pl.sequencer import BlockSequencer  # noqa: E402
+
+# Llama-family block shapes: hidden, MLP, heads, kv heads
+SHAPES = {
+    "tiny": (64, 176, 4, 2),
+    "smollm2": (576, 1536, 9, 3),
+    "7b": (4096, 11008, 32, 32),
+    "13b": (5120, 13824, 40, 40),
+    "70b": (8192, 28672, 64, 8),
+}
+
+
+class EpochTimer(Callback):
+    """Wall time of each training epoch (the GPU is synchronised at both ends) and step counts."""
+
+    def __init__(self) -> None:
+        self.seconds: list[float] = []
+        self.steps: list[int] = []
+
+    def _sync(self, module) -> None:
+        if module.device.type == "cuda":
+            torch.cuda.synchronize(module.device)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._sync(pl_module)
+        self._started = time.perf_counter()
+        self._first_step = trainer.global_step
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._sync(pl_module)
+        self.seconds.append(time.perf_counter() - self._started)
+        self.steps.append(trainer.global_step - self._first_step)
+
+
+def random_block_model(shape: str, dtype: torch.dtype, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, mlp, heads, kv_heads = SHAPES[shape]
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=mlp, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        num_hidden_layers=1, vocab_size=256, max_position_embeddings=8192, attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).to(dtype).eval()
+    with torch.no_grad():  # heavier-tailed than the init's normal: a little like a trained model
+        for p in model.model.layers[0].parameters():
+            if p.ndim == 2:
+                p.copy_(torch.randn_like(p.float()).mul_(0.02).pow_(3).mul_(2500.0).to(dtype))
+    return model
+
+
+def flops_per_step(shape: str, batch: int, seqlen: int) -> float:
+    hidden, mlp, heads, kv_heads = SHAPES[shape]
+    head_dim = hidden // heads
+    linear_params = hidden * hidden * 2 + 2 * hidden * kv_heads * head_dim + 3 * hidden * mlp
+    forward = 2 * linear_params * batch * seqlen + 4 * seqlen * seqlen * head_dim * heads * batch
+    return 3.0 * forward
+
+
+def measured_peak_tflops(device: torch.device) -> float | None:
+    """bf16 matmul throughput of this device (8192^3, mean of 10 after warm-up)."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    torch.cuda.synchronize()
+    return 10 * 2 * 8192**3 / (time.perf_counter() - started) / 1e12
+
+
+def run_path(args, compile_mode: str, device: torch.device) -> dict:
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = random_block_model(args.shape, dtype)
+    config = RunConfig(
+        model=ModelConfig(f"random:{args.shape}"),
+        quant=QuantConfig(wbits=args.wbits, abits=args.abits, group_size=args.group_size, lwc=True, let=args.let),
+        calib=CalibConfig(source="random", nsamples=args.nsamples, seqlen=args.seqlen),
+        train=TrainConfig(
+            epochs=args.epochs, batch_size=args.batch_size, lr_batch_scaling=args.lr_batch_scaling,
+            precision=args.precision, accelerator=device.type, report_losses=False, keep_best=False,
+            logger="none", compile=compile_mode, cache_device=args.cache_device,
+        ),
+        eval=EvalConfig(datasets=[], baselines=[]),
+        output_dir=str(args.work_dir / compile_mode),
+        save_model=False,
+    )
+    timer = EpochTimer()
+    sequencer = BlockSequencer(config, callbacks=[timer], model=model)
+    sequencer.setup()
+    windows = torch.randint(0, 256, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(1))
+    captured = capture_block_inputs(model, sequencer.spec, windows)
+    sequencer.block_kwargs = kwargs_to(captured.block_kwargs, device)
+    cache_dtype = dtype
+    cache_device = sequencer._cache_device(captured.hidden_states.numel() * captured.hidden_states.element_size())
+    inputs = captured.hidden_states.to(cache_device, cache_dtype)
+    if cache_device.type == "cpu" and device.type == "cuda":
+        inputs = inputs.pin_memory()
+    del captured
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    with use_fused_quantizers(sequencer.compile_mode() == "quantizers"):
+        _, _, metrics, _ = sequencer.calibrate_block(0, inputs, inputs)
+    total = time.perf_counter() - started
+    steady = timer.seconds[1:] or timer.seconds
+    steps = timer.steps[-1] if timer.steps else 0
+    epoch_s = sum(steady) / len(steady)
+    return {
+        "path": "reference (eager)" if compile_mode == "off" else f"compile {compile_mode}",
+        "compile": compile_mode,
+        "compiled_step": metrics.get("compiled_step", False),
+        "precision": sequencer.precision,
+        "cache_device": str(cache_device),
+        "epoch_seconds": timer.seconds,
+        "seconds_per_epoch": epoch_s,
+        "first_epoch_seconds": timer.seconds[0] if timer.seconds else None,
+        "steps_per_epoch": steps,
+        "ms_per_step": 1000 * epoch_s / max(steps, 1),
+        "block_seconds": total,
+        "outside_epochs_seconds": total - sum(timer.seconds),  # targets, warm-up/compile, fuse, propagate
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "tflops": flops_per_step(args.shape, args.batch_size, args.seqlen) * steps / epoch_s / 1e12,
+        "final_epoch_loss": metrics["epoch_losses"][-1] if metrics["epoch_losses"] else None,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
+    parser.add_argument("--wbits", type=int, default=3)
+    parser.add_argument("--abits", type=int, default=16)
+    parser.add_argument("--group-size", type=int, default=0)
+    parser.add_argument("--let", action="store_true", help="learn LET too (the paper's weight-activation setting)")
+    parser.add_argument("--epochs", type=int, default=3, help=">= 2: the first epoch is reported apart")
+    parser.add_argument("--nsamples", type=int, default=128)
+    parser.add_argument("--seqlen", type=int, default=2048)
+    parser.add_argument("--batch-size", type=int, default=1)
+    parser.add_argument("--lr-batch-scaling", default="none", choices=["none", "sqrt", "linear"])
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    parser.add_argument("--compile", nargs="+", default=["block"], choices=["block", "quantizers", "off"],
+                        help="train.compile of the fast path(s), each run in turn")
+    parser.add_argument("--cache-device", default="auto", choices=["auto", "accelerator", "cpu"])
+    parser.add_argument("--compare", action="store_true", help="also run the reference path (eager quantizers)")
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "outputs" / "bench-speed")
+    parser.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+
+    rows = []
+    if args.compare:
+        rows.append(run_path(args, "off", device))
+    for mode in args.compile:
+        rows.append(run_path(args, mode, device))
+    peak = measured_peak_tflops(device)
+    for row in rows:
+        row["pct_of_peak"] = 100 * row["tflops"] / peak if peak else None
+    if args.compare:
+        for row in rows[1:]:
+            row["speedup_vs_reference"] = rows[0]["seconds_per_epoch"] / row["seconds_per_epoch"]
+
+    setting = f"W{args.wbits}A{args.abits}" + (f"g{args.group_size}" if args.group_size else "")
+    setting += " LWC+LET" if args.let else " LWC"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    report = {
+        "shape": args.shape, "setting": setting, "device": name, "nsamples": args.nsamples,
+        "seqlen": args.seqlen, "batch_size": args.batch_size, "epochs": args.epochs,
+        "bf16_matmul_peak_tflops": peak, "torch": torch.__version__, "rows": rows,
+    }
+    table = Table(title=f"{args.shape} block, {setting}, {args.nsamples} x {args.seqlen}, batch {args.batch_size}, {name}")
+    for column in ("path", "s/epoch", "ms/step", "1st epoch s", "peak GiB", "TFLOP/s", "% peak", "final loss", "speed-up"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        table.add_row(
+            row["path"], f"{row['seconds_per_epoch']:.3f}", f"{row['ms_per_step']:.2f}",
+            f"{row['first_epoch_seconds']:.2f}",
+            f"{row['peak_gpu_gib']:.2f}" if row["peak_gpu_gib"] is not None else f"host {row['peak_host_gib']:.2f}",
+            f"{row['tflops']:.2f}", f"{row['pct_of_peak']:.1f}" if row["pct_of_peak"] else "-",
+            f"{row['final_epoch_loss']:.5g}", f"{row.get('speedup_vs_reference', 1.0):.2f}x",
+        )
+    Console(width=150).print(table)
+    output = args.output or ROOT / "benchmarks" / "results" / f"speed-{args.shape}-{setting.replace(' ', '-').replace('+', '')}-{device.type}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    print(f"wrote {output}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
