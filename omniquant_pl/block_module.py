@@ -248,15 +248,17 @@ class BlockModule(L.LightningModule):
     # -- outside the Trainer -----------------------------------------------------------------
     @torch.no_grad()
     def mean_loss(self, loader: DataLoader, autocast_dtype: torch.dtype | None) -> float:
-        """Mean loss over the whole loader without training (used for RTN/initial/final loss)."""
+        """Mean loss over every sample of the loader without training (RTN/initial/final loss).
+        Eager: a few passes per block do not pay for compiling inference graphs."""
         total = torch.zeros((), device=self.device)
-        steps = 0
+        samples = 0
         for batch in loader:
-            batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
+            inputs, target, *aug_target = (t.to(self.device, non_blocking=True) for t in batch)
             with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                total += self.loss(batch)
-            steps += 1
-        return (total / max(steps, 1)).item()
+                loss = block_loss(self, inputs, target, aug_target[0] if aug_target else None)
+            total += loss * inputs.shape[0]  # weighted: the last batch may be smaller
+            samples += inputs.shape[0]
+        return (total / max(samples, 1)).item()
 
     def fuse(self) -> nn.Module:
         """Fold LET into the norms/linears, bake the clipped weights into plain nn.Linear modules

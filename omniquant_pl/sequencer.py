@@ -326,14 +326,16 @@ class BlockSequencer:
         loader = cached_batch_loader(
             *caches, batch_size=cfg.train.batch_size, shuffle=cfg.train.shuffle, seed=cfg.calib.seed + index
         )
+        # no-grad loss passes (RTN/initial/final) in larger batches
+        eval_loader = cached_batch_loader(*caches, batch_size=max(cfg.train.batch_size, 8), shuffle=False, seed=0)
         metrics: dict[str, Any] = {"block": index}
         amp = autocast_dtype(self.precision)
         if self.compile_mode() == "block" and cfg.train.epochs > 0:
-            metrics["compiled_step"] = module.warm_up(next(iter(loader)), amp)
+            metrics["compiled_step"] = module.warm_up(loader.dataset[0], amp)
         if cfg.train.report_losses:
             with module.plain_rtn():
-                metrics["rtn_loss"] = module.mean_loss(loader, amp)
-            metrics["init_loss"] = module.mean_loss(loader, amp)
+                metrics["rtn_loss"] = module.mean_loss(eval_loader, amp)
+            metrics["init_loss"] = module.mean_loss(eval_loader, amp)
 
         initial_state = module.learned_state()
         self._emit("on_block_start", index, module)
@@ -341,7 +343,7 @@ class BlockSequencer:
             self._fit_with_retries(index, module, loader, initial_state, metrics)
         metrics["epoch_losses"] = module.epoch_losses
         if cfg.train.report_losses:
-            metrics["final_loss"] = module.mean_loss(loader, amp)
+            metrics["final_loss"] = module.mean_loss(eval_loader, amp)
             if cfg.train.keep_best and not metrics["final_loss"] <= metrics["init_loss"]:
                 module.load_learned_state(initial_state)
                 log.warning("block %d: training raised the loss (%.4g -> %.4g); kept the initial parameters",
@@ -356,7 +358,7 @@ class BlockSequencer:
                 "that calls module.fuse()) among the callbacks"
             )
         next_quant_inputs = self._propagate(block, quant_inputs)
-        del module, loader, caches, aug_targets, quant_inputs
+        del module, loader, eval_loader, caches, aug_targets, quant_inputs
         self.blocks[index] = block.to("cpu")
         metrics["seconds"] = time.perf_counter() - started
         return targets, next_quant_inputs, metrics, learned_state
