@@ -341,6 +341,7 @@ class BlockSequencer:
         self._emit("on_block_start", index, module)
         if cfg.train.epochs > 0 and (module.lwc_parameters() or module.let_parameters()):
             self._fit_with_retries(index, module, loader, initial_state, metrics)
+            module.to(self.device)  # Lightning's teardown leaves a GPU module on the CPU
         metrics["epoch_losses"] = module.epoch_losses
         if cfg.train.report_losses:
             metrics["final_loss"] = module.mean_loss(eval_loader, amp)
