@@ -30,6 +30,7 @@ except ImportError as err:  # the optional extra is not installed
     ) from err
 
 log = logging.getLogger(__name__)
+logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-request INFO lines drown our output
 
 TokenRequest = tuple[tuple[str, str], list[int], list[int]]  # ((context, continuation), context ids, continuation ids)
 METRICS = ("acc", "acc_norm")
