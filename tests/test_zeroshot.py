@@ -131,3 +131,20 @@ def test_missing_lm_eval_names_the_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "omniquant_pl.eval.zeroshot")
     with pytest.raises(OmniQuantError, match=r'pip install -e "\.\[eval\]"'):
         importlib.import_module("omniquant_pl.eval.zeroshot")
+
+
+def test_calibrate_runs_the_configured_tasks(tmp_path, tiny_model_dir):
+    import cli
+
+    write_task(tmp_path)
+    out = tmp_path / "out"
+    assert cli.main(["calibrate", "--model.name_or_path", str(tiny_model_dir), "--quant.wbits", "4",
+                     "--calib.source", "pydoc", "--calib.nsamples", "2", "--calib.seqlen", "32",
+                     "--train.epochs", "1", "--eval.datasets", "[]", "--eval.baselines", "[fp]",
+                     "--eval.tasks", "[tiny_mc]", "--eval.task_include_path", str(tmp_path),
+                     "--output_dir", str(out), "--save_model", "false"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["zeroshot"]) == {"fp", "omniquant"}
+    for method in ("fp", "omniquant"):
+        assert results["zeroshot"][method]["tiny_mc"]["samples"] == len(QUESTIONS)
+        assert 0.0 <= results["zeroshot"][method]["tiny_mc"]["acc"] <= 1.0
