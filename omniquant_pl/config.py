@@ -149,7 +149,7 @@ class EvalConfig:
         seqlen: tokens per window (the protocol uses 2048).
         max_windows: evaluate only the first N windows (0 = all); report N with the numbers.
         baselines: also evaluate these before calibration: ``fp`` (original), ``rtn``.
-        batch_size: windows (perplexity) or requests (tasks) per forward.
+        batch_size: windows per perplexity forward (tasks score max(batch_size, 8) requests per forward).
         tasks: lm-eval task names (``piqa``, ``arc_easy``, ``arc_challenge``, ``boolq``,
             ``hellaswag``, ``winogrande``, or tasks defined in task_include_path); needs
             ``pip install -e ".[eval]"``. Empty = no tasks.
