@@ -26,10 +26,6 @@ class Row:
     disk_bytes: int | None = None
     packed_bytes: int | None = None
 
-    @property
-    def label(self) -> str:
-        return f"{self.run} {self.method} {self.bits}"
-
 
 def load_report(run: str) -> tuple[str, dict]:
     """(run name, report) of a run directory or a report .json file."""
@@ -151,7 +147,8 @@ def bar_chart(rows: list[Row], path: Path) -> bool:
     panels += [(f"{t} {m} (higher is better)", [r.zeroshot.get(t, {}).get(m) for r in rows], False)
                for t in tasks for m in ("acc", "acc_norm")]
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.2 * len(rows) + 2), 3.2 * len(panels)), squeeze=False)
-    labels = [r.label.replace(" ", "\n", 1) for r in rows]
+    short = [f"{r.method}\n{r.bits}" for r in rows]
+    labels = [label if short.count(label) == 1 else f"{label}\n{r.run[-18:]}" for label, r in zip(short, rows)]
     for ax, (title, values, log_scale) in zip(axes[:, 0], panels):
         heights = [v if v is not None else 0.0 for v in values]
         ax.bar(range(len(rows)), heights, color=[f"C{i % 10}" for i in range(len(rows))])
