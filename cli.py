@@ -1,21 +1,23 @@
-"""`omniquant` command line: calibrate | evaluate | export (LightningCLI's argument parser).
+"""`omniquant` command line: calibrate | evaluate | compare | export (LightningCLI's argument parser).
 
     omniquant calibrate --config configs/smollm2-135m/quickstart-w3a16.yaml --quant.wbits 4
     omniquant calibrate --config ... --print_config
-    omniquant evaluate --model.name_or_path outputs/run/model --eval.datasets [wikitext2]
+    omniquant evaluate --model.name_or_path outputs/run --eval.datasets [wikitext2] --eval.tasks [piqa]
+    omniquant evaluate --model.name_or_path MODEL --baselines [fp,rtn] --quant.wbits 3
+    omniquant compare outputs/run1 outputs/run2/eval.json --output outputs/comparison
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import warnings
 from pathlib import Path
+from typing import Literal
 
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.cli import LightningArgumentParser
 
-from omniquant_pl.config import EvalConfig, ModelConfig, RunConfig
+from omniquant_pl.config import EvalConfig, ModelConfig, QuantConfig, RunConfig
 from omniquant_pl.errors import OmniQuantError
 from omniquant_pl.sequencer import quiet_lightning
 
@@ -33,13 +35,27 @@ def build_parser() -> LightningArgumentParser:
     )
     commands.add_subcommand("calibrate", calibrate, help="calibrate and evaluate a quantized model")
 
-    evaluate = LightningArgumentParser(description="Perplexity of a model (hub id, folder or saved OmniQuant output).")
+    evaluate = LightningArgumentParser(
+        description="Perplexity and zero-shot tasks of a model (hub id, folder, saved OmniQuant model or output "
+                    "directory), optionally with its FP/RTN baselines.")
     evaluate.add_argument("--config", action="config")
     evaluate.add_class_arguments(ModelConfig, "model")
-    evaluate.add_class_arguments(EvalConfig, "eval")
+    evaluate.add_class_arguments(EvalConfig, "eval", skip={"baselines"})
+    evaluate.add_argument("--baselines", type=list[Literal["fp", "rtn"]], default=[],
+                          help="evaluate a full-precision model as fp and/or rtn (RTN with --quant.*); "
+                               "empty = the model as it is")
+    evaluate.add_class_arguments(QuantConfig, "quant")
     evaluate.add_argument("--accelerator", type=str, default="auto")
-    evaluate.add_argument("--output", type=str | None, default=None, help="write eval.json here")
-    commands.add_subcommand("evaluate", evaluate, help="perplexity of a model")
+    evaluate.add_argument("--output", type=str | None, default=None,
+                          help="eval.json path (or folder for it); default: <run dir>/eval.json for an output directory")
+    commands.add_subcommand("evaluate", evaluate, help="perplexity and zero-shot tasks of a model")
+
+    compare = LightningArgumentParser(description="One table across runs: bits, method, perplexities, tasks, size.")
+    compare.add_argument("runs", type=str, nargs="+",
+                         help="output directories (eval.json, else results.json) or eval.json files")
+    compare.add_argument("--output", type=str, default="outputs/comparison",
+                         help="folder for comparison.md, comparison.json and comparison.png")
+    commands.add_subcommand("compare", compare, help="compare evaluated runs side by side")
 
     export = LightningArgumentParser(description="Export to an inference engine format (not built yet).")
     export.add_argument("run_dir", type=str)
@@ -60,38 +76,36 @@ def run_calibrate(args) -> dict:
 
 
 def run_evaluate(args) -> dict:
-    import torch
+    from rich.console import Console
 
-    from omniquant_pl.eval.perplexity import perplexity_on_source
-    from omniquant_pl.models import load_model_and_tokenizer
+    from omniquant_pl.eval.compare import rich_table, rows_of
+    from omniquant_pl.eval.runner import check_writable, evaluate_target, report_path, resolve_target
+    from omniquant_pl.io import atomic_write_json
     from omniquant_pl.sequencer import resolve_device
 
-    device = resolve_device(args.accelerator)
-    model, tokenizer = load_model_and_tokenizer(args.model, device)
-    model.to(device)
-    report = {"model": args.model.name_or_path, "perplexity": {}}
-    activations = (getattr(model.config, "omniquant", None) or {}).get("activations")
-    if activations:  # a saved weight-activation model: run its activation quantizers again
-        from omniquant_pl.arch import get_arch
-        from omniquant_pl.arch.attention_hooks import BlockActivationQuantizers, use_quantized_attention
-        from omniquant_pl.arch.registry import get_blocks
-
-        spec = get_arch(model)
-        use_quantized_attention(model)
-        for block in get_blocks(model, spec):
-            BlockActivationQuantizers(block, spec, activations["bits"])  # hooks stay on the modules
-        report["activations"] = activations
-    for dataset in args.eval.datasets:
-        with torch.no_grad():
-            result = perplexity_on_source(model, tokenizer, dataset, args.eval.seqlen, args.eval.max_windows,
-                                          args.eval.batch_size, device)
-        report["perplexity"][dataset] = result
-        print(f"{dataset}: ppl {result['ppl']:.4f} ({result['windows']} windows of {result['seqlen']})")
-    if args.output:
-        from omniquant_pl.io import atomic_write_json
-
-        atomic_write_json(report, Path(args.output))
+    target = resolve_target(args.model)
+    path = report_path(target.run_dir, args.output)
+    check_writable(path)  # before the evaluation, not after it
+    report = evaluate_target(target, args.eval, args.baselines, args.quant, resolve_device(args.accelerator))
+    console = Console()
+    console.print(rich_table(rows_of(Path(args.model.name_or_path).name or args.model.name_or_path, report),
+                             title=f"evaluate {args.model.name_or_path}"))
+    if path is not None:
+        atomic_write_json(report, path)
+        console.print(f"eval.json: {path}")
     return report
+
+
+def run_compare(args) -> None:
+    from rich.console import Console
+
+    from omniquant_pl.eval.compare import compare, rich_table
+
+    rows, written = compare(list(args.runs), args.output)
+    console = Console()
+    console.print(rich_table(rows))
+    for kind, path in written.items():
+        console.print(f"{kind}: {path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         if command == "calibrate":
             run_calibrate(sub)
         elif command == "evaluate":
-            print(json.dumps(run_evaluate(sub)["perplexity"], indent=2))
+            run_evaluate(sub)
+        elif command == "compare":
+            run_compare(sub)
         elif command == "export":
             print("omniquant export is not built yet: the saved model in <output_dir>/model loads with "
                   "transformers' from_pretrained (fake-quantized weights).", file=sys.stderr)

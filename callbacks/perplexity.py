@@ -1,4 +1,5 @@
-"""Perplexity of the FP / RTN baselines before calibration and of the quantized model after."""
+"""Perplexity (and zero-shot tasks, when configured) of the FP / RTN baselines before calibration
+and of the quantized model after."""
 from __future__ import annotations
 
 import contextlib
@@ -18,9 +19,10 @@ log = logging.getLogger(__name__)
 class PerplexityCallback(CalibrationCallback):
     """Evaluates `sequencer.config.eval` on the whole model (moved to the accelerator for it).
 
-    Results go to ``results["perplexity"][method][dataset]`` with method in fp / rtn / omniquant.
-    A dataset that cannot be loaded (offline, missing file) is skipped with a warning and
-    recorded, so calibration work is never lost to an evaluation problem.
+    Results go to ``results["perplexity"][method][dataset]`` with method in fp / rtn / omniquant,
+    and, with ``eval.tasks``, lm-eval accuracies to ``results["zeroshot"][method][task]``.
+    A dataset or task set that cannot be loaded (offline, missing file, lm-eval not installed) is
+    skipped with a warning and recorded, so calibration work is never lost to an evaluation problem.
     """
 
     def _evaluate(self, sequencer, method: str) -> None:
@@ -41,10 +43,29 @@ class PerplexityCallback(CalibrationCallback):
                     continue
                 table[dataset] = result
                 log.info("%s perplexity on %s: %.3f (%d windows)", method, dataset, result["ppl"], result["windows"])
+            if cfg.tasks:
+                self._run_tasks(sequencer, method)
         finally:
             model.to("cpu")
             if sequencer.device.type == "cuda":
                 torch.cuda.empty_cache()
+
+    @staticmethod
+    def _run_tasks(sequencer, method: str) -> None:
+        cfg = sequencer.config.eval
+        try:
+            from omniquant_pl.eval.zeroshot import run_tasks
+
+            with torch.no_grad():
+                table = run_tasks(sequencer.model, sequencer.tokenizer, cfg.tasks, cfg.num_fewshot, cfg.task_limit,
+                                  cfg.task_include_path, max(cfg.batch_size, 8), sequencer.device)
+        except OmniQuantError as err:
+            log.warning("skipping zero-shot tasks %s: %s", cfg.tasks, err)
+            sequencer.results.setdefault("skipped_eval", {})["tasks"] = str(err)
+            return
+        sequencer.results.setdefault("zeroshot", {})[method] = table
+        for task, result in table.items():
+            log.info("%s %s: acc %s acc_norm %s", method, task, result.get("acc"), result.get("acc_norm"))
 
     def on_calibration_start(self, sequencer) -> None:
         # a resumed run keeps the baselines measured before it was interrupted

@@ -4,6 +4,7 @@ YAML key or value fails before any model is loaded. LightningCLI/jsonargparse re
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Literal
 
 from omniquant_pl.errors import ConfigError
@@ -161,14 +162,21 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Perplexity evaluation.
+    """Evaluation: perplexity on text sources and zero-shot tasks through lm-evaluation-harness.
 
     Args:
         datasets: text sources to evaluate on (same names as calib.source; their test split).
+            ``c4`` follows the paper: 1100 validation documents, at most 256 windows.
         seqlen: tokens per window (the protocol uses 2048).
         max_windows: evaluate only the first N windows (0 = all); report N with the numbers.
         baselines: also evaluate these before calibration: ``fp`` (original), ``rtn``.
-        batch_size: windows per forward.
+        batch_size: windows per perplexity forward (tasks score max(batch_size, 8) requests per forward).
+        tasks: lm-eval task names (``piqa``, ``arc_easy``, ``arc_challenge``, ``boolq``,
+            ``hellaswag``, ``winogrande``, or tasks defined in task_include_path); needs
+            ``pip install -e ".[eval]"``. Empty = no tasks.
+        num_fewshot: few-shot examples per task prompt (0 = zero-shot).
+        task_limit: score only the first N documents of each task (0 = all); report N.
+        task_include_path: folder of extra lm-eval task YAML files (local tasks).
     """
 
     datasets: list[str] = field(default_factory=lambda: ["wikitext2"])
@@ -176,6 +184,10 @@ class EvalConfig:
     max_windows: int = 0
     baselines: list[str] = field(default_factory=lambda: ["fp", "rtn"])
     batch_size: int = 1
+    tasks: list[str] = field(default_factory=list)
+    num_fewshot: int = 0
+    task_limit: int = 0
+    task_include_path: str | None = None
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.baselines) - {"fp", "rtn"})
@@ -183,6 +195,14 @@ class EvalConfig:
             raise ConfigError(f"eval.baselines accepts 'fp' and 'rtn', got {unknown}")
         if self.max_windows < 0 or self.seqlen < 2 or self.batch_size < 1:
             raise ConfigError("eval.max_windows must be >= 0, eval.seqlen >= 2 and eval.batch_size >= 1")
+        if self.num_fewshot < 0 or self.task_limit < 0:
+            raise ConfigError(f"eval.num_fewshot and eval.task_limit must be >= 0, got {self.num_fewshot}, {self.task_limit}")
+        if any(not task or "," in task for task in self.tasks):
+            raise ConfigError(f"eval.tasks must be a list of task names, e.g. [piqa, arc_easy], got {self.tasks}")
+        if self.task_include_path is not None and not Path(self.task_include_path).expanduser().is_dir():
+            raise ConfigError(
+                f"eval.task_include_path '{self.task_include_path}' is not a folder; give a folder of lm-eval task YAML files"
+            )
 
 
 @dataclass

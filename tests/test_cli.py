@@ -115,4 +115,5 @@ def test_evaluate_reinstalls_activation_quantization_of_a_saved_w4a4_model(tmp_p
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     assert evaluated["activations"]["bits"] == 4
     # the saved model + its activation quantizers reproduce the calibrated model's perplexity
-    assert abs(evaluated["perplexity"]["pydoc"]["ppl"] - results["perplexity"]["omniquant"]["pydoc"]["ppl"]) < 1e-3
+    assert evaluated["methods"]["omniquant"]["bits"] == "W4A4"
+    assert abs(evaluated["perplexity"]["omniquant"]["pydoc"]["ppl"] - results["perplexity"]["omniquant"]["pydoc"]["ppl"]) < 1e-3

@@ -10,7 +10,7 @@ from conftest import SHARED_DATA, requires_shared_data, tiny_llama, tiny_opt
 
 from omniquant_pl.calib.data import load_text, sample_windows, tokenize_cached
 from omniquant_pl.errors import ConfigError
-from omniquant_pl.eval.perplexity import evaluate_perplexity
+from omniquant_pl.eval.perplexity import evaluate_perplexity, perplexity_on_source
 
 
 @pytest.mark.parametrize("builder", [tiny_llama, tiny_opt])
@@ -64,3 +64,40 @@ def test_local_wikitext2_is_found(tokenizer):
     assert "local" in test.description and str(SHARED_DATA) in test.description
     assert test.text.startswith(" = Robert Boulter = \n")
     assert not load_text("wikitext2", "calib").text.startswith("\ufeff")  # BOM stripped
+
+
+def test_batched_windows_give_the_same_perplexity():
+    model = tiny_llama()
+    ids = torch.randint(0, 384, (64 * 7 + 5,), generator=torch.Generator().manual_seed(1))
+    one, n = evaluate_perplexity(model, ids, seqlen=64, batch_size=1)
+    for batch_size in (3, 7, 16):  # a ragged last batch, exactly all windows, more than all windows
+        batched, m = evaluate_perplexity(model, ids, seqlen=64, batch_size=batch_size)
+        assert m == n == 7
+        assert batched == pytest.approx(one, rel=1e-5)
+
+
+def test_c4_evaluation_follows_the_paper_protocol(monkeypatch, tokenizer):
+    """Validation shard 00000-of-00008, first 1100 documents joined with ' ', first 256 windows."""
+    import datasets
+
+    from omniquant_pl.calib import data
+
+    docs = [f"document {i} says the value of item {i} is {i * 7} units." for i in range(1200)]
+    calls = []
+
+    def fake_load_dataset(path, data_files=None, split=None, **kwargs):
+        calls.append((path, data_files, split))
+        return datasets.Dataset.from_dict({"text": docs, "timestamp": ["t"] * len(docs)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    source = data.load_text("c4", "eval")
+    assert calls == [("allenai/c4", {"validation": "en/c4-validation.00000-of-00008.json.gz"}, "validation")]
+    assert source.text == " ".join(docs[:1100]) and source.max_windows == 256
+    seqlen = 8
+    ids = tokenize_cached(tokenizer, source)
+    assert ids.numel() // seqlen > 256  # the cap, not the text length, decides the window count
+    model = tiny_llama()
+    result = perplexity_on_source(model, tokenizer, "c4", seqlen=seqlen, batch_size=64)
+    expected, _ = evaluate_perplexity(model, ids[: 256 * seqlen], seqlen=seqlen, batch_size=64)
+    assert result["windows"] == 256 and result["ppl"] == pytest.approx(expected, rel=1e-6)
+    assert perplexity_on_source(model, tokenizer, "c4", seqlen=seqlen, max_windows=5)["windows"] == 5

@@ -27,6 +27,7 @@ LOCAL_FILE_SUFFIXES = (".txt", ".raw", ".tokens", ".jsonl", ".json")
 class TextSource:
     text: str
     description: str  # recorded in results.json: where the text came from
+    max_windows: int = 0  # evaluation protocol's cap on windows (C4: 256), 0 = none
 
 
 def _data_dirs() -> list[Path]:
@@ -68,6 +69,13 @@ def _wikitext2(split: Split) -> TextSource:
     return TextSource(_hub(load, "wikitext2"), f"wikitext2 {split}: hub wikitext-2-raw-v1")
 
 
+# The paper's C4 evaluation: the first 1100 documents of this validation shard joined with " ",
+# tokenized, and only the first 256 * seqlen tokens used (256 windows).
+C4_VALIDATION_SHARD = "en/c4-validation.00000-of-00008.json.gz"
+C4_EVAL_DOCS = 1100
+C4_EVAL_WINDOWS = 256
+
+
 def _c4(split: Split) -> TextSource:
     def load() -> str:
         from datasets import load_dataset
@@ -76,11 +84,13 @@ def _c4(split: Split) -> TextSource:
             files = {"train": "en/c4-train.00000-of-01024.json.gz"}
             rows = load_dataset("allenai/c4", data_files=files, split="train")
             return "\n\n".join(rows["text"][:20000])
-        files = {"validation": "en/c4-validation.00000-of-00008.json.gz"}
-        rows = load_dataset("allenai/c4", data_files=files, split="validation")
-        return " ".join(rows["text"][:1100])
+        rows = load_dataset("allenai/c4", data_files={"validation": C4_VALIDATION_SHARD}, split="validation")
+        return " ".join(rows[:C4_EVAL_DOCS]["text"])
 
-    return TextSource(_hub(load, "c4"), f"c4 {split}: hub allenai/c4 (paper shards)")
+    if split == "calib":
+        return TextSource(_hub(load, "c4"), "c4 calib: hub allenai/c4 (paper shard)")
+    return TextSource(_hub(load, "c4"), f"c4 eval: hub allenai/c4 {C4_VALIDATION_SHARD}, first {C4_EVAL_DOCS} documents",
+                      max_windows=C4_EVAL_WINDOWS)
 
 
 def _ptb(split: Split) -> TextSource:

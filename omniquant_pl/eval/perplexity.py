@@ -84,8 +84,10 @@ def perplexity_on_source(
     batch_size: int = 1,
     device: torch.device | str | None = None,
 ) -> dict:
-    """Perplexity on the evaluation split of a text source (see calib.data.load_text)."""
+    """Perplexity on the evaluation split of a text source (see calib.data.load_text); a source's
+    protocol cap on windows (C4: 256) applies on top of `max_windows`."""
     text = load_text(source, "eval")
     ids = tokenize_cached(tokenizer, text)
-    ppl, windows = evaluate_perplexity(model, ids, seqlen, max_windows, batch_size, device)
+    caps = [n for n in (max_windows, text.max_windows) if n]
+    ppl, windows = evaluate_perplexity(model, ids, seqlen, min(caps, default=0), batch_size, device)
     return {"ppl": ppl, "windows": windows, "seqlen": seqlen, "source": text.description}

@@ -1,0 +1,186 @@
+"""`omniquant evaluate`: perplexities and zero-shot tasks of one model under one or more methods.
+
+Targets: a hub id or model folder (evaluated as it is: ``fp``, or ``fp``/``rtn`` baselines with
+the given quantization settings), a saved OmniQuant model folder, or an OmniQuant output
+directory (``results.json`` + ``model/``). The report has results.json's layout
+(``perplexity[method][dataset]``, ``zeroshot[method][task]``) plus ``methods[method]`` = bits tag
+and sizes, so `omniquant compare` reads both.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from omniquant_pl.config import EvalConfig, ModelConfig, QuantConfig
+from omniquant_pl.errors import ConfigError, OmniQuantError
+from omniquant_pl.eval.size import disk_bytes, packed_bytes
+
+log = logging.getLogger(__name__)
+
+FP_TAG = "W16A16"
+
+
+@dataclass
+class EvalTarget:
+    model: ModelConfig  # what to load
+    requested: str  # model.name_or_path as given
+    run_dir: Path | None = None  # an OmniQuant output directory
+    run_results: dict | None = None  # its results.json
+
+
+def resolve_target(model: ModelConfig) -> EvalTarget:
+    """A run directory evaluates its saved model/; anything else loads as given."""
+    from omniquant_pl.models import resolve_model_path
+
+    folder = Path(resolve_model_path(model.name_or_path)).expanduser()
+    if not (folder / "results.json").is_file():
+        return EvalTarget(model, model.name_or_path)
+    if not (folder / "model" / "config.json").is_file():
+        raise ConfigError(
+            f"'{folder}' is an OmniQuant output directory without a saved model (model/config.json); "
+            "re-run calibrate with save_model: true, or evaluate a model folder"
+        )
+    results = json.loads((folder / "results.json").read_text())
+    return EvalTarget(replace(model, name_or_path=str(folder / "model"), gguf_file=None), model.name_or_path,
+                      folder, results)
+
+
+def saved_quant(model: nn.Module) -> QuantConfig | None:
+    """The quantization settings a saved OmniQuant model records in config.omniquant (None = FP)."""
+    meta = getattr(model.config, "omniquant", None)
+    if not meta:
+        return None
+    return QuantConfig(wbits=meta["wbits"], abits=meta.get("abits", 16), group_size=meta.get("group_size", 0),
+                       symmetric=meta.get("symmetric", False))
+
+
+def install_saved_activation_quantizers(model: nn.Module) -> dict | None:
+    """A saved weight-activation model: put its activation quantizers back (they stay installed)."""
+    activations = (getattr(model.config, "omniquant", None) or {}).get("activations")
+    if activations:
+        from omniquant_pl.arch import get_arch
+        from omniquant_pl.arch.attention_hooks import BlockActivationQuantizers, use_quantized_attention
+        from omniquant_pl.arch.registry import get_blocks
+
+        spec = get_arch(model)
+        use_quantized_attention(model)
+        for block in get_blocks(model, spec):
+            BlockActivationQuantizers(block, spec, activations["bits"])
+    return activations
+
+
+@contextlib.contextmanager
+def rtn_method(model: nn.Module, quant: QuantConfig) -> Iterator[None]:
+    """RTN weights (and per-token activation quantization below 16 bits) for the context's duration."""
+    from omniquant_pl.arch import get_arch
+    from omniquant_pl.arch.attention_hooks import activation_quantization, use_quantized_attention
+    from omniquant_pl.arch.registry import get_blocks
+    from omniquant_pl.quant.rtn import rtn_weights
+
+    spec = get_arch(model)
+    with rtn_weights(model, spec, quant), contextlib.ExitStack() as stack:
+        if quant.abits < 16:
+            use_quantized_attention(model)
+            stack.enter_context(activation_quantization(list(get_blocks(model, spec)), spec, quant.abits))
+        yield
+
+
+def plan_methods(model: nn.Module, baselines: list[str], quant: QuantConfig
+                 ) -> list[tuple[str, str, QuantConfig | None, Callable[[], contextlib.AbstractContextManager]]]:
+    """(method, bits tag, quant settings, context) for each evaluation of the loaded model."""
+    saved = saved_quant(model)
+    if saved is not None:
+        if baselines:
+            raise ConfigError(
+                f"--baselines {baselines} needs a full-precision model, but this one is already quantized "
+                f"({saved.tag}); evaluate the original model with --baselines, and this one without"
+            )
+        return [("omniquant", saved.tag, saved, contextlib.nullcontext)]
+    if not baselines:
+        return [("fp", FP_TAG, None, contextlib.nullcontext)]
+    plans = []
+    for method in dict.fromkeys(baselines):  # keep order, drop repeats
+        if method == "fp":
+            plans.append(("fp", FP_TAG, None, contextlib.nullcontext))
+        else:
+            plans.append(("rtn", quant.tag, quant, lambda: rtn_method(model, quant)))
+    return plans
+
+
+def evaluate_method(model: nn.Module, tokenizer, cfg: EvalConfig, device: torch.device) -> tuple[dict, dict]:
+    """Perplexity per dataset and accuracy per task of the model as it is now."""
+    from omniquant_pl.eval.perplexity import perplexity_on_source
+
+    perplexity, zeroshot = {}, {}
+    with torch.no_grad():
+        for dataset in cfg.datasets:
+            perplexity[dataset] = perplexity_on_source(model, tokenizer, dataset, cfg.seqlen, cfg.max_windows,
+                                                       cfg.batch_size, device)
+            log.info("%s: ppl %.4f (%d windows)", dataset, perplexity[dataset]["ppl"], perplexity[dataset]["windows"])
+    if cfg.tasks:
+        from omniquant_pl.eval.zeroshot import run_tasks
+
+        zeroshot = run_tasks(model, tokenizer, cfg.tasks, cfg.num_fewshot, cfg.task_limit, cfg.task_include_path,
+                             max(cfg.batch_size, 8), device)
+    return perplexity, zeroshot
+
+
+def evaluate_target(target: EvalTarget, cfg: EvalConfig, baselines: list[str], quant: QuantConfig,
+                    device: torch.device) -> dict:
+    """Load the target once and evaluate every planned method; returns the eval.json report."""
+    from omniquant_pl.models import load_model_and_tokenizer, resolve_model_path
+
+    if not cfg.datasets and not cfg.tasks:
+        raise ConfigError("nothing to evaluate: give --eval.datasets [...] and/or --eval.tasks [...]")
+    model, tokenizer = load_model_and_tokenizer(target.model, device)
+    model.to(device)
+    activations = install_saved_activation_quantizers(model)
+    on_disk = disk_bytes(resolve_model_path(target.model.name_or_path), target.model.gguf_file)
+    report: dict = {"model": target.requested, "model_type": model.config.model_type, "methods": {},
+                    "perplexity": {}, "zeroshot": {}, "eval": asdict(cfg)}
+    if target.run_dir is not None:
+        report["run_dir"] = str(target.run_dir)
+        report["calibration"] = {k: target.run_results.get(k) for k in ("quant_tag", "calibration_source")}
+    if activations:
+        report["activations"] = activations
+    for method, tag, method_quant, context in plan_methods(model, baselines, quant):
+        started = time.perf_counter()
+        with context():
+            perplexity, zeroshot = evaluate_method(model, tokenizer, cfg, device)
+        report["perplexity"][method] = perplexity
+        if zeroshot:
+            report["zeroshot"][method] = zeroshot
+        report["methods"][method] = {
+            "bits": tag, "quant": asdict(method_quant) if method_quant else None,
+            "disk_bytes": None if method == "rtn" else on_disk,  # RTN is not saved anywhere
+            "packed_bytes": packed_bytes(model, method_quant), "seconds": round(time.perf_counter() - started, 1),
+        }
+    return report
+
+
+def report_path(run_dir: Path | None, output: str | None) -> Path | None:
+    """Where eval.json goes: --output (a .json file or a folder), else the run directory, else nowhere."""
+    if output:
+        path = Path(output)
+        return path if path.suffix == ".json" else path / "eval.json"
+    return run_dir / "eval.json" if run_dir is not None else None
+
+
+def check_writable(path: Path | None) -> None:
+    """Fail before the (long) evaluation when the report could not be written."""
+    if path is None:
+        return
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not os.access(folder, os.W_OK):
+        raise OmniQuantError(f"cannot write {path}: '{folder}' is not writable; give --output DIR")
