@@ -125,7 +125,8 @@ def run_path(args, compile_mode: str, device: torch.device) -> dict:
         train=TrainConfig(
             epochs=args.epochs, batch_size=args.batch_size, lr_batch_scaling=args.lr_batch_scaling,
             precision=args.precision, accelerator=device.type, report_losses=False, keep_best=False,
-            logger="none", compile=compile_mode, cache_device=args.cache_device,
+            logger="none", compile=compile_mode.removesuffix("+graph"), cache_device=args.cache_device,
+            cuda_graph="on" if compile_mode.endswith("+graph") else "off",
         ),
         eval=EvalConfig(datasets=[], baselines=[]),
         output_dir=str(args.work_dir / compile_mode),
@@ -157,6 +158,7 @@ def run_path(args, compile_mode: str, device: torch.device) -> dict:
         "path": "reference (eager)" if compile_mode == "off" else f"compile {compile_mode}",
         "compile": compile_mode,
         "compiled_step": metrics.get("compiled_step", False),
+        "cuda_graph": metrics.get("cuda_graph_step", False),
         "precision": sequencer.precision,
         "cache_device": str(cache_device),
         "epoch_seconds": timer.seconds,
@@ -182,8 +184,9 @@ def run_model_path(args, compile_mode: str, device: torch.device, baselines: lis
         calib=CalibConfig(source=args.calib_source, nsamples=args.nsamples, seqlen=args.seqlen),
         train=TrainConfig(
             epochs=args.epochs, batch_size=args.batch_size, lr_batch_scaling=args.lr_batch_scaling,
-            precision=args.precision, accelerator=device.type, compile=compile_mode,
-            cache_device=args.cache_device, logger="csv",
+            precision=args.precision, accelerator=device.type, compile=compile_mode.removesuffix("+graph"),
+            cuda_graph="on" if compile_mode.endswith("+graph") else "off", cache_device=args.cache_device,
+            logger="csv",
         ),
         eval=EvalConfig(datasets=["wikitext2"], seqlen=2048, max_windows=args.eval_windows, baselines=baselines),
         output_dir=str(args.work_dir / f"model-{compile_mode}"),
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lr-batch-scaling", default="none", choices=["none", "sqrt", "linear"])
     parser.add_argument("--precision", default="auto")
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
-    parser.add_argument("--compile", nargs="+", default=["block"], choices=["block", "quantizers", "off"],
+    parser.add_argument("--compile", nargs="+", default=["block"], choices=["block", "block+graph", "quantizers", "off"],
                         help="train.compile of the fast path(s), each run in turn")
     parser.add_argument("--cache-device", default="auto", choices=["auto", "accelerator", "cpu"])
     parser.add_argument("--compare", action="store_true", help="also run the reference path (eager quantizers)")

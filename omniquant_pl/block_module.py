@@ -43,6 +43,7 @@ def block_loss(module: BlockModule, inputs: torch.Tensor, target: torch.Tensor,
 
 _compiled_block_loss = None
 _block_compile_failed = False
+_cuda_graph_failed = False
 
 
 def compiled_block_loss():
@@ -123,6 +124,10 @@ class BlockModule(L.LightningModule):
         self.act_quantizers = BlockActivationQuantizers(block, spec, quant.abits) if quant.abits < 16 else None
         self.epoch_losses: list[float] = []
         self.compile_block = False  # set by warm_up()
+        # train.cuda_graph: the step replays a recorded CUDA graph (manual optimization)
+        self.graph_step_dtype: torch.dtype | None = None
+        self.use_cuda_graph = False
+        self._graphed_step = None
 
     # -- parameters --------------------------------------------------------------------------
     def lwc_parameters(self) -> list[nn.Parameter]:
@@ -213,8 +218,43 @@ class BlockModule(L.LightningModule):
         self._epoch_loss_sum = torch.zeros((), device=self.device)
         self._epoch_steps = 0
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+    def enable_cuda_graph(self, autocast_dtype: torch.dtype | None) -> None:
+        """Record each fit's step as a CUDA graph (see graph_step.py); CUDA only."""
+        self.use_cuda_graph = True
+        self.graph_step_dtype = autocast_dtype
+        self.automatic_optimization = False
+
+    def on_train_start(self) -> None:
+        self._graphed_step = None  # a new fit (a retry) has a new optimizer: record again
+
+    @property
+    def graphed(self) -> bool:
+        """Whether the last fit replayed a recorded CUDA graph."""
+        return self._graphed_step is not None
+
+    def _graph_step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        from omniquant_pl.graph_step import GraphedTrainStep
+
+        global _cuda_graph_failed
+        optimizer = self.optimizers().optimizer
+        if self._graphed_step is None and not _cuda_graph_failed:
+            try:
+                self._graphed_step = GraphedTrainStep(self.loss, optimizer, batch, self.graph_step_dtype)
+            except Exception as err:  # noqa: BLE001 - keep calibrating with the plain step
+                log.warning("recording the step as a CUDA graph failed (%s: %s); running it eagerly",
+                            type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                _cuda_graph_failed = True
+        if self._graphed_step is not None:
+            return self._graphed_step(batch)
+        lightning_optimizer = self.optimizers()  # through the precision plugin (loss scaling)
+        lightning_optimizer.zero_grad()
         loss = self.loss(batch)
+        self.manual_backward(loss)
+        lightning_optimizer.step()
+        return loss.detach()
+
+    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
+        loss = self._graph_step(batch) if self.use_cuda_graph else self.loss(batch)
         self._epoch_loss_sum += loss.detach()
         self._epoch_steps += 1
         return loss
@@ -241,9 +281,11 @@ class BlockModule(L.LightningModule):
         groups = [g for g in groups if g["params"]]
         if not groups:  # nothing to learn (RTN): a no-op optimizer keeps the loop uniform
             groups = [{"params": [nn.Parameter(torch.zeros((), device=self.device))], "lr": 0.0}]
-        # fused: one kernel for all parameters per step on CUDA (foreach elsewhere)
+        # fused: one kernel for all parameters per step on CUDA (foreach elsewhere); capturable:
+        # its step count lives on the GPU, so the step can be recorded in a CUDA graph
         fused = self.device.type == "cuda" or None
-        return torch.optim.AdamW(groups, weight_decay=self.train_config.weight_decay, fused=fused)
+        return torch.optim.AdamW(groups, weight_decay=self.train_config.weight_decay, fused=fused,
+                                 capturable=self.use_cuda_graph and self.device.type == "cuda")
 
     # -- outside the Trainer -----------------------------------------------------------------
     @torch.no_grad()

@@ -149,6 +149,14 @@ class BlockSequencer:
                  live, cache_bytes / 2**30, free / 2**30)
         return torch.device("cpu")
 
+    def cuda_graph_enabled(self) -> bool:
+        """train.cuda_graph with ``auto`` resolved: on CUDA unless fp16 loss scaling is in use
+        (``on`` elsewhere exercises the plain manual step that recording falls back to)."""
+        choice = self.config.train.cuda_graph
+        if choice == "off" or self.precision == "16-mixed":
+            return False
+        return choice == "on" or self.device.type == "cuda"
+
     def compile_mode(self) -> str:
         """train.compile with ``auto`` resolved: ``block`` on CUDA, ``off`` elsewhere."""
         choice = self.config.train.compile
@@ -332,6 +340,8 @@ class BlockSequencer:
         amp = autocast_dtype(self.precision)
         if self.compile_mode() == "block" and cfg.train.epochs > 0:
             metrics["compiled_step"] = module.warm_up(loader.dataset[0], amp)
+        if self.cuda_graph_enabled():
+            module.enable_cuda_graph(amp)
         if cfg.train.report_losses:
             with module.plain_rtn():
                 metrics["rtn_loss"] = module.mean_loss(eval_loader, amp)
@@ -342,6 +352,8 @@ class BlockSequencer:
         if cfg.train.epochs > 0 and (module.lwc_parameters() or module.let_parameters()):
             self._fit_with_retries(index, module, loader, initial_state, metrics)
             module.to(self.device)  # Lightning's teardown leaves a GPU module on the CPU
+            if module.use_cuda_graph:
+                metrics["cuda_graph_step"] = module.graphed
         metrics["epoch_losses"] = module.epoch_losses
         if cfg.train.report_losses:
             metrics["final_loss"] = module.mean_loss(eval_loader, amp)

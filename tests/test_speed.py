@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from omniquant_pl import TrainConfig
 from omniquant_pl.checkpoint import config_hash
@@ -41,3 +42,30 @@ def test_speed_settings_are_validated_and_do_not_change_the_checkpoint_identity(
     faster = RunConfig(model=ModelConfig("m"), train=TrainConfig(compile="block", cache_device="cpu"))
     assert config_hash(base) == config_hash(faster)  # a resumed run may switch speed settings
     assert config_hash(base) != config_hash(RunConfig(model=ModelConfig("m"), train=TrainConfig(batch_size=2)))
+
+
+def test_manual_step_of_the_cuda_graph_mode_trains_like_the_automatic_step(tmp_path, tokenizer):
+    """train.cuda_graph switches to manual optimization; where recording is impossible (here: no
+    GPU) it falls back to a plain manual step, which must train exactly like the default."""
+    from safetensors.torch import load_file
+
+    from omniquant_pl import CalibConfig, EvalConfig, QuantConfig, calibrate
+    from conftest import tiny_llama
+
+    def run(name, cuda_graph):
+        config = RunConfig(
+            model=ModelConfig("tiny"), quant=QuantConfig(wbits=3),
+            calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32),
+            train=TrainConfig(epochs=2, batch_size=2, cuda_graph=cuda_graph),
+            eval=EvalConfig(datasets=[], baselines=[]), output_dir=str(tmp_path / name), save_model=False,
+        )
+        results = calibrate(config, model=tiny_llama(), tokenizer=tokenizer)
+        return results, load_file(tmp_path / name / "learned_params.safetensors")
+
+    auto_results, auto = run("auto", "off")
+    manual_results, manual = run("manual", "on")
+    assert all(block.get("cuda_graph_step") is False for block in manual_results["blocks"])
+    for key in auto:
+        torch.testing.assert_close(auto[key], manual[key], rtol=1e-6, atol=1e-7)
+    assert [b["final_loss"] for b in auto_results["blocks"]] == pytest.approx(
+        [b["final_loss"] for b in manual_results["blocks"]], rel=1e-6)
