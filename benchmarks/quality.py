@@ -21,13 +21,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+from rich.console import Console
+from rich.table import Table
 
-from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig, calibrate  # noqa: E402
-from omniquant_pl.eval.perplexity import perplexity_on_source  # noqa: E402
-from omniquant_pl.models import load_model_and_tokenizer  # noqa: E402
-from omniquant_pl.sequencer import resolve_device  # noqa: E402
+from omniquant_pl import (
+    CalibConfig,
+    EvalConfig,
+    ModelConfig,
+    QuantConfig,
+    RunConfig,
+    TrainConfig,
+    calibrate,
+)
+from omniquant_pl.eval.perplexity import perplexity_on_source
+from omniquant_pl.models import load_model_and_tokenizer
+from omniquant_pl.sequencer import resolve_device
 
 SETTINGS = {"W3A16": (3, 0), "W2A16g64": (2, 64), "W4A16": (4, 0)}
 SCALES = {

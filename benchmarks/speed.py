@@ -32,15 +32,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
-from lightning.pytorch.callbacks import Callback  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
+import torch
+from lightning.pytorch.callbacks import Callback
+from rich.console import Console
+from rich.table import Table
 
-from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig  # noqa: E402
-from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to  # noqa: E402
-from omniquant_pl.quant.kernels import use_fused_quantizers  # noqa: E402
-from omniquant_pl.sequencer import BlockSequencer  # noqa: E402
+from omniquant_pl import (
+    CalibConfig,
+    EvalConfig,
+    ModelConfig,
+    QuantConfig,
+    RunConfig,
+    TrainConfig,
+)
+from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to
+from omniquant_pl.quant.kernels import use_fused_quantizers
+from omniquant_pl.sequencer import BlockSequencer
 
 # Llama-family block shapes: hidden, MLP, heads, kv heads
 SHAPES = {
@@ -126,7 +133,7 @@ def run_path(args, compile_mode: str, device: torch.device) -> dict:
             epochs=args.epochs, batch_size=args.batch_size, lr_batch_scaling=args.lr_batch_scaling,
             precision=args.precision, accelerator=device.type, report_losses=False, keep_best=False,
             logger="none", compile=compile_mode.removesuffix("+graph"), cache_device=args.cache_device,
-            cuda_graph="on" if compile_mode.endswith("+graph") else "off",
+            cuda_graph=compile_mode.endswith("+graph"),
         ),
         eval=EvalConfig(datasets=[], baselines=[]),
         output_dir=str(args.work_dir / compile_mode),
@@ -185,7 +192,7 @@ def run_model_path(args, compile_mode: str, device: torch.device, baselines: lis
         train=TrainConfig(
             epochs=args.epochs, batch_size=args.batch_size, lr_batch_scaling=args.lr_batch_scaling,
             precision=args.precision, accelerator=device.type, compile=compile_mode.removesuffix("+graph"),
-            cuda_graph="on" if compile_mode.endswith("+graph") else "off", cache_device=args.cache_device,
+            cuda_graph=compile_mode.endswith("+graph"), cache_device=args.cache_device,
             logger="csv",
         ),
         eval=EvalConfig(datasets=["wikitext2"], seqlen=2048, max_windows=args.eval_windows, baselines=baselines),

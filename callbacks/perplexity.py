@@ -8,8 +8,8 @@ import logging
 import torch
 
 from omniquant_pl.arch.attention_hooks import activation_quantization
-from omniquant_pl.eval.perplexity import perplexity_on_source
 from omniquant_pl.errors import OmniQuantError
+from omniquant_pl.eval.perplexity import perplexity_on_source
 from omniquant_pl.hooks import CalibrationCallback
 from omniquant_pl.quant.rtn import rtn_weights
 

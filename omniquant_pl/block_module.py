@@ -22,10 +22,14 @@ from torch.utils.data import DataLoader, Dataset
 from omniquant_pl.arch.attention_hooks import BlockActivationQuantizers
 from omniquant_pl.arch.base import ArchSpec
 from omniquant_pl.calib.capture import run_block
+from omniquant_pl.config import QuantConfig, TrainConfig
 from omniquant_pl.let.init import init_let_from_ranges
 from omniquant_pl.let.params import LETParams
-from omniquant_pl.config import QuantConfig, TrainConfig
-from omniquant_pl.quant.linear import QuantLinear, quantize_block_linears, restore_block_linears
+from omniquant_pl.quant.linear import (
+    QuantLinear,
+    quantize_block_linears,
+    restore_block_linears,
+)
 from omniquant_pl.quant.lwc import WeightQuantizer, clipping_disabled
 
 log = logging.getLogger(__name__)

@@ -27,12 +27,17 @@ from omniquant_pl.arch.registry import get_arch, get_blocks
 from omniquant_pl.block_module import BlockModule, cached_batch_loader
 from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to, run_block
 from omniquant_pl.calib.data import calibration_windows
+from omniquant_pl.checkpoint import (
+    block_state,
+    existing_progress,
+    load_checkpoint,
+    write_checkpoint,
+)
 from omniquant_pl.config import RunConfig
-from omniquant_pl.checkpoint import block_state, existing_progress, load_checkpoint, write_checkpoint
 from omniquant_pl.errors import NonFiniteLossError, OmniQuantError
 from omniquant_pl.hooks import CalibrationCallback
-from omniquant_pl.let.init import input_ranges
 from omniquant_pl.io import atomic_write_json, atomic_write_text
+from omniquant_pl.let.init import input_ranges
 from omniquant_pl.models import load_model_and_tokenizer
 from omniquant_pl.quant.kernels import use_fused_quantizers
 from omniquant_pl.quant.rtn import rtn_quantizer
@@ -150,12 +155,9 @@ class BlockSequencer:
         return torch.device("cpu")
 
     def cuda_graph_enabled(self) -> bool:
-        """train.cuda_graph with ``auto`` resolved: on CUDA unless fp16 loss scaling is in use
-        (``on`` elsewhere exercises the plain manual step that recording falls back to)."""
-        choice = self.config.train.cuda_graph
-        if choice == "off" or self.precision == "16-mixed":
-            return False
-        return choice == "on" or self.device.type == "cuda"
+        """train.cuda_graph, except with fp16 loss scaling (on a CPU it runs the plain manual step
+        that recording falls back to)."""
+        return self.config.train.cuda_graph and self.precision != "16-mixed"
 
     def compile_mode(self) -> str:
         """train.compile with ``auto`` resolved: ``block`` on CUDA, ``off`` elsewhere."""

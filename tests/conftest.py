@@ -21,6 +21,7 @@ def _isolated_cache(tmp_path_factory):
 def build_tokenizer():
     """A small BPE tokenizer trained on CPython's documentation text (offline, ~1 s)."""
     from pydoc_data import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 

@@ -147,9 +147,9 @@ def test_fp16_amp_is_replaced_for_8bit_activations():
 def test_nonfinite_loss_restores_and_retries_at_lower_lr(tmp_path, tokenizer):
     import json
 
+    import test_sequencer
     from lightning.pytorch.callbacks import Callback
 
-    import test_sequencer
     from omniquant_pl import QuantConfig, TrainConfig
 
     class PoisonOnce(Callback):

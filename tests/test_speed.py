@@ -14,7 +14,7 @@ from omniquant_pl.config import ModelConfig, RunConfig
 from omniquant_pl.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import speed  # noqa: E402
+import speed
 
 
 def test_speed_benchmark_compiled_block_step_matches_reference(tmp_path):
@@ -47,10 +47,10 @@ def test_speed_settings_are_validated_and_do_not_change_the_checkpoint_identity(
 def test_manual_step_of_the_cuda_graph_mode_trains_like_the_automatic_step(tmp_path, tokenizer):
     """train.cuda_graph switches to manual optimization; where recording is impossible (here: no
     GPU) it falls back to a plain manual step, which must train exactly like the default."""
+    from conftest import tiny_llama
     from safetensors.torch import load_file
 
     from omniquant_pl import CalibConfig, EvalConfig, QuantConfig, calibrate
-    from conftest import tiny_llama
 
     def run(name, cuda_graph):
         config = RunConfig(
@@ -62,8 +62,8 @@ def test_manual_step_of_the_cuda_graph_mode_trains_like_the_automatic_step(tmp_p
         results = calibrate(config, model=tiny_llama(), tokenizer=tokenizer)
         return results, load_file(tmp_path / name / "learned_params.safetensors")
 
-    auto_results, auto = run("auto", "off")
-    manual_results, manual = run("manual", "on")
+    auto_results, auto = run("auto", False)
+    manual_results, manual = run("manual", True)
     assert all(block.get("cuda_graph_step") is False for block in manual_results["blocks"])
     for key in auto:
         torch.testing.assert_close(auto[key], manual[key], rtol=1e-6, atol=1e-7)

@@ -16,7 +16,7 @@ from omniquant_pl.errors import ConfigError, OmniQuantError
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install -e '.[eval]')")
 pytestmark = pytest.mark.lm_eval
 
-from omniquant_pl.eval.zeroshot import OmniQuantLM, run_tasks  # noqa: E402
+from omniquant_pl.eval.zeroshot import OmniQuantLM, run_tasks
 
 QUESTIONS = [
     ("What is the capital of France?", ["Paris", "a spoon", "blue"], 0),

@@ -68,7 +68,10 @@ def install_saved_activation_quantizers(model: nn.Module) -> dict | None:
     activations = (getattr(model.config, "omniquant", None) or {}).get("activations")
     if activations:
         from omniquant_pl.arch import get_arch
-        from omniquant_pl.arch.attention_hooks import BlockActivationQuantizers, use_quantized_attention
+        from omniquant_pl.arch.attention_hooks import (
+            BlockActivationQuantizers,
+            use_quantized_attention,
+        )
         from omniquant_pl.arch.registry import get_blocks
 
         spec = get_arch(model)
@@ -82,7 +85,10 @@ def install_saved_activation_quantizers(model: nn.Module) -> dict | None:
 def rtn_method(model: nn.Module, quant: QuantConfig) -> Iterator[None]:
     """RTN weights (and per-token activation quantization below 16 bits) for the context's duration."""
     from omniquant_pl.arch import get_arch
-    from omniquant_pl.arch.attention_hooks import activation_quantization, use_quantized_attention
+    from omniquant_pl.arch.attention_hooks import (
+        activation_quantization,
+        use_quantized_attention,
+    )
     from omniquant_pl.arch.registry import get_blocks
     from omniquant_pl.quant.rtn import rtn_weights
 

@@ -90,10 +90,10 @@ class OmniQuantLM(TemplateLM):
                 mask[row, : len(ids)] = 1
             logits = self.model(input_ids=batch.to(self._device), attention_mask=mask.to(self._device),
                                 use_cache=False).logits
-            logprobs = F.log_softmax(logits.float(), dim=-1).cpu()  # (B, T, V)
             for row, (index, (ids, n_cont)) in enumerate(zip(chunk, inputs)):
                 target = torch.tensor(requests[index][2][-n_cont:])  # (n_cont,)
-                scored = logprobs[row, len(ids) - n_cont : len(ids)]  # (n_cont, V)
+                # only the continuation's positions: (n_cont, V), not the whole (B, T, V) batch
+                scored = F.log_softmax(logits[row, len(ids) - n_cont : len(ids)].float(), dim=-1).cpu()
                 total = scored.gather(1, target.unsqueeze(1)).sum().item()
                 greedy = bool((scored.argmax(dim=-1) == target).all())
                 results[index] = (total, greedy)

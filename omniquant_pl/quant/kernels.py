@@ -88,7 +88,7 @@ def fused_quantizers_enabled() -> bool:
 def compile_available() -> bool:
     """torch.compile needs a working backend: Triton on CUDA, a C++ compiler on CPU."""
     try:
-        import torch._dynamo  # noqa: F401
+        import torch._dynamo
     except Exception:  # noqa: BLE001
         return False
     return hasattr(torch, "compile")
