@@ -73,12 +73,15 @@ class EpochTimer(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._sync(pl_module)
         self._started = time.perf_counter()
-        self._first_step = trainer.global_step
+        self._batches = 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._batches += 1  # (a replayed CUDA graph step does not advance trainer.global_step)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._sync(pl_module)
         self.seconds.append(time.perf_counter() - self._started)
-        self.steps.append(trainer.global_step - self._first_step)
+        self.steps.append(self._batches)
 
 
 def random_block_model(shape: str, dtype: torch.dtype, seed: int = 0):
