@@ -218,10 +218,6 @@ class BlockModule(L.LightningModule):
                 param.grad = None
         return self.compile_block
 
-    def on_train_epoch_start(self) -> None:
-        self._epoch_loss_sum = torch.zeros((), device=self.device)
-        self._epoch_steps = 0
-
     def enable_cuda_graph(self, autocast_dtype: torch.dtype | None) -> None:
         """Record each fit's step as a CUDA graph (see graph_step.py); CUDA only."""
         self.use_cuda_graph = True
@@ -256,6 +252,10 @@ class BlockModule(L.LightningModule):
         self.manual_backward(loss)
         lightning_optimizer.step()
         return loss.detach()
+
+    def on_train_epoch_start(self) -> None:
+        self._epoch_loss_sum = torch.zeros((), device=self.device)
+        self._epoch_steps = 0
 
     def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
         loss = self._graph_step(batch) if self.use_cuda_graph else self.loss(batch)
