@@ -4,7 +4,9 @@
 #   SmolLM2-135M whole model W3A16 (paper scale: 128 x 2048, 20 epochs; and 2 epochs, reference
 #   vs compiled, to check that both paths give the same perplexity).
 # usage: bash benchmarks/gpu_suite.sh MODEL_DIR GGUF_FILE OUT_DIR [parts...]
-#   parts: block-w3a16 model-w3a16 model-compare block-w4a4 (default: all, in that order)
+#   parts: block-w3a16 model-w3a16 model-compare block-w4a4 (default, in that order), and
+#          block-smollm2 (SmolLM2-shaped block: eager, compiled, compiled + CUDA graph),
+#          model-w3a16-graph (the whole-model run with train.cuda_graph)
 # Smaller for a CPU smoke run: SHAPE=tiny NSAMPLES=4 SEQLEN=64 MODEL_EPOCHS=1 EVAL_WINDOWS=1 ...
 set -u
 MODEL=$1; GGUF=$2; OUT=$3; shift 3
@@ -27,6 +29,10 @@ for part in $PARTS; do
     block-w4a4) run block-w4a4 ${LIMIT_BLOCK:-150} --shape "$SHAPE" --wbits 4 --abits 4 --let --epochs 2 --compare --compile block ;;
     model-w3a16) run model-w3a16 ${LIMIT_MODEL:-250} --model "$MODEL" --gguf-file "$GGUF" --wbits 3 \
         --epochs "$MODEL_EPOCHS" --eval-windows "$EVAL_WINDOWS" --baselines --compile block ;;
+    block-smollm2) run block-smollm2 ${LIMIT_BLOCK:-150} --shape smollm2 --wbits 3 --epochs 3 --compare \
+        --compile block block+graph ;;
+    model-w3a16-graph) run model-w3a16-graph ${LIMIT_MODEL:-250} --model "$MODEL" --gguf-file "$GGUF" --wbits 3 \
+        --epochs "$MODEL_EPOCHS" --eval-windows "$EVAL_WINDOWS" --compile block+graph ;;
     model-compare) run model-compare ${LIMIT_COMPARE:-170} --model "$MODEL" --gguf-file "$GGUF" --wbits 3 \
         --epochs 2 --eval-windows "$EVAL_WINDOWS" --compare --compile block ;;
     *) echo "unknown part $part" ;;
