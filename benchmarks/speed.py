@@ -148,11 +148,8 @@ def run_path(args, compile_mode: str, device: torch.device) -> dict:
     windows = torch.randint(0, 256, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(1))
     captured = capture_block_inputs(model, sequencer.spec, windows)
     sequencer.block_kwargs = kwargs_to(captured.block_kwargs, device)
-    cache_dtype = dtype
-    cache_device = sequencer._cache_device(captured.hidden_states.numel() * captured.hidden_states.element_size())
-    inputs = captured.hidden_states.to(cache_device, cache_dtype)
-    if cache_device.type == "cpu" and device.type == "cuda":
-        inputs = inputs.pin_memory()
+    inputs = sequencer.cache_inputs(captured.hidden_states, dtype)
+    cache_device = inputs.device
     del captured
     if device.type == "cuda":
         torch.cuda.synchronize()

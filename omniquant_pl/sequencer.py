@@ -154,6 +154,14 @@ class BlockSequencer:
                  live, cache_bytes / 2**30, free / 2**30)
         return torch.device("cpu")
 
+    def cache_inputs(self, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Block-0 inputs as a calibration cache on the cache device (pinned if on the host)."""
+        cache_device = self._cache_device(hidden.numel() * torch.empty((), dtype=dtype).element_size())
+        cache = hidden.to(cache_device, dtype)
+        if cache_device.type == "cpu" and self.device.type == "cuda":
+            cache = cache.pin_memory()
+        return cache
+
     def cuda_graph_enabled(self) -> bool:
         """train.cuda_graph, except with fp16 loss scaling (on a CPU it runs the plain manual step
         that recording falls back to)."""
@@ -266,14 +274,10 @@ class BlockSequencer:
         captured = capture_block_inputs(self.model, self.spec, windows)
         cache_dtype = self.model_dtype if self.device.type == "cuda" else torch.float32
         self.block_kwargs = kwargs_to(captured.block_kwargs, self.device)
-        hidden = captured.hidden_states  # (N, T, hidden)
-        cache_device = self._cache_device(hidden.numel() * torch.empty((), dtype=cache_dtype).element_size())
-        self.results["cache_device"] = str(cache_device)
-        fp_inputs = hidden.to(cache_device, cache_dtype)
-        if cache_device.type == "cpu" and self.device.type == "cuda":
-            fp_inputs = fp_inputs.pin_memory()
+        fp_inputs = self.cache_inputs(captured.hidden_states, cache_dtype)  # (N, T, hidden)
+        self.results["cache_device"] = str(fp_inputs.device)
         quant_inputs = fp_inputs
-        del captured, hidden
+        del captured
 
         calib_started = time.perf_counter()
         self.results["compile"] = self.compile_mode()
