@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
 
 import torch
@@ -182,6 +183,14 @@ def run_path(args, compile_mode: str, device: torch.device) -> dict:
     }
 
 
+def publish(report: dict, table: Table, output: Path) -> None:
+    """Print the table and write the JSON."""
+    Console(width=150).print(table)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    print(f"wrote {output}")
+
+
 def run_model_path(args, compile_mode: str, device: torch.device, baselines: list[str]) -> dict:
     from omniquant_pl import calibrate
 
@@ -244,11 +253,7 @@ def main_model(args, device: torch.device) -> dict:
         table.add_row(row["path"], f"{row['calibration_seconds']:.1f}", f"{row['ms_per_step']:.2f}",
                       f"{row['peak_gpu_gib']:.2f}" if row["peak_gpu_gib"] else "-", ppl,
                       f"{row.get('speedup_vs_reference', 1.0):.2f}x")
-    Console(width=150).print(table)
-    output = args.output or ROOT / "benchmarks" / "results" / f"speed-model-{setting}-{device.type}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
-    print(f"wrote {output}")
+    publish(report, table, args.output or RESULTS / f"speed-model-{setting}-{device.type}.json")
     return report
 
 
@@ -317,11 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"{row['tflops']:.2f}", f"{row['pct_of_peak']:.1f}" if row["pct_of_peak"] else "-",
             f"{row['final_epoch_loss']:.5g}", f"{row.get('speedup_vs_reference', 1.0):.2f}x",
         )
-    Console(width=150).print(table)
-    output = args.output or ROOT / "benchmarks" / "results" / f"speed-{args.shape}-{setting.replace(' ', '-').replace('+', '')}-{device.type}.json"
-    output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2))
-    print(f"wrote {output}")
+    publish(report, table, args.output or RESULTS / f"speed-{args.shape}-{setting.replace(' ', '-').replace('+', '')}-{device.type}.json")
     return report
 
 

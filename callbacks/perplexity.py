@@ -2,16 +2,14 @@
 and of the quantized model after."""
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import torch
 
-from omniquant_pl.arch.attention_hooks import activation_quantization
 from omniquant_pl.errors import OmniQuantError
 from omniquant_pl.eval.perplexity import perplexity_on_source
 from omniquant_pl.hooks import CalibrationCallback
-from omniquant_pl.quant.rtn import rtn_weights
+from omniquant_pl.quant.rtn import rtn_model
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +71,7 @@ class PerplexityCallback(CalibrationCallback):
         if "fp" in baselines:
             self._evaluate(sequencer, "fp")
         if "rtn" in baselines:
-            quant = sequencer.config.quant
-            with rtn_weights(sequencer.model, sequencer.spec, quant), contextlib.ExitStack() as stack:
-                if quant.abits < 16:
-                    stack.enter_context(activation_quantization(list(sequencer.blocks), sequencer.spec, quant.abits))
+            with rtn_model(sequencer.model, sequencer.spec, sequencer.config.quant):
                 self._evaluate(sequencer, "rtn")
 
     def on_calibration_end(self, sequencer, results) -> None:

@@ -23,6 +23,7 @@ from omniquant_pl.arch.attention_hooks import BlockActivationQuantizers
 from omniquant_pl.arch.base import ArchSpec
 from omniquant_pl.calib.capture import run_block
 from omniquant_pl.config import QuantConfig, TrainConfig
+from omniquant_pl.graph_step import GraphedTrainStep
 from omniquant_pl.let.init import init_let_from_ranges
 from omniquant_pl.let.params import LETParams
 from omniquant_pl.quant.linear import (
@@ -48,6 +49,10 @@ def block_loss(module: BlockModule, inputs: torch.Tensor, target: torch.Tensor,
 _compiled_block_loss = None
 _block_compile_failed = False
 _cuda_graph_failed = False
+
+
+def _first_line(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
 
 
 def compiled_block_loss():
@@ -209,8 +214,7 @@ class BlockModule(L.LightningModule):
                 loss = self.loss(batch)
             loss.backward()
         except Exception as err:  # noqa: BLE001 - any compiler failure: calibrate eagerly instead
-            log.warning("compiling the block step failed (%s: %s); running eagerly", type(err).__name__,
-                        str(err).splitlines()[0] if str(err) else "")
+            log.warning("compiling the block step failed (%s); running eagerly", _first_line(err))
             _block_compile_failed = True
             self.compile_block = False
         finally:
@@ -233,24 +237,21 @@ class BlockModule(L.LightningModule):
         return self._graphed_step is not None
 
     def _graph_step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        from omniquant_pl.graph_step import GraphedTrainStep
-
         global _cuda_graph_failed
-        optimizer = self.optimizers().optimizer
         if self._graphed_step is None and not _cuda_graph_failed:
             try:
-                self._graphed_step = GraphedTrainStep(self.loss, optimizer, batch, self.graph_step_dtype)
+                self._graphed_step = GraphedTrainStep(self.loss, self.optimizers().optimizer, batch,
+                                                      self.graph_step_dtype)
             except Exception as err:  # noqa: BLE001 - keep calibrating with the plain step
-                log.warning("recording the step as a CUDA graph failed (%s: %s); running it eagerly",
-                            type(err).__name__, str(err).splitlines()[0] if str(err) else "")
+                log.warning("recording the step as a CUDA graph failed (%s); running it eagerly", _first_line(err))
                 _cuda_graph_failed = True
         if self._graphed_step is not None:
             return self._graphed_step(batch)
-        lightning_optimizer = self.optimizers()  # through the precision plugin (loss scaling)
-        lightning_optimizer.zero_grad()
+        optimizer = self.optimizers()  # through the precision plugin (loss scaling)
+        optimizer.zero_grad()
         loss = self.loss(batch)
         self.manual_backward(loss)
-        lightning_optimizer.step()
+        optimizer.step()
         return loss.detach()
 
     def on_train_epoch_start(self) -> None:

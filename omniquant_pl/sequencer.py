@@ -117,16 +117,16 @@ class BlockSequencer:
         for cb in self._calibration_callbacks():
             getattr(cb, hook)(self, *args)
 
-    def _new_cache(self, like: torch.Tensor) -> torch.Tensor:
-        """An empty cache shaped like `like` on the cache device (pinned when that is the host
-        and the blocks run on a GPU, so batch copies are asynchronous)."""
-        pin = like.device.type == "cpu" and self.device.type == "cuda"
-        return torch.empty(like.shape, dtype=like.dtype, device=like.device, pin_memory=pin)
+    def _new_cache(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """An empty calibration cache (pinned when it is on the host and the blocks run on a GPU,
+        so batch copies are asynchronous)."""
+        pin = device.type == "cpu" and self.device.type == "cuda"
+        return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
 
     @torch.no_grad()
     def _propagate(self, block: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
         """Block outputs for all cached inputs, in batches, in the training precision."""
-        outputs = self._new_cache(inputs)
+        outputs = self._new_cache(inputs.shape, inputs.dtype, inputs.device)
         step = max(self.config.train.batch_size, 4)
         dtype = autocast_dtype(self.precision)
         for start in range(0, inputs.shape[0], step):
@@ -157,9 +157,8 @@ class BlockSequencer:
     def cache_inputs(self, hidden: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Block-0 inputs as a calibration cache on the cache device (pinned if on the host)."""
         cache_device = self._cache_device(hidden.numel() * torch.empty((), dtype=dtype).element_size())
-        cache = hidden.to(cache_device, dtype)
-        if cache_device.type == "cpu" and self.device.type == "cuda":
-            cache = cache.pin_memory()
+        cache = self._new_cache(hidden.shape, dtype, cache_device)
+        cache.copy_(hidden)
         return cache
 
     def cuda_graph_enabled(self) -> bool:

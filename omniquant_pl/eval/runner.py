@@ -13,7 +13,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -81,23 +81,12 @@ def install_saved_activation_quantizers(model: nn.Module) -> dict | None:
     return activations
 
 
-@contextlib.contextmanager
-def rtn_method(model: nn.Module, quant: QuantConfig) -> Iterator[None]:
+def rtn_method(model: nn.Module, quant: QuantConfig) -> contextlib.AbstractContextManager:
     """RTN weights (and per-token activation quantization below 16 bits) for the context's duration."""
     from omniquant_pl.arch import get_arch
-    from omniquant_pl.arch.attention_hooks import (
-        activation_quantization,
-        use_quantized_attention,
-    )
-    from omniquant_pl.arch.registry import get_blocks
-    from omniquant_pl.quant.rtn import rtn_weights
+    from omniquant_pl.quant.rtn import rtn_model
 
-    spec = get_arch(model)
-    with rtn_weights(model, spec, quant), contextlib.ExitStack() as stack:
-        if quant.abits < 16:
-            use_quantized_attention(model)
-            stack.enter_context(activation_quantization(list(get_blocks(model, spec)), spec, quant.abits))
-        yield
+    return rtn_model(model, get_arch(model), quant)
 
 
 def plan_methods(model: nn.Module, baselines: list[str], quant: QuantConfig

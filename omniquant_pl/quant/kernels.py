@@ -81,24 +81,11 @@ def fake_quantize_rows(
     return lwc_fake_quantize(rows, upper_logit, lower_logit, qmin, qmax, symmetric, keep_zero)
 
 
-def fused_quantizers_enabled() -> bool:
-    return _enabled
-
-
-def compile_available() -> bool:
-    """torch.compile needs a working backend: Triton on CUDA, a C++ compiler on CPU."""
-    try:
-        import torch._dynamo
-    except Exception:  # noqa: BLE001
-        return False
-    return hasattr(torch, "compile")
-
-
 @contextlib.contextmanager
 def use_fused_quantizers(enabled: bool) -> Iterator[None]:
     """Run every quantizer through the fused (compiled) kernels inside the context."""
     global _enabled
-    previous, _enabled = _enabled, bool(enabled) and compile_available()
+    previous, _enabled = _enabled, bool(enabled)
     try:
         yield
     finally:

@@ -7,6 +7,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from omniquant_pl.arch.attention_hooks import (
+    activation_quantization,
+    use_quantized_attention,
+)
 from omniquant_pl.arch.base import ArchSpec
 from omniquant_pl.arch.registry import get_blocks
 from omniquant_pl.config import QuantConfig
@@ -34,3 +38,14 @@ def rtn_weights(model: nn.Module, spec: ArchSpec, quant: QuantConfig) -> Iterato
     finally:
         for weight, original in originals:
             weight.copy_(original)
+
+
+@contextlib.contextmanager
+def rtn_model(model: nn.Module, spec: ArchSpec, quant: QuantConfig) -> Iterator[nn.Module]:
+    """The RTN baseline of `quant` for the context's duration: RTN weights and, below 16 bits,
+    per-token activation quantization (linear inputs and attention q/k/v)."""
+    with rtn_weights(model, spec, quant), contextlib.ExitStack() as stack:
+        if quant.abits < 16:
+            use_quantized_attention(model)
+            stack.enter_context(activation_quantization(list(get_blocks(model, spec)), spec, quant.abits))
+        yield model
