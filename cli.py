@@ -79,12 +79,7 @@ def run_evaluate(args) -> dict:
     from rich.console import Console
 
     from omniquant_pl.eval.compare import rich_table, rows_of
-    from omniquant_pl.eval.runner import (
-        check_writable,
-        evaluate_target,
-        report_path,
-        resolve_target,
-    )
+    from omniquant_pl.eval.runner import check_writable, evaluate_target, report_path, resolve_target
     from omniquant_pl.io import atomic_write_json
     from omniquant_pl.sequencer import resolve_device
 

@@ -24,15 +24,7 @@ sys.path.insert(0, str(ROOT))
 from rich.console import Console
 from rich.table import Table
 
-from omniquant_pl import (
-    CalibConfig,
-    EvalConfig,
-    ModelConfig,
-    QuantConfig,
-    RunConfig,
-    TrainConfig,
-    calibrate,
-)
+from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig, calibrate
 from omniquant_pl.eval.perplexity import perplexity_on_source
 from omniquant_pl.models import load_model_and_tokenizer
 from omniquant_pl.sequencer import resolve_device

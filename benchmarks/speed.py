@@ -38,14 +38,7 @@ from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from rich.table import Table
 
-from omniquant_pl import (
-    CalibConfig,
-    EvalConfig,
-    ModelConfig,
-    QuantConfig,
-    RunConfig,
-    TrainConfig,
-)
+from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig
 from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to
 from omniquant_pl.quant.kernels import use_fused_quantizers
 from omniquant_pl.sequencer import BlockSequencer

@@ -1,14 +1,7 @@
 """omniquant-pl: OmniQuant (LWC + LET) calibration as PyTorch Lightning, block by block."""
 from __future__ import annotations
 
-from omniquant_pl.config import (
-    CalibConfig,
-    EvalConfig,
-    ModelConfig,
-    QuantConfig,
-    RunConfig,
-    TrainConfig,
-)
+from omniquant_pl.config import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig
 from omniquant_pl.errors import OmniQuantError
 from omniquant_pl.hooks import CalibrationCallback
 

@@ -26,11 +26,7 @@ from omniquant_pl.config import QuantConfig, TrainConfig
 from omniquant_pl.graph_step import GraphedTrainStep
 from omniquant_pl.let.init import init_let_from_ranges
 from omniquant_pl.let.params import LETParams
-from omniquant_pl.quant.linear import (
-    QuantLinear,
-    quantize_block_linears,
-    restore_block_linears,
-)
+from omniquant_pl.quant.linear import QuantLinear, quantize_block_linears, restore_block_linears
 from omniquant_pl.quant.lwc import WeightQuantizer, clipping_disabled
 
 log = logging.getLogger(__name__)

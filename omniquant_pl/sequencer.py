@@ -27,12 +27,7 @@ from omniquant_pl.arch.registry import get_arch, get_blocks
 from omniquant_pl.block_module import BlockModule, cached_batch_loader
 from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to, run_block
 from omniquant_pl.calib.data import calibration_windows
-from omniquant_pl.checkpoint import (
-    block_state,
-    existing_progress,
-    load_checkpoint,
-    write_checkpoint,
-)
+from omniquant_pl.checkpoint import block_state, existing_progress, load_checkpoint, write_checkpoint
 from omniquant_pl.config import RunConfig
 from omniquant_pl.errors import NonFiniteLossError, OmniQuantError
 from omniquant_pl.hooks import CalibrationCallback

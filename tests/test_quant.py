@@ -6,13 +6,7 @@ import torch
 from torch import nn
 
 from omniquant_pl.errors import ConfigError
-from omniquant_pl.quant import (
-    PerTokenActQuantizer,
-    QuantGrid,
-    QuantLinear,
-    WeightQuantizer,
-    round_ste,
-)
+from omniquant_pl.quant import PerTokenActQuantizer, QuantGrid, QuantLinear, WeightQuantizer, round_ste
 from omniquant_pl.quant.lwc import clipping_disabled
 
 

@@ -111,15 +111,7 @@ def test_readme_custom_callback_example_runs(tmp_path, tiny_model_dir):
     exec(compile(code, "README.md", "exec"), namespace)
     log_path = tmp_path / "plateau.txt"
     callback = namespace["StopOnPlateau"](min_delta=0.5, log_path=str(log_path))  # stops after epoch 2
-    from omniquant_pl import (
-        CalibConfig,
-        EvalConfig,
-        ModelConfig,
-        QuantConfig,
-        RunConfig,
-        TrainConfig,
-        calibrate,
-    )
+    from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig, calibrate
 
     cfg = RunConfig(model=ModelConfig(str(tiny_model_dir)), quant=QuantConfig(wbits=3),
                     calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32), train=TrainConfig(epochs=6),

@@ -7,15 +7,7 @@ import pytest
 import torch
 from conftest import TINY_BUILDERS
 
-from omniquant_pl import (
-    CalibConfig,
-    EvalConfig,
-    ModelConfig,
-    QuantConfig,
-    RunConfig,
-    TrainConfig,
-    calibrate,
-)
+from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig, calibrate
 from omniquant_pl.arch import get_arch
 from omniquant_pl.arch.registry import get_blocks
 from omniquant_pl.block_module import BlockModule

@@ -6,15 +6,7 @@ import importlib.util
 import pytest
 from conftest import SHARED_DATA
 
-from omniquant_pl import (
-    CalibConfig,
-    EvalConfig,
-    ModelConfig,
-    QuantConfig,
-    RunConfig,
-    TrainConfig,
-    calibrate,
-)
+from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig, calibrate
 
 pytestmark = [
     pytest.mark.slow,

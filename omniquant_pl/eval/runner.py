@@ -68,10 +68,7 @@ def install_saved_activation_quantizers(model: nn.Module) -> dict | None:
     activations = (getattr(model.config, "omniquant", None) or {}).get("activations")
     if activations:
         from omniquant_pl.arch import get_arch
-        from omniquant_pl.arch.attention_hooks import (
-            BlockActivationQuantizers,
-            use_quantized_attention,
-        )
+        from omniquant_pl.arch.attention_hooks import BlockActivationQuantizers, use_quantized_attention
         from omniquant_pl.arch.registry import get_blocks
 
         spec = get_arch(model)

@@ -7,10 +7,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from omniquant_pl.arch.attention_hooks import (
-    activation_quantization,
-    use_quantized_attention,
-)
+from omniquant_pl.arch.attention_hooks import activation_quantization, use_quantized_attention
 from omniquant_pl.arch.base import ArchSpec
 from omniquant_pl.arch.registry import get_blocks
 from omniquant_pl.config import QuantConfig
