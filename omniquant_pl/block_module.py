@@ -17,11 +17,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from omniquant_pl.arch.attention_hooks import BlockActivationQuantizers
 from omniquant_pl.arch.base import ArchSpec
 from omniquant_pl.calib.capture import run_block
+from omniquant_pl.calib.prefetch import on_device
 from omniquant_pl.config import QuantConfig, TrainConfig
 from omniquant_pl.graph_step import GraphedTrainStep
 from omniquant_pl.let.init import init_let_from_ranges
@@ -64,7 +65,8 @@ def compiled_block_loss():
 
 
 class CachedBatches(Dataset):
-    """Batches of (quantized inputs, targets[, aug targets]) sliced from caches (views, no copy)."""
+    """Batches of (quantized inputs, targets[, aug targets]) sliced from caches (views, no copy).
+    A list of indices gives a chunk: the list of those batches."""
 
     def __init__(self, *caches: torch.Tensor, batch_size: int) -> None:
         self.caches = caches
@@ -73,16 +75,49 @@ class CachedBatches(Dataset):
     def __len__(self) -> int:
         return -(-self.caches[0].shape[0] // self.batch_size)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, ...]:
+    def __getitem__(self, index: int | list[int]) -> tuple[torch.Tensor, ...] | list[tuple[torch.Tensor, ...]]:
+        if isinstance(index, list):
+            return [self[i] for i in index]
         rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
         return tuple(cache[rows] for cache in self.caches)  # each (B, seqlen, hidden)
 
 
-def cached_batch_loader(*caches: torch.Tensor, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(
-        CachedBatches(*caches, batch_size=batch_size), batch_size=None, shuffle=shuffle, generator=generator
-    )
+class BatchOrder(Sampler):
+    """Batch indices of an epoch: in order, or a permutation seeded by (seed, epoch) alone, so the
+    order never depends on how often the loader was iterated (Lightning calls set_epoch). With
+    `chunk`, yields lists of that many consecutive indices of the same order (the last may be
+    shorter)."""
+
+    def __init__(self, num_batches: int, shuffle: bool, seed: int, chunk: int | None = None) -> None:
+        self.num_batches, self.shuffle, self.seed, self.chunk = num_batches, shuffle, seed, chunk
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_batches if self.chunk is None else -(-self.num_batches // self.chunk)
+
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.num_batches, generator=generator).tolist()
+        else:
+            order = list(range(self.num_batches))
+        if self.chunk is None:
+            yield from order
+        else:
+            for start in range(0, self.num_batches, self.chunk):
+                yield order[start : start + self.chunk]
+
+
+def cached_batch_loader(*caches: torch.Tensor, batch_size: int, shuffle: bool, seed: int,
+                        steps_per_call: int | None = None) -> DataLoader:
+    """Batches of the caches (see BatchOrder); with `steps_per_call`, chunks of that many batches."""
+    dataset = CachedBatches(*caches, batch_size=batch_size)
+    order = BatchOrder(len(dataset), shuffle, seed, steps_per_call)
+    # its own generator: iterating the loader leaves the global RNG alone
+    return DataLoader(dataset, batch_size=None, sampler=order, generator=torch.Generator().manual_seed(seed))
 
 
 class BlockModule(L.LightningModule):
@@ -128,8 +163,12 @@ class BlockModule(L.LightningModule):
         )
         self.act_quantizers = BlockActivationQuantizers(block, spec, quant.abits) if quant.abits < 16 else None
         self.epoch_losses: list[float] = []
+        self.epoch_steps = 0  # optimizer steps of the current epoch so far
         self.compile_block = False  # set by warm_up()
-        # train.cuda_graph: the step replays a recorded CUDA graph (manual optimization)
+        # manual optimization: each training_step runs the optimizer steps of a chunk of batches
+        # (train.steps_per_call), so Lightning's per-call overhead is paid once per chunk
+        self.automatic_optimization = False
+        # train.cuda_graph: each step replays a recorded CUDA graph
         self.graph_step_dtype: torch.dtype | None = None
         self.use_cuda_graph = False
         self._graphed_step = None
@@ -222,7 +261,6 @@ class BlockModule(L.LightningModule):
         """Record each fit's step as a CUDA graph (see graph_step.py); CUDA only."""
         self.use_cuda_graph = True
         self.graph_step_dtype = autocast_dtype
-        self.automatic_optimization = False
 
     def on_train_start(self) -> None:
         self._graphed_step = None  # a new fit (a retry) has a new optimizer: record again
@@ -232,7 +270,8 @@ class BlockModule(L.LightningModule):
         """Whether the last fit replayed a recorded CUDA graph."""
         return self._graphed_step is not None
 
-    def _graph_step(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    def _recorded_step(self, batch: tuple[torch.Tensor, ...]) -> GraphedTrainStep | None:
+        """The fit's recorded step (recorded on first use), or None where recording failed."""
         global _cuda_graph_failed
         if self._graphed_step is None and not _cuda_graph_failed:
             try:
@@ -241,9 +280,14 @@ class BlockModule(L.LightningModule):
             except Exception as err:  # noqa: BLE001 - keep calibrating with the plain step
                 log.warning("recording the step as a CUDA graph failed (%s); running it eagerly", _first_line(err))
                 _cuda_graph_failed = True
-        if self._graphed_step is not None:
-            return self._graphed_step(batch)
-        optimizer = self.optimizers()  # through the precision plugin (loss scaling)
+        return self._graphed_step
+
+    def optimizer_step_on(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """One AdamW step on one batch; returns its loss (detached)."""
+        recorded = self._recorded_step(batch) if self.use_cuda_graph else None
+        if recorded is not None:
+            return recorded(batch)
+        optimizer = self.optimizers()  # through the precision plugin (autocast, loss scaling)
         optimizer.zero_grad()
         loss = self.loss(batch)
         self.manual_backward(loss)
@@ -252,17 +296,20 @@ class BlockModule(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._epoch_loss_sum = torch.zeros((), device=self.device)
-        self._epoch_steps = 0
+        self.epoch_steps = 0
 
-    def training_step(self, batch: tuple[torch.Tensor, ...], batch_idx: int) -> torch.Tensor:
-        loss = self._graph_step(batch) if self.use_cuda_graph else self.loss(batch)
-        self._epoch_loss_sum += loss.detach()
-        self._epoch_steps += 1
-        return loss
+    def transfer_batch_to_device(self, chunk: Any, device: torch.device, dataloader_idx: int) -> Any:
+        return chunk  # training_step moves each batch itself, copying the next during the step
+
+    def training_step(self, chunk: list[tuple[torch.Tensor, ...]], chunk_idx: int) -> None:
+        """The optimizer steps of a chunk of batches, one batch after the other."""
+        for batch in on_device(chunk, self.device):
+            self._epoch_loss_sum.add_(self.optimizer_step_on(batch))
+            self.epoch_steps += 1
 
     def current_epoch_loss(self) -> float:
         """Mean training loss of the epoch so far (one host sync; call once per epoch)."""
-        return (self._epoch_loss_sum / max(self._epoch_steps, 1)).item()
+        return (self._epoch_loss_sum / max(self.epoch_steps, 1)).item()
 
     def on_train_epoch_end(self) -> None:
         epoch_loss = self.current_epoch_loss()
@@ -295,8 +342,7 @@ class BlockModule(L.LightningModule):
         Eager: a few passes per block do not pay for compiling inference graphs."""
         total = torch.zeros((), device=self.device)
         samples = 0
-        for batch in loader:
-            inputs, target, *aug_target = (t.to(self.device, non_blocking=True) for t in batch)
+        for inputs, target, *aug_target in on_device(loader, self.device):
             with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss = block_loss(self, inputs, target, aug_target[0] if aug_target else None)
             total += loss * inputs.shape[0]  # weighted: the last batch may be smaller

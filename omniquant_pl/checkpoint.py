@@ -25,7 +25,7 @@ LEARNED = "learned_params.safetensors"
 # Parts of the config that change the learned parameters; eval/output settings may differ.
 HASHED_SECTIONS = ("model", "quant", "calib", "train")
 # Settings that change speed or logging, not results: a resumed run may change them.
-UNHASHED_TRAIN = ("compile", "cache_device", "cuda_graph", "logger")
+UNHASHED_TRAIN = ("compile", "cache_device", "cuda_graph", "steps_per_call", "logger")
 
 
 def config_identity(config: RunConfig) -> dict[str, Any]:

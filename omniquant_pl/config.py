@@ -126,6 +126,10 @@ class TrainConfig:
         cuda_graph: record each block's training step as a CUDA graph and replay it, to remove
             the launch and Python cost that dominates small blocks (not with 16-mixed). Opt-in:
             not yet measured on a GPU. Falls back to a plain manual step if recording fails.
+        steps_per_call: optimizer steps (one batch each, in order) per Lightning training_step.
+            Any value trains identically; larger ones pay Lightning's per-call overhead (hooks,
+            callbacks, batch transfer) once for many steps, smaller ones give callbacks'
+            ``on_train_batch_*`` hooks a finer grain.
         cache_device: where the calibration inputs/targets live: ``accelerator``, ``cpu`` (pinned
             memory, batches copied asynchronously) or ``auto`` (accelerator when they fit in
             half of its free memory).
@@ -147,6 +151,7 @@ class TrainConfig:
     compile: Literal["auto", "block", "quantizers", "off"] = "auto"
     cache_device: Literal["auto", "accelerator", "cpu"] = "auto"
     cuda_graph: bool = False
+    steps_per_call: int = 16
 
     def __post_init__(self) -> None:
         for name, allowed in (("lr_batch_scaling", ("none", "sqrt", "linear")), ("compile", ("auto", "block", "quantizers", "off")),
@@ -157,6 +162,8 @@ class TrainConfig:
             raise ConfigError(f"train.epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if self.steps_per_call < 1:
+            raise ConfigError(f"train.steps_per_call must be >= 1, got {self.steps_per_call}")
 
     @property
     def lr_multiplier(self) -> float:

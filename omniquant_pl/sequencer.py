@@ -27,6 +27,7 @@ from omniquant_pl.arch.registry import get_arch, get_blocks
 from omniquant_pl.block_module import BlockModule, cached_batch_loader
 from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to, run_block
 from omniquant_pl.calib.data import calibration_windows
+from omniquant_pl.calib.prefetch import on_device
 from omniquant_pl.checkpoint import block_state, existing_progress, load_checkpoint, write_checkpoint
 from omniquant_pl.config import RunConfig
 from omniquant_pl.errors import NonFiniteLossError, OmniQuantError
@@ -124,8 +125,9 @@ class BlockSequencer:
         outputs = self._new_cache(inputs.shape, inputs.dtype, inputs.device)
         step = max(self.config.train.batch_size, 4)
         dtype = autocast_dtype(self.precision)
-        for start in range(0, inputs.shape[0], step):
-            batch = inputs[start : start + step].to(self.device, non_blocking=True)
+        starts = range(0, inputs.shape[0], step)
+        batches = on_device(((inputs[start : start + step],) for start in starts), self.device)
+        for start, (batch,) in zip(starts, batches):
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
                 out = run_block(block, batch, self.block_kwargs)
             outputs[start : start + step].copy_(out, non_blocking=True)
@@ -198,7 +200,7 @@ class BlockSequencer:
             enable_progress_bar=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,
-            log_every_n_steps=max(1, math.ceil(self.config.calib.nsamples / train.batch_size)),
+            log_every_n_steps=max(1, math.ceil(math.ceil(self.config.calib.nsamples / train.batch_size) / train.steps_per_call)),
         )
 
     # -- the run -------------------------------------------------------------------------------
@@ -331,9 +333,8 @@ class BlockSequencer:
         aug_targets = self._propagate(block, quant_inputs) if cfg.train.aug_loss else None
         module = self._build_module(index, block, ranges if cfg.quant.let else None)
         caches = [quant_inputs, targets] + ([aug_targets] if aug_targets is not None else [])
-        loader = cached_batch_loader(
-            *caches, batch_size=cfg.train.batch_size, shuffle=cfg.train.shuffle, seed=cfg.calib.seed + index
-        )
+        loader = cached_batch_loader(*caches, batch_size=cfg.train.batch_size, shuffle=cfg.train.shuffle,
+                                     seed=cfg.calib.seed + index, steps_per_call=cfg.train.steps_per_call)
         # no-grad loss passes (RTN/initial/final) in larger batches
         eval_loader = cached_batch_loader(*caches, batch_size=max(cfg.train.batch_size, 8), shuffle=False, seed=0)
         metrics: dict[str, Any] = {"block": index}

@@ -35,37 +35,134 @@ def test_speed_settings_are_validated_and_do_not_change_the_checkpoint_identity(
         TrainConfig(compile="fast")
     with pytest.raises(ConfigError, match="cache_device"):
         TrainConfig(cache_device="gpu0")
+    with pytest.raises(ConfigError, match="steps_per_call"):
+        TrainConfig(steps_per_call=0)
     assert TrainConfig(batch_size=4, lr_batch_scaling="sqrt").lr_multiplier == 2.0
     assert TrainConfig(batch_size=4, lr_batch_scaling="linear").lr_multiplier == 4.0
     assert TrainConfig(batch_size=4).lr_multiplier == 1.0
     base = RunConfig(model=ModelConfig("m"))
-    faster = RunConfig(model=ModelConfig("m"), train=TrainConfig(compile="block", cache_device="cpu"))
+    faster = RunConfig(model=ModelConfig("m"), train=TrainConfig(compile="block", cache_device="cpu",
+                                                                          steps_per_call=1))
     assert config_hash(base) == config_hash(faster)  # a resumed run may switch speed settings
     assert config_hash(base) != config_hash(RunConfig(model=ModelConfig("m"), train=TrainConfig(batch_size=2)))
 
 
-def test_manual_step_of_the_cuda_graph_mode_trains_like_the_automatic_step(tmp_path, tokenizer):
-    """train.cuda_graph switches to manual optimization; where recording is impossible (here: no
-    GPU) it falls back to a plain manual step, which must train exactly like the default."""
+def _tiny_block_module(quant, train):
+    from conftest import tiny_llama
+
+    from omniquant_pl.arch.registry import get_arch, get_blocks
+    from omniquant_pl.block_module import BlockModule
+    from omniquant_pl.calib.capture import capture_block_inputs, run_block
+
+    model = tiny_llama()
+    spec = get_arch(model)
+    captured = capture_block_inputs(model, spec, torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(3)))
+    block = get_blocks(model, spec)[0]
+    with torch.no_grad():
+        targets = run_block(block, captured.hidden_states, captured.block_kwargs)
+    module = BlockModule(block, 0, spec, captured.block_kwargs, quant, train)
+    return module, captured.hidden_states, targets
+
+
+@pytest.mark.parametrize("steps_per_call", [1, 4])
+def test_lightning_chunked_steps_train_exactly_like_a_plain_pytorch_loop(steps_per_call, tmp_path):
+    """The Lightning path (manual optimization, `steps_per_call` AdamW steps per training_step,
+    shuffled batches) must give the parameters of a hand-written loop over the same batch order."""
+    import lightning as L
+
+    from omniquant_pl.block_module import cached_batch_loader
+    from omniquant_pl.config import QuantConfig
+
+    quant = QuantConfig(wbits=3, let=True)
+    train = TrainConfig(epochs=3, batch_size=2, shuffle=True, steps_per_call=steps_per_call)
+    lit, inputs, targets = _tiny_block_module(quant, train)
+    loader = cached_batch_loader(inputs, targets, batch_size=2, shuffle=True, seed=7, steps_per_call=steps_per_call)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, log_every_n_steps=1)
+    trainer.fit(lit, train_dataloaders=loader)
+
+    plain, _, _ = _tiny_block_module(quant, train)
+    optimizer = plain.configure_optimizers()
+    batches = cached_batch_loader(inputs, targets, batch_size=2, shuffle=True, seed=7)
+    losses = []
+    for epoch_index in range(3):
+        batches.sampler.set_epoch(epoch_index)  # as Lightning does
+        epoch = []
+        for batch in batches:
+            optimizer.zero_grad()
+            loss = plain.loss(batch)
+            loss.backward()
+            optimizer.step()
+            epoch.append(loss.item())
+        losses.append(sum(epoch) / len(epoch))
+
+    assert trainer.global_step == 3 * 3  # optimizer steps, not Lightning batches
+    assert lit.epoch_steps == 3
+    assert lit.epoch_losses == pytest.approx(losses, rel=1e-6)
+    learned, expected = lit.learned_state(), plain.learned_state()
+    assert learned.keys() == expected.keys() and any("let." in k for k in learned)
+    for key in expected:
+        torch.testing.assert_close(learned[key], expected[key], rtol=1e-6, atol=1e-7)
+    assert not torch.equal(expected["self_attn.q_proj.lwc.upper"], _tiny_block_module(quant, train)[0]
+                           .learned_state()["self_attn.q_proj.lwc.upper"])  # it did train
+
+
+def test_chunked_loader_keeps_the_batch_order_and_reshuffles_by_epoch_only():
+    from omniquant_pl.block_module import cached_batch_loader
+
+    rows = torch.arange(10.0).view(10, 1, 1)
+    plain = cached_batch_loader(rows, batch_size=2, shuffle=True, seed=1)
+    chunked = cached_batch_loader(rows, batch_size=2, shuffle=True, seed=1, steps_per_call=3)
+    orders = []
+    for epoch in (0, 1, 0):
+        plain.sampler.set_epoch(epoch)
+        chunked.sampler.set_epoch(epoch)
+        order = [batch[0].flatten().tolist() for batch in plain]
+        assert order == [batch[0].flatten().tolist() for batch in plain]  # iterating again: same order
+        chunks = [[batch[0].flatten().tolist() for batch in chunk] for chunk in chunked]
+        assert [len(c) for c in chunks] == [3, 2] and len(chunked) == 2
+        assert [b for chunk in chunks for b in chunk] == order
+        orders.append(order)
+    assert orders[0] == orders[2] != orders[1]
+    assert sorted(orders[0]) == [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0], [6.0, 7.0], [8.0, 9.0]] != orders[0]
+    fixed = cached_batch_loader(rows, batch_size=4, shuffle=False, seed=1)
+    assert [batch[0].flatten().tolist() for batch in fixed] == [[0.0, 1, 2, 3], [4.0, 5, 6, 7], [8.0, 9]]
+
+
+def test_cuda_graph_mode_without_a_gpu_trains_like_the_default(tmp_path, tokenizer):
+    """Where recording is impossible (here: no GPU) train.cuda_graph falls back to the plain step."""
     from conftest import tiny_llama
     from safetensors.torch import load_file
 
     from omniquant_pl import CalibConfig, EvalConfig, QuantConfig, calibrate
 
-    def run(name, cuda_graph):
+    def run(name, cuda_graph, steps_per_call):
         config = RunConfig(
             model=ModelConfig("tiny"), quant=QuantConfig(wbits=3),
             calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32),
-            train=TrainConfig(epochs=2, batch_size=2, cuda_graph=cuda_graph),
+            train=TrainConfig(epochs=2, batch_size=2, cuda_graph=cuda_graph, steps_per_call=steps_per_call),
             eval=EvalConfig(datasets=[], baselines=[]), output_dir=str(tmp_path / name), save_model=False,
         )
         results = calibrate(config, model=tiny_llama(), tokenizer=tokenizer)
         return results, load_file(tmp_path / name / "learned_params.safetensors")
 
-    auto_results, auto = run("auto", False)
-    manual_results, manual = run("manual", True)
-    assert all(block.get("cuda_graph_step") is False for block in manual_results["blocks"])
-    for key in auto:
-        torch.testing.assert_close(auto[key], manual[key], rtol=1e-6, atol=1e-7)
-    assert [b["final_loss"] for b in auto_results["blocks"]] == pytest.approx(
-        [b["final_loss"] for b in manual_results["blocks"]], rel=1e-6)
+    default_results, default = run("default", False, 16)
+    graph_results, graph = run("graph", True, 1)
+    assert all(block.get("cuda_graph_step") is False for block in graph_results["blocks"])
+    for key in default:
+        torch.testing.assert_close(default[key], graph[key], rtol=1e-6, atol=1e-7)
+    assert [b["final_loss"] for b in default_results["blocks"]] == pytest.approx(
+        [b["final_loss"] for b in graph_results["blocks"]], rel=1e-6)
+
+
+def test_on_device_yields_every_batch_in_order_on_the_device():
+    from omniquant_pl.calib.prefetch import on_device
+
+    batches = [(torch.full((2, 3), float(i)), torch.full((2, 3), -float(i))) for i in range(5)]
+    moved = list(on_device(iter(batches), torch.device("cpu")))
+    assert len(moved) == 5
+    for (a, b), (x, y) in zip(batches, moved):
+        assert x is a and y is b  # already there: no copy
+    meta = list(on_device(batches, torch.device("meta")))
+    assert [t.device.type for batch in meta for t in batch] == ["meta"] * 10
+    assert list(on_device([], torch.device("cpu"))) == []
