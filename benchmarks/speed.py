@@ -42,9 +42,9 @@ from rich.console import Console
 from rich.table import Table
 
 from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig
+from omniquant_pl.block_module import cached_batch_loader
 from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to
 from omniquant_pl.quant.kernels import use_fused_quantizers
-from omniquant_pl.block_module import cached_batch_loader
 from omniquant_pl.sequencer import BlockSequencer, autocast_dtype
 
 # Llama-family block shapes: hidden, MLP, heads, kv heads
