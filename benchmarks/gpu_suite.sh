@@ -5,8 +5,10 @@
 #   vs compiled, to check that both paths give the same perplexity).
 # usage: bash benchmarks/gpu_suite.sh MODEL_DIR GGUF_FILE OUT_DIR [parts...]
 #   parts: block-w3a16 model-w3a16 model-compare block-w4a4 (default, in that order), and
-#          block-smollm2 (SmolLM2-shaped block: eager, compiled, compiled + CUDA graph),
-#          model-w3a16-graph (the whole-model run with train.cuda_graph)
+#          block-smollm2 (SmolLM2-shaped block: eager, compiled, compiled + CUDA graph; 1 and 16
+#          steps per Lightning call; plain PyTorch loops for Lightning's overhead),
+#          model-w3a16-graph (the whole-model run with train.cuda_graph),
+#          block-70b-cache (70B-shaped block, compiled, caches on the GPU vs in pinned host memory)
 # Smaller for a CPU smoke run: SHAPE=tiny NSAMPLES=4 SEQLEN=64 MODEL_EPOCHS=1 EVAL_WINDOWS=1 ...
 set -u
 MODEL=$1; GGUF=$2; OUT=$3; shift 3
@@ -30,7 +32,10 @@ for part in $PARTS; do
     model-w3a16) run model-w3a16 ${LIMIT_MODEL:-250} --model "$MODEL" --gguf-file "$GGUF" --wbits 3 \
         --epochs "$MODEL_EPOCHS" --eval-windows "$EVAL_WINDOWS" --baselines --compile block ;;
     block-smollm2) run block-smollm2 ${LIMIT_BLOCK:-150} --shape smollm2 --wbits 3 --epochs 3 --compare \
-        --compile block block+graph ;;
+        --compile block block+graph --steps-per-call 16 1 --plain-loop ;;
+    block-70b-cache)
+        run block-70b-gpu-cache ${LIMIT_BLOCK:-150} --shape 70b --wbits 3 --epochs 2 --compile block --cache-device accelerator
+        run block-70b-host-cache ${LIMIT_BLOCK:-150} --shape 70b --wbits 3 --epochs 2 --compile block --cache-device cpu ;;
     model-w3a16-graph) run model-w3a16-graph ${LIMIT_MODEL:-250} --model "$MODEL" --gguf-file "$GGUF" --wbits 3 \
         --epochs "$MODEL_EPOCHS" --eval-windows "$EVAL_WINDOWS" --compile block+graph ;;
     model-compare) run model-compare ${LIMIT_COMPARE:-170} --model "$MODEL" --gguf-file "$GGUF" --wbits 3 \
