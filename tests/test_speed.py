@@ -166,3 +166,64 @@ def test_on_device_yields_every_batch_in_order_on_the_device():
     meta = list(on_device(batches, torch.device("meta")))
     assert [t.device.type for batch in meta for t in batch] == ["meta"] * 10
     assert list(on_device([], torch.device("cpu"))) == []
+
+
+def test_on_device_copies_the_next_host_batch_during_the_step_on_the_current_one(monkeypatch):
+    """The CUDA branch with stand-ins for streams and tensors (no GPU here): batch i+1 is copied on
+    the side stream before the step on batch i is issued, and the compute stream waits for a
+    batch's copy (and keeps its memory) before the step reads it."""
+    import contextlib
+
+    from omniquant_pl.calib import prefetch
+
+    log = []
+
+    class Device:
+        def __init__(self, type):
+            self.type = type
+
+        def __eq__(self, other):
+            return self.type == other.type
+
+    cuda, cpu = Device("cuda"), Device("cpu")
+
+    class Tensor:
+        def __init__(self, name, device):
+            self.name, self.device = name, device
+
+        def to(self, device, non_blocking=False):
+            log.append(("copy", self.name, non_blocking))
+            return Tensor(self.name, device)
+
+        def record_stream(self, stream):
+            log.append(("keep", self.name, stream.name))
+
+    class Stream:
+        def __init__(self, name):
+            self.name = name
+
+        def wait_stream(self, other):
+            log.append(("wait", self.name, other.name))
+
+    compute = Stream("compute")
+    monkeypatch.setattr(prefetch.torch.cuda, "Stream", lambda device: Stream("copy"))
+    monkeypatch.setattr(prefetch.torch.cuda, "current_stream", lambda device: compute)
+    monkeypatch.setattr(prefetch.torch.cuda, "stream", lambda s: contextlib.nullcontext())
+
+    batches = [(Tensor(f"x{i}", cpu), Tensor(f"y{i}", cpu)) for i in range(3)] + [(Tensor("z", cuda),)]
+    for batch in prefetch.on_device(batches, cuda):
+        assert all(t.device == cuda for t in batch)
+        log.append(("step", batch[0].name))
+
+    def at(entry):
+        return log.index(entry)
+
+    for i in range(3):
+        assert at(("copy", f"x{i}", True)) < at(("step", f"x{i}"))
+        wait = max(n for n, e in enumerate(log[: at(("step", f"x{i}"))]) if e == ("wait", "compute", "copy"))
+        assert wait > at(("copy", f"y{i}", True))  # the step waits for its own batch's copy
+        assert ("keep", f"x{i}", "compute") in log
+        if i > 0:  # issued before the step on the previous batch, so the copy runs alongside it
+            assert at(("step", f"x{i - 1}")) > at(("copy", f"x{i}", True))
+    assert ("copy", "z", True) not in log and log[-1] == ("step", "z")  # already on the device
+    assert log.count(("wait", "compute", "copy")) == 3

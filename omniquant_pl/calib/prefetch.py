@@ -26,24 +26,25 @@ def on_device(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]
         for batch in batches:
             yield tuple(t.to(device) for t in batch)
         return
-    copy_stream = torch.cuda.Stream(device)
+    copy_stream: torch.cuda.Stream | None = None  # made on the first batch that needs copying
 
-    def start_copy(batch: Batch) -> Batch:
-        if not _needs_copy(batch, device):
-            return batch
+    def start_copy(batch: Batch | None) -> tuple[Batch | None, bool]:
+        nonlocal copy_stream
+        if batch is None or not _needs_copy(batch, device):
+            return batch, False
+        copy_stream = copy_stream or torch.cuda.Stream(device)
         copy_stream.wait_stream(torch.cuda.current_stream(device))  # don't overtake earlier work
         with torch.cuda.stream(copy_stream):
-            return tuple(t.to(device, non_blocking=True) for t in batch)
+            return tuple(t.to(device, non_blocking=True) for t in batch), True
 
     iterator = iter(batches)
-    pending = next(iterator, None)
-    pending = start_copy(pending) if pending is not None else None
+    pending, copied = start_copy(next(iterator, None))
     while pending is not None:
-        compute = torch.cuda.current_stream(device)
-        compute.wait_stream(copy_stream)  # the batch has arrived before the step reads it
-        for tensor in pending:
-            tensor.record_stream(compute)  # its memory is not reused while the step still reads it
+        if copied:
+            compute = torch.cuda.current_stream(device)
+            compute.wait_stream(copy_stream)  # the batch has arrived before the step reads it
+            for tensor in pending:
+                tensor.record_stream(compute)  # its memory is not reused while the step still reads it
         current = pending
-        following = next(iterator, None)
-        pending = start_copy(following) if following is not None else None  # overlaps the step on `current`
+        pending, copied = start_copy(next(iterator, None))  # overlaps the step on `current`
         yield current
