@@ -180,7 +180,7 @@ def test_on_device_copies_the_next_host_batch_during_the_step_on_the_current_one
 
     class Device:
         def __init__(self, type):
-            self.type = type
+            self.type, self.index = type, 0
 
         def __eq__(self, other):
             return self.type == other.type

@@ -26,6 +26,8 @@ def on_device(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]
         for batch in batches:
             yield tuple(t.to(device) for t in batch)
         return
+    if device.index is None:  # "cuda" means the current device; tensors report "cuda:<index>"
+        device = torch.device("cuda", torch.cuda.current_device())
     copy_stream: torch.cuda.Stream | None = None  # made on the first batch that needs copying
 
     def start_copy(batch: Batch | None) -> tuple[Batch | None, bool]:
