@@ -44,6 +44,7 @@ from rich.table import Table
 from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig
 from omniquant_pl.block_module import cached_batch_loader
 from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to
+from omniquant_pl.calib.prefetch import on_device
 from omniquant_pl.quant.kernels import use_fused_quantizers
 from omniquant_pl.sequencer import BlockSequencer, autocast_dtype
 
@@ -57,6 +58,12 @@ SHAPES = {
 }
 
 
+def sync(device: torch.device) -> None:
+    """Wait for the device's queued work (so wall times cover it)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 class EpochTimer(Callback):
     """Wall time of each training epoch (the GPU is synchronised at both ends) and step counts."""
 
@@ -64,16 +71,12 @@ class EpochTimer(Callback):
         self.seconds: list[float] = []
         self.steps: list[int] = []
 
-    def _sync(self, module) -> None:
-        if module.device.type == "cuda":
-            torch.cuda.synchronize(module.device)
-
     def on_train_epoch_start(self, trainer, pl_module) -> None:
-        self._sync(pl_module)
+        sync(pl_module.device)
         self._started = time.perf_counter()
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
-        self._sync(pl_module)
+        sync(pl_module.device)
         self.seconds.append(time.perf_counter() - self._started)
         self.steps.append(pl_module.epoch_steps)  # optimizer steps (a Lightning batch holds several)
 
@@ -126,6 +129,21 @@ def steady_epoch_seconds(seconds: list[float]) -> float:
     return steady[middle] if len(steady) % 2 else (steady[middle - 1] + steady[middle]) / 2
 
 
+def epoch_timing(args, seconds: list[float], steps: int, device: torch.device) -> dict:
+    """The row fields both paths share: epoch times, per-step cost, memory, model TFLOP/s."""
+    epoch_s = steady_epoch_seconds(seconds)
+    return {
+        "epoch_seconds": seconds,
+        "seconds_per_epoch": epoch_s,
+        "first_epoch_seconds": seconds[0] if seconds else None,
+        "steps_per_epoch": steps,
+        "ms_per_step": 1000 * epoch_s / max(steps, 1),
+        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
+        "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+        "tflops": flops_per_step(args.shape, args.batch_size, args.seqlen) * steps / epoch_s / 1e12,
+    }
+
+
 def prepare(args, compile_mode: str, device: torch.device, callbacks: list,
             steps_per_call: int = 1) -> tuple[BlockSequencer, torch.Tensor]:
     """A sequencer on a random block of `args.shape` and its block-0 input cache."""
@@ -151,8 +169,8 @@ def prepare(args, compile_mode: str, device: torch.device, callbacks: list,
     captured = capture_block_inputs(model, sequencer.spec, windows)
     sequencer.block_kwargs = kwargs_to(captured.block_kwargs, device)
     inputs = sequencer.cache_inputs(captured.hidden_states, dtype)
+    sync(device)
     if device.type == "cuda":
-        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     return sequencer, inputs
 
@@ -172,12 +190,10 @@ def run_plain_loop(args, compile_mode: str, device: torch.device) -> dict:
     seconds, losses = [], []
     with use_fused_quantizers(sequencer.compile_mode() == "quantizers"):
         for _ in range(args.epochs):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            sync(device)
             started = time.perf_counter()
             total = torch.zeros((), device=device)
-            for batch in loader:
-                batch = tuple(t.to(device, non_blocking=True) for t in batch)
+            for batch in on_device(loader, device):
                 optimizer.zero_grad()
                 with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
                     loss = module.loss(batch)
@@ -186,15 +202,9 @@ def run_plain_loop(args, compile_mode: str, device: torch.device) -> dict:
                 total += loss.detach()
             losses.append(total.item() / len(loader))
             seconds.append(time.perf_counter() - started)
-    epoch_s = steady_epoch_seconds(seconds)
     return {
         "path": f"plain PyTorch loop, compile {compile_mode}", "compile": compile_mode, "compiled_step": compiled,
-        "lightning": False, "epoch_seconds": seconds, "seconds_per_epoch": epoch_s,
-        "first_epoch_seconds": seconds[0], "steps_per_epoch": len(loader), "ms_per_step": 1000 * epoch_s / len(loader),
-        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-        "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "tflops": flops_per_step(args.shape, args.batch_size, args.seqlen) * len(loader) / epoch_s / 1e12,
-        "final_epoch_loss": losses[-1],
+        "lightning": False, **epoch_timing(args, seconds, len(loader), device), "final_epoch_loss": losses[-1],
     }
 
 
@@ -206,8 +216,6 @@ def run_path(args, compile_mode: str, device: torch.device, steps_per_call: int)
     with use_fused_quantizers(sequencer.compile_mode() == "quantizers"):
         _, _, metrics, _ = sequencer.calibrate_block(0, inputs, inputs)
     total = time.perf_counter() - started
-    steps = timer.steps[-1] if timer.steps else 0
-    epoch_s = steady_epoch_seconds(timer.seconds)
     return {
         "path": ("reference (eager)" if compile_mode == "off" else f"compile {compile_mode}")
         + ("" if steps_per_call == args.steps_per_call[0] else f", {steps_per_call} steps/call"),
@@ -218,16 +226,9 @@ def run_path(args, compile_mode: str, device: torch.device, steps_per_call: int)
         "cuda_graph": metrics.get("cuda_graph_step", False),
         "precision": sequencer.precision,
         "cache_device": str(cache_device),
-        "epoch_seconds": timer.seconds,
-        "seconds_per_epoch": epoch_s,
-        "first_epoch_seconds": timer.seconds[0] if timer.seconds else None,
-        "steps_per_epoch": steps,
-        "ms_per_step": 1000 * epoch_s / max(steps, 1),
+        **epoch_timing(args, timer.seconds, timer.steps[-1] if timer.steps else 0, device),
         "block_seconds": total,
         "outside_epochs_seconds": total - sum(timer.seconds),  # targets, warm-up/compile, fuse, propagate
-        "peak_gpu_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None,
-        "peak_host_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-        "tflops": flops_per_step(args.shape, args.batch_size, args.seqlen) * steps / epoch_s / 1e12,
         "final_epoch_loss": metrics["epoch_losses"][-1] if metrics["epoch_losses"] else None,
     }
 

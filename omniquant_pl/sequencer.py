@@ -187,7 +187,7 @@ class BlockSequencer:
             return TensorBoardLogger(self.output_dir, name="logs", version=f"block_{index:03d}")
         return CSVLogger(self.output_dir, name="logs", version=f"block_{index:03d}")
 
-    def _make_trainer(self, index: int) -> L.Trainer:
+    def _make_trainer(self, index: int, batches_per_epoch: int) -> L.Trainer:
         train = self.config.train
         return L.Trainer(
             accelerator="gpu" if self.device.type == "cuda" else "cpu",
@@ -200,7 +200,7 @@ class BlockSequencer:
             enable_progress_bar=False,
             enable_model_summary=False,
             num_sanity_val_steps=0,
-            log_every_n_steps=max(1, math.ceil(math.ceil(self.config.calib.nsamples / train.batch_size) / train.steps_per_call)),
+            log_every_n_steps=batches_per_epoch,  # Lightning batches (chunks of steps): once per epoch
         )
 
     # -- the run -------------------------------------------------------------------------------
@@ -381,7 +381,7 @@ class BlockSequencer:
         """Fit; on a non-finite loss restore the initial parameters and retry at half the lr."""
         for attempt in range(attempts):
             module.epoch_losses = []
-            self._make_trainer(index).fit(module, train_dataloaders=loader)
+            self._make_trainer(index, len(loader)).fit(module, train_dataloaders=loader)
             if all(math.isfinite(loss) for loss in module.epoch_losses):
                 return
             module.load_learned_state(initial_state)
