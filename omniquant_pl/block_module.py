@@ -271,9 +271,11 @@ class BlockModule(L.LightningModule):
         return self._graphed_step is not None
 
     def _recorded_step(self, batch: tuple[torch.Tensor, ...]) -> GraphedTrainStep | None:
-        """The fit's recorded step (recorded on first use), or None where recording failed."""
+        """The fit's recorded step (recorded on the first full-size batch), or None where recording
+        failed or no full-size batch came yet."""
         global _cuda_graph_failed
-        if self._graphed_step is None and not _cuda_graph_failed:
+        full_size = batch[0].shape[0] == self.train_config.batch_size
+        if self._graphed_step is None and full_size and not _cuda_graph_failed:
             try:
                 self._graphed_step = GraphedTrainStep(self.loss, self.optimizers().optimizer, batch,
                                                       self.graph_step_dtype)
@@ -285,7 +287,7 @@ class BlockModule(L.LightningModule):
     def optimizer_step_on(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """One AdamW step on one batch; returns its loss (detached)."""
         recorded = self._recorded_step(batch) if self.use_cuda_graph else None
-        if recorded is not None:
+        if recorded is not None and recorded.accepts(batch):
             return recorded(batch)
         optimizer = self.optimizers()  # through the precision plugin (autocast, loss scaling)
         optimizer.zero_grad()
@@ -329,11 +331,12 @@ class BlockModule(L.LightningModule):
         groups = [g for g in groups if g["params"]]
         if not groups:  # nothing to learn (RTN): a no-op optimizer keeps the loop uniform
             groups = [{"params": [nn.Parameter(torch.zeros((), device=self.device))], "lr": 0.0}]
-        # fused: one kernel for all parameters per step on CUDA (foreach elsewhere); capturable:
-        # its step count lives on the GPU, so the step can be recorded in a CUDA graph
-        fused = self.device.type == "cuda" or None
-        return torch.optim.AdamW(groups, weight_decay=self.train_config.weight_decay, fused=fused,
-                                 capturable=self.use_cuda_graph and self.device.type == "cuda")
+        # fused on CUDA: one kernel for all parameters per step; capturable: its step count lives
+        # on the GPU, so the step can be recorded in a CUDA graph. Elsewhere foreach (torch's
+        # default there is a loop over parameters): the same values bit for bit, ~2x faster
+        on_cuda = self.device.type == "cuda"
+        return torch.optim.AdamW(groups, weight_decay=self.train_config.weight_decay, fused=on_cuda or None,
+                                 foreach=None if on_cuda else True, capturable=self.use_cuda_graph and on_cuda)
 
     # -- outside the Trainer -----------------------------------------------------------------
     @torch.no_grad()

@@ -47,7 +47,7 @@ def test_speed_settings_are_validated_and_do_not_change_the_checkpoint_identity(
     assert config_hash(base) != config_hash(RunConfig(model=ModelConfig("m"), train=TrainConfig(batch_size=2)))
 
 
-def _tiny_block_module(quant, train):
+def _tiny_block_module(quant, train, samples=6):
     from conftest import tiny_llama
 
     from omniquant_pl.arch.registry import get_arch, get_blocks
@@ -56,7 +56,7 @@ def _tiny_block_module(quant, train):
 
     model = tiny_llama()
     spec = get_arch(model)
-    captured = capture_block_inputs(model, spec, torch.randint(0, 300, (6, 16), generator=torch.Generator().manual_seed(3)))
+    captured = capture_block_inputs(model, spec, torch.randint(0, 300, (samples, 16), generator=torch.Generator().manual_seed(3)))
     block = get_blocks(model, spec)[0]
     with torch.no_grad():
         targets = run_block(block, captured.hidden_states, captured.block_kwargs)
@@ -105,6 +105,75 @@ def test_lightning_chunked_steps_train_exactly_like_a_plain_pytorch_loop(steps_p
         torch.testing.assert_close(learned[key], expected[key], rtol=1e-6, atol=1e-7)
     assert not torch.equal(expected["self_attn.q_proj.lwc.upper"], _tiny_block_module(quant, train)[0]
                            .learned_state()["self_attn.q_proj.lwc.upper"])  # it did train
+
+
+def _plain_loop_epoch_losses(module, inputs, targets, batch_size, seed, epochs):
+    """A hand-written AdamW loop over the same shuffled batches as the Lightning path."""
+    from omniquant_pl.block_module import cached_batch_loader
+
+    optimizer = module.configure_optimizers()
+    batches = cached_batch_loader(inputs, targets, batch_size=batch_size, shuffle=True, seed=seed)
+    losses = []
+    for epoch_index in range(epochs):
+        batches.sampler.set_epoch(epoch_index)  # as Lightning does
+        epoch = []
+        for batch in batches:
+            optimizer.zero_grad()
+            loss = module.loss(batch)
+            loss.backward()
+            optimizer.step()
+            epoch.append(loss.item())
+        losses.append(sum(epoch) / len(epoch))
+    return losses
+
+
+def test_recorded_step_bookkeeping_trains_like_the_plain_step(monkeypatch):
+    """train.cuda_graph's bookkeeping, with the recording replaced by plain calls (no GPU here):
+    the warm-up steps that recording runs are undone, the step is recorded on a full-size batch
+    and replayed on full-size ones, a short last batch (first in some shuffled epochs) takes the
+    plain step, and the parameters end where a plain loop puts them."""
+    import lightning as L
+
+    from omniquant_pl import block_module, graph_step
+    from omniquant_pl.block_module import cached_batch_loader
+    from omniquant_pl.config import QuantConfig
+
+    calls = {"recorded": 0, "replays": 0}
+
+    def record_by_calling(step, warmup_steps):  # runs what the GPU runs: warm-up steps, then one to record
+        calls["recorded"] += 1
+        for _ in range(warmup_steps + 1):
+            step()
+
+        def replay():
+            calls["replays"] += 1
+            step()
+        return replay
+
+    monkeypatch.setattr(graph_step, "record_cuda_graph", record_by_calling)
+    monkeypatch.setattr(block_module, "_cuda_graph_failed", False)
+    quant, epochs = QuantConfig(wbits=3, let=True), 4
+    train = TrainConfig(epochs=epochs, batch_size=2, shuffle=True, steps_per_call=2)
+    lit, inputs, targets = _tiny_block_module(quant, train, samples=5)  # batches of 2, 2 and 1
+    lit.enable_cuda_graph(None)
+    loader = cached_batch_loader(inputs, targets, batch_size=2, shuffle=True, seed=3, steps_per_call=2)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(lit, train_dataloaders=loader)
+    assert lit.graphed and calls["recorded"] == 1
+    assert calls["replays"] == 2 * epochs  # every full-size batch; the short one took the plain step
+    first_batches = []
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        first_batches.append(next(iter(loader))[0][0].shape[0])
+    assert 1 in first_batches  # some epoch began with the short batch, before anything was recorded
+
+    plain, _, _ = _tiny_block_module(quant, train, samples=5)
+    losses = _plain_loop_epoch_losses(plain, inputs, targets, batch_size=2, seed=3, epochs=epochs)
+    assert lit.epoch_losses == pytest.approx(losses, rel=1e-6)
+    learned, expected = lit.learned_state(), plain.learned_state()
+    for key in expected:
+        torch.testing.assert_close(learned[key], expected[key], rtol=1e-6, atol=1e-7)
 
 
 def test_chunked_loader_keeps_the_batch_order_and_reshuffles_by_epoch_only():
