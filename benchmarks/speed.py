@@ -247,7 +247,7 @@ def run_model_path(args, compile_mode: str, device: torch.device, baselines: lis
     config = RunConfig(
         model=ModelConfig(args.model, gguf_file=args.gguf_file),
         quant=QuantConfig(wbits=args.wbits, abits=args.abits, group_size=args.group_size, lwc=True, let=args.let),
-        calib=CalibConfig(source=args.calib_source, nsamples=args.nsamples, seqlen=args.seqlen),
+        calib=CalibConfig(source=args.calib_source, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.calib_seed),
         train=TrainConfig(
             epochs=args.epochs, batch_size=args.batch_size, lr_batch_scaling=args.lr_batch_scaling,
             precision=args.precision, accelerator=device.type, compile=compile_mode.removesuffix("+graph"),
@@ -281,6 +281,8 @@ def run_model_path(args, compile_mode: str, device: torch.device, baselines: lis
         "perplexity": {method: table["wikitext2"]["ppl"] for method, table in ppl.items() if "wikitext2" in table},
         "eval_windows": next((t["wikitext2"]["windows"] for t in ppl.values() if "wikitext2" in t), None),
         "compiled_blocks": sum(bool(b.get("compiled_step")) for b in blocks),
+        "graphed_blocks": sum(bool(b.get("cuda_graph_step")) for b in blocks),  # replayed a recorded step
+        "calib_seed": args.calib_seed,
     }
 
 
@@ -296,7 +298,7 @@ def main_model(args, device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     setting = f"W{args.wbits}A{args.abits}" + (f"g{args.group_size}" if args.group_size else "")
     report = {"model": args.model, "gguf_file": args.gguf_file, "setting": setting, "device": name,
-              "nsamples": args.nsamples, "seqlen": args.seqlen, "epochs": args.epochs,
+              "calib_seed": args.calib_seed, "nsamples": args.nsamples, "seqlen": args.seqlen, "epochs": args.epochs,
               "batch_size": args.batch_size, "torch": torch.__version__, "rows": rows}
     table = Table(title=f"{args.model} {setting}, {args.nsamples} x {args.seqlen}, {args.epochs} epochs, {name}")
     for column in ("path", "calibration s", "ms/step (all in)", "peak GiB", "WikiText-2 ppl", "speed-up"):
@@ -335,6 +337,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default=None, help="whole-model mode: model id, folder or pkg:<package>")
     parser.add_argument("--gguf-file", default=None)
     parser.add_argument("--calib-source", default="wikitext2")
+    parser.add_argument("--calib-seed", type=int, default=CalibConfig.seed, help="which calibration windows")
     parser.add_argument("--eval-windows", type=int, default=0, help="WikiText-2 windows (0 = all)")
     parser.add_argument("--baselines", action="store_true", help="also FP and RTN perplexity (first path)")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "outputs" / "bench-speed")
