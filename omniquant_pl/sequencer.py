@@ -159,9 +159,8 @@ class BlockSequencer:
         return cache
 
     def cuda_graph_enabled(self) -> bool:
-        """train.cuda_graph, except with fp16 loss scaling (on a CPU it runs the plain manual step
-        that recording falls back to)."""
-        return self.config.train.cuda_graph and self.precision != "16-mixed"
+        """train.cuda_graph, on a CUDA device and without fp16 loss scaling."""
+        return self.config.train.cuda_graph and self.device.type == "cuda" and self.precision != "16-mixed"
 
     def compile_mode(self) -> str:
         """train.compile with ``auto`` resolved: ``block`` on CUDA, ``off`` elsewhere."""
@@ -220,6 +219,9 @@ class BlockSequencer:
         if safe != self.precision:
             log.warning("precision %s overflows with %d-bit activations; using %s", self.precision, cfg.quant.abits, safe)
             self.precision = safe
+        if cfg.train.cuda_graph and not self.cuda_graph_enabled():
+            log.warning("train.cuda_graph needs a CUDA device and bf16/fp32 precision (here %s, %s); "
+                        "running the plain step", self.device.type, self.precision)
         if cfg.quant.abits < 16:
             use_quantized_attention(self.model)
         self.output_dir.mkdir(parents=True, exist_ok=True)

@@ -127,11 +127,13 @@ def _plain_loop_epoch_losses(module, inputs, targets, batch_size, seed, epochs):
     return losses
 
 
-def test_recorded_step_bookkeeping_trains_like_the_plain_step(monkeypatch):
+@pytest.mark.parametrize("recording_fails", [False, True])
+def test_recorded_step_bookkeeping_trains_like_the_plain_step(recording_fails, monkeypatch, caplog):
     """train.cuda_graph's bookkeeping, with the recording replaced by plain calls (no GPU here):
     the warm-up steps that recording runs are undone, the step is recorded on a full-size batch
     and replayed on full-size ones, a short last batch (first in some shuffled epochs) takes the
-    plain step, and the parameters end where a plain loop puts them."""
+    plain step, and the parameters end where a plain loop puts them. Where recording fails after
+    its warm-up steps, the run warns, undoes them and goes on with the plain step."""
     import lightning as L
 
     from omniquant_pl import block_module, graph_step
@@ -144,6 +146,8 @@ def test_recorded_step_bookkeeping_trains_like_the_plain_step(monkeypatch):
         calls["recorded"] += 1
         for _ in range(warmup_steps + 1):
             step()
+        if recording_fails:
+            raise RuntimeError("operation not permitted when stream is capturing")
 
         def replay():
             calls["replays"] += 1
@@ -160,8 +164,12 @@ def test_recorded_step_bookkeeping_trains_like_the_plain_step(monkeypatch):
     trainer = L.Trainer(accelerator="cpu", max_epochs=epochs, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)
     trainer.fit(lit, train_dataloaders=loader)
-    assert lit.graphed and calls["recorded"] == 1
-    assert calls["replays"] == 2 * epochs  # every full-size batch; the short one took the plain step
+    assert calls["recorded"] == 1
+    if recording_fails:
+        assert not lit.graphed and calls["replays"] == 0
+        assert "recording the step as a CUDA graph failed (RuntimeError: operation not permitted" in caplog.text
+    else:
+        assert lit.graphed and calls["replays"] == 2 * epochs  # full-size batches; the short one: plain step
     first_batches = []
     for epoch in range(epochs):
         loader.sampler.set_epoch(epoch)
@@ -198,8 +206,8 @@ def test_chunked_loader_keeps_the_batch_order_and_reshuffles_by_epoch_only():
     assert [batch[0].flatten().tolist() for batch in fixed] == [[0.0, 1, 2, 3], [4.0, 5, 6, 7], [8.0, 9]]
 
 
-def test_cuda_graph_mode_without_a_gpu_trains_like_the_default(tmp_path, tokenizer):
-    """Where recording is impossible (here: no GPU) train.cuda_graph falls back to the plain step."""
+def test_cuda_graph_mode_without_a_gpu_trains_like_the_default(tmp_path, tokenizer, caplog):
+    """Without a GPU train.cuda_graph says so and runs the plain step."""
     from conftest import tiny_llama
     from safetensors.torch import load_file
 
@@ -217,7 +225,8 @@ def test_cuda_graph_mode_without_a_gpu_trains_like_the_default(tmp_path, tokeniz
 
     default_results, default = run("default", False, 16)
     graph_results, graph = run("graph", True, 1)
-    assert all(block.get("cuda_graph_step") is False for block in graph_results["blocks"])
+    assert not any(block.get("cuda_graph_step") for block in graph_results["blocks"])
+    assert "train.cuda_graph needs a CUDA device" in caplog.text
     for key in default:
         torch.testing.assert_close(default[key], graph[key], rtol=1e-6, atol=1e-7)
     assert [b["final_loss"] for b in default_results["blocks"]] == pytest.approx(
