@@ -82,19 +82,7 @@ def test_lightning_chunked_steps_train_exactly_like_a_plain_pytorch_loop(steps_p
     trainer.fit(lit, train_dataloaders=loader)
 
     plain, _, _ = _tiny_block_module(quant, train)
-    optimizer = plain.configure_optimizers()
-    batches = cached_batch_loader(inputs, targets, batch_size=2, shuffle=True, seed=7)
-    losses = []
-    for epoch_index in range(3):
-        batches.sampler.set_epoch(epoch_index)  # as Lightning does
-        epoch = []
-        for batch in batches:
-            optimizer.zero_grad()
-            loss = plain.loss(batch)
-            loss.backward()
-            optimizer.step()
-            epoch.append(loss.item())
-        losses.append(sum(epoch) / len(epoch))
+    losses = _plain_loop_epoch_losses(plain, inputs, targets, batch_size=2, seed=7, epochs=3)
 
     assert trainer.global_step == 3 * 3  # optimizer steps, not Lightning batches
     assert lit.epoch_steps == 3
