@@ -12,8 +12,9 @@ path (BlockSequencer.calibrate_block: BlockModule + one Lightning Trainer, fuse,
 `--compare` first runs the reference path (eager quantizers: `train.compile off`) in the same
 process, so the speed ratio is measured in one run. `--plain-loop` also runs each path's steps in
 a hand-written PyTorch loop (same module, batches and AdamW, no Lightning): the difference is
-Lightning's per-step overhead ("Lightning ms/step"), which `--steps-per-call` amortises. The first epoch (compilation, warm-up) is
-reported separately; seconds per epoch are the median of the later ones.
+Lightning's per-step overhead ("Lightning ms/step"), which `--steps-per-call` amortises. The
+first epoch (compilation, warm-up) is reported separately; seconds per epoch are the median of the
+later ones.
 
 With `--model`, whole models are calibrated instead (omniquant_pl.calibrate, calibration text
 `--calib-source`, WikiText-2 perplexity after each path): calibration seconds, per-step cost
@@ -333,7 +334,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--cache-device", default="auto", choices=["auto", "accelerator", "cpu"])
     parser.add_argument("--compare", action="store_true", help="also run the reference path (eager quantizers)")
     parser.add_argument("--plain-loop", action="store_true",
-                        help="also run each path's steps in a plain PyTorch loop (no Lightning) to measure its overhead")
+                        help="also run each path's steps in a plain PyTorch loop (no Lightning): "
+                             "Lightning's overhead")
     parser.add_argument("--model", default=None, help="whole-model mode: model id, folder or pkg:<package>")
     parser.add_argument("--gguf-file", default=None)
     parser.add_argument("--calib-source", default="wikitext2")

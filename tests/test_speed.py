@@ -56,7 +56,8 @@ def _tiny_block_module(quant, train, samples=6):
 
     model = tiny_llama()
     spec = get_arch(model)
-    captured = capture_block_inputs(model, spec, torch.randint(0, 300, (samples, 16), generator=torch.Generator().manual_seed(3)))
+    windows = torch.randint(0, 300, (samples, 16), generator=torch.Generator().manual_seed(3))
+    captured = capture_block_inputs(model, spec, windows)
     block = get_blocks(model, spec)[0]
     with torch.no_grad():
         targets = run_block(block, captured.hidden_states, captured.block_kwargs)
