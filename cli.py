@@ -5,6 +5,8 @@
     omniquant evaluate --model.name_or_path outputs/run --eval.datasets [wikitext2] --eval.tasks [piqa]
     omniquant evaluate --model.name_or_path MODEL --baselines [fp,rtn] --quant.wbits 3
     omniquant compare outputs/run1 outputs/run2/eval.json --output outputs/comparison
+    omniquant export outputs/run --format compressed-tensors
+    omniquant export outputs/run --format gguf --gguf_type Q4_0
 """
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 
 from omniquant_pl.config import EvalConfig, ModelConfig, QuantConfig, RunConfig
 from omniquant_pl.errors import OmniQuantError
+from omniquant_pl.export import ExportConfig
 from omniquant_pl.sequencer import quiet_lightning
 
 
@@ -57,9 +60,22 @@ def build_parser() -> LightningArgumentParser:
                          help="folder for comparison.md, comparison.json and comparison.png")
     commands.add_subcommand("compare", compare, help="compare evaluated runs side by side")
 
-    export = LightningArgumentParser(description="Export to an inference engine format (not built yet).")
-    export.add_argument("run_dir", type=str)
-    commands.add_subcommand("export", export, help="export a calibrated model (not built yet)")
+    export = LightningArgumentParser(
+        description="Write a calibrated run as a real quantized model: compressed-tensors (vLLM, transformers) "
+                    "or GGUF (llama.cpp, Ollama).")
+    export.add_argument("run_dir", type=str, help="output directory of a finished calibrate run")
+    export.add_argument("--format", type=str, default="compressed-tensors",
+                        help="compressed-tensors (vLLM, transformers) or gguf (llama.cpp, Ollama)")
+    export.add_argument("--output", type=str | None, default=None,
+                        help="destination folder (default: <run_dir>/export/<format>[-<gguf type>])")
+    export.add_argument("--gguf-type", "--gguf_type", dest="gguf_type", type=str | None, default=None,
+                        help="GGUF type: Q4_0, Q4_1, Q5_0, Q5_1, Q8_0 (exact for a run on that grid, groups of 32); "
+                             "with --requantize any llama.cpp type (Q2_K, Q3_K_M, Q4_K_M, Q6_K, ...); F16/F32")
+    export.add_argument("--requantize", action="store_true",
+                        help="re-round the fused weights into --gguf-type with llama.cpp's quantizer (approximate)")
+    export.add_argument("--dtype", type=Literal["float16", "bfloat16", "float32"], default="float16",
+                        help="dtype of the tensors kept in floating point and of compressed-tensors scales")
+    commands.add_subcommand("export", export, help="export a calibrated run to compressed-tensors or GGUF")
     return parser
 
 
@@ -108,6 +124,17 @@ def run_compare(args) -> None:
         console.print(f"{kind}: {path}")
 
 
+def run_export(args) -> dict:
+    from omniquant_pl.export import export_run
+    from omniquant_pl.report import print_export
+
+    options = ExportConfig(format=args.format, output=args.output, gguf_type=args.gguf_type,
+                           requantize=args.requantize, dtype=args.dtype)
+    report = export_run(args.run_dir, options)
+    print_export(report)
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_lightning()
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="jsonargparse")
@@ -125,9 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         elif command == "compare":
             run_compare(sub)
         elif command == "export":
-            print("omniquant export is not built yet: the saved model in <output_dir>/model loads with "
-                  "transformers' from_pretrained (fake-quantized weights).", file=sys.stderr)
-            return 2
+            run_export(sub)
     except OmniQuantError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

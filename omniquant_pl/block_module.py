@@ -27,6 +27,7 @@ from omniquant_pl.config import QuantConfig, TrainConfig
 from omniquant_pl.graph_step import GraphedTrainStep
 from omniquant_pl.let.init import init_let_from_ranges
 from omniquant_pl.let.params import LETParams
+from omniquant_pl.quant.codes import QuantizedWeight
 from omniquant_pl.quant.linear import QuantLinear, quantize_block_linears, restore_block_linears
 from omniquant_pl.quant.lwc import WeightQuantizer, clipping_disabled
 
@@ -162,6 +163,8 @@ class BlockModule(L.LightningModule):
             ),
         )
         self.act_quantizers = BlockActivationQuantizers(block, spec, quant.abits) if quant.abits < 16 else None
+        self.fused = False  # set by fuse(), with the codes of every linear in quantized_weights
+        self.quantized_weights: dict[str, QuantizedWeight] = {}
         self.epoch_losses: list[float] = []
         self.epoch_steps = 0  # optimizer steps of the current epoch so far
         self.compile_block = False  # set by warm_up()
@@ -352,15 +355,29 @@ class BlockModule(L.LightningModule):
             samples += inputs.shape[0]
         return (total / max(samples, 1)).item()
 
+    @torch.no_grad()
     def fuse(self) -> nn.Module:
         """Fold LET into the norms/linears, bake the clipped weights into plain nn.Linear modules
-        and move the activation quantizers onto them. Returns the block (original structure)."""
+        and move the activation quantizers onto them. Returns the block (original structure).
+
+        Each linear is quantized from its LET-transformed fp32 weight (the value training
+        quantized); its codes are kept in `quantized_weights` and the linear holds exactly their
+        dequantized value. A second call is a no-op (folding twice would corrupt the weights)."""
+        if self.fused:
+            return self.block
+        transformed = self.let.transformed(self.block) if self.let is not None else {}
+        self.quantized_weights = {
+            name: linear.weight_quantizer.quantize(transformed.get(f"{name}.weight", linear.weight))
+            for name, linear in self.quant_linears.items()
+            if linear.weight_quantizer is not None
+        }
         if self.let is not None:
-            self.let.fold_into(self.block)
+            self.let.fold_into(self.block, transformed)
         if self.act_quantizers is not None:
             self.act_quantizers.remove()
-        restore_block_linears(self.block)
+        restore_block_linears(self.block, self.quantized_weights)
         self.quant_linears = {}
+        self.fused = True
         if self.act_quantizers is not None:
             self.act_quantizers = BlockActivationQuantizers(self.block, self.spec, self.quant_config.abits)
         return self.block

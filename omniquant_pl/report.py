@@ -45,3 +45,31 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
         console.print(table)
     if "calibration_seconds" in results:
         console.print(f"calibration: {results['calibration_seconds']:.1f} s; total {results.get('total_seconds', 0):.1f} s")
+
+
+def export_table(report: dict[str, Any]) -> Table:
+    """What an export wrote: format, files, size, exact or approximate, engines."""
+    table = Table(title=f"export {report.get('run_dir', '')} ({report.get('quant', '')}) -> {report['format']}",
+                  show_header=False)
+    table.add_column("what")
+    table.add_column("value")
+    rows = [
+        ("output", report.get("output", "")),
+        ("file", report.get("file", "")),
+        ("type", report.get("gguf_type") or report.get("compression_format", "")),
+        ("exact", "yes" if report.get("exact") else "no (see notes)"),
+        ("size", f"{(report.get('file_bytes') or report.get('weight_bytes') or 0) / 2**20:.1f} MiB"),
+        ("tensor types", ", ".join(f"{k}: {v}" for k, v in report.get("tensor_types", {}).items())),
+        ("vs fp16", f"{report['size_vs_fp16']:.3f}x" if "size_vs_fp16" in report else ""),
+        ("loads in", report.get("engines", "")),
+    ]
+    for name, value in rows:
+        if value:
+            table.add_row(name, str(value))
+    for note in report.get("notes", []):
+        table.add_row("note", note)
+    return table
+
+
+def print_export(report: dict[str, Any], console: Console | None = None) -> None:
+    (console or Console()).print(export_table(report))

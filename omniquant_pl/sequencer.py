@@ -35,6 +35,7 @@ from omniquant_pl.hooks import CalibrationCallback
 from omniquant_pl.io import atomic_write_json, atomic_write_text
 from omniquant_pl.let.init import input_ranges
 from omniquant_pl.models import load_model_and_tokenizer
+from omniquant_pl.quant.codes import codes_path, save_block_codes
 from omniquant_pl.quant.kernels import use_fused_quantizers
 from omniquant_pl.quant.rtn import rtn_quantizer
 
@@ -318,6 +319,8 @@ class BlockSequencer:
         module = self._build_module(index, block)
         module.load_learned_state(block_state(learned, index))
         module.fuse()
+        if not codes_path(self.output_dir, index).is_file():  # a run checkpointed before codes were stored
+            save_block_codes(self.output_dir, index, module.quantized_weights)
         next_quant_inputs = self._propagate(block, quant_inputs)
         self.blocks[index] = block.to("cpu")
         return targets, next_quant_inputs
@@ -373,6 +376,7 @@ class BlockSequencer:
                 f"block {index} was not fused: keep callbacks.fuse.FuseCallback (or a replacement "
                 "that calls module.fuse()) among the callbacks"
             )
+        save_block_codes(self.output_dir, index, module.quantized_weights)  # before the checkpoint counts it
         next_quant_inputs = self._propagate(block, quant_inputs)
         del module, loader, eval_loader, caches, aug_targets, quant_inputs
         self.blocks[index] = block.to("cpu")

@@ -86,3 +86,37 @@ def text_file(tmp_path) -> Path:
 
 def requires_shared_data():
     return pytest.mark.skipif(not SHARED_DATA.is_dir(), reason="../shared/data is not present")
+
+
+@pytest.fixture(scope="session")
+def calibrated_run(tmp_path_factory, tokenizer):
+    """A factory of finished tiny-Llama runs (2 blocks, 2 epochs), one per quantization setting, cached
+    for the session: calibrated_run(wbits=4, group_size=32, symmetric=True) -> output directory.
+    q/k are scaled up 20x (peaked attention) and the head 2x: a wrong rope row order for llama.cpp
+    then moves every window's NLL by >= 1.2e-2 nats (with plain random init: by 4e-4)."""
+    from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig, calibrate
+
+    model_dir = tmp_path_factory.mktemp("tiny_llama_for_runs")
+    model = tiny_llama()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(20)
+            layer.self_attn.k_proj.weight.mul_(20)
+        model.lm_head.weight.mul_(2)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    runs: dict[tuple, Path] = {}
+
+    def run(**quant) -> Path:
+        key = tuple(sorted(quant.items()))
+        if key not in runs:
+            output = tmp_path_factory.mktemp("run")
+            calibrate(RunConfig(
+                model=ModelConfig(str(model_dir)), quant=QuantConfig(**quant),
+                calib=CalibConfig(source="pydoc", nsamples=4, seqlen=64), train=TrainConfig(epochs=2),
+                eval=EvalConfig(datasets=["pydoc"], seqlen=64, max_windows=1, baselines=[]), output_dir=str(output),
+            ))
+            runs[key] = output
+        return runs[key]
+
+    return run

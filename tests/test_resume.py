@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 
 import cli
+from omniquant_pl.quant.codes import codes_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,6 +68,10 @@ def test_sigkill_mid_block_then_resume_matches_uninterrupted(tmp_path, tiny_mode
     assert resumed.keys() == clean.keys() and any(k.startswith("layers.1.") for k in clean)
     for key in clean:
         torch.testing.assert_close(resumed[key], clean[key], rtol=0, atol=0)
+    for index in (0, 1):  # the stored integer codes too
+        resumed_codes, clean_codes = (load_file(codes_path(d, index)) for d in (killed_dir, clean_dir))
+        assert resumed_codes.keys() == clean_codes.keys()
+        assert all(torch.equal(resumed_codes[k], clean_codes[k]) for k in clean_codes)
     resumed_results = json.loads((killed_dir / "results.json").read_text())
     clean_results = json.loads((clean_dir / "results.json").read_text())
     assert resumed_results["resumed_at_block"] == 1

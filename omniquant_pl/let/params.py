@@ -104,8 +104,9 @@ class LETParams(nn.Module):
         return out
 
     @torch.no_grad()
-    def fold_into(self, block: nn.Module) -> None:
-        """Write the transformed parameters into `block` in place; the block keeps its structure."""
+    def fold_into(self, block: nn.Module, transformed: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the transformed parameters (`transformed(block)` unless given) into `block` in
+        place; the block keeps its structure."""
         params = dict(block.named_parameters())
-        for name, value in self.transformed(block).items():
+        for name, value in (self.transformed(block) if transformed is None else transformed).items():
             params[name].copy_(value)

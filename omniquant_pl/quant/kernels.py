@@ -19,6 +19,31 @@ from omniquant_pl.quant.primitives import fake_quantize, scale_and_zero
 log = logging.getLogger(__name__)
 
 
+def row_grid(
+    x: torch.Tensor,
+    upper_logit: torch.Tensor | None,
+    lower_logit: torch.Tensor | None,
+    qmax: int,
+    symmetric: bool,
+    keep_zero: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and integer zero point (rows, 1) of each row of fp32 `x` (rows, row_size).
+
+    upper/lower_logit (rows, 1): learnable clipping xmax·σ(γ), xmin·σ(β) (None = plain min-max).
+    keep_zero: widen each row's range to include 0 (zeros stay exact, and an asymmetric zero
+    point always lies on the integer grid, as integer formats store it).
+    The zero point is rounded without STE; gradients reach the logits through the scale.
+    """
+    xmax = x.amax(dim=-1, keepdim=True)  # (rows, 1)
+    xmin = x.amin(dim=-1, keepdim=True)
+    if keep_zero:
+        xmax, xmin = xmax.clamp(min=0), xmin.clamp(max=0)
+    if upper_logit is not None:
+        xmax = xmax * torch.sigmoid(upper_logit)
+        xmin = xmin * torch.sigmoid(lower_logit)
+    return scale_and_zero(xmin, xmax, qmax, symmetric)
+
+
 def lwc_fake_quantize(
     rows: torch.Tensor,
     upper_logit: torch.Tensor | None,
@@ -28,21 +53,10 @@ def lwc_fake_quantize(
     symmetric: bool,
     keep_zero: bool,
 ) -> torch.Tensor:
-    """Min-max fake quantization of each row (last dim) of `rows`, in fp32, returned in its dtype.
-
-    upper/lower_logit (rows, 1): learnable clipping xmax·σ(γ), xmin·σ(β) (None = plain min-max).
-    keep_zero: widen each row's range to include 0 (activations: zeros stay exact).
-    The zero point is rounded without STE; gradients reach the logits through the scale.
-    """
+    """Min-max fake quantization of each row (last dim) of `rows` on the grid of `row_grid`, in
+    fp32, returned in the dtype of `rows`."""
     x = rows.float()
-    xmax = x.amax(dim=-1, keepdim=True)  # (rows, 1)
-    xmin = x.amin(dim=-1, keepdim=True)
-    if keep_zero:
-        xmax, xmin = xmax.clamp(min=0), xmin.clamp(max=0)
-    if upper_logit is not None:
-        xmax = xmax * torch.sigmoid(upper_logit)
-        xmin = xmin * torch.sigmoid(lower_logit)
-    scale, zero_point = scale_and_zero(xmin, xmax, qmax, symmetric)
+    scale, zero_point = row_grid(x, upper_logit, lower_logit, qmax, symmetric, keep_zero)
     return fake_quantize(x, scale, zero_point, qmin, qmax).to(rows.dtype)
 
 

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from omniquant_pl.quant.codes import QuantizedWeight
 from omniquant_pl.quant.lwc import WeightQuantizer
 
 
@@ -15,7 +16,8 @@ class QuantLinear(nn.Module):
 
     The weight is quantized once per forward call (once per training step, whatever the batch).
     `to_linear()` bakes the fake-quantized weight into a plain nn.Linear: the fused module computes
-    exactly what this one computes.
+    exactly what this one computes; given the linear's `QuantizedWeight` it holds exactly its
+    dequantized codes.
     """
 
     def __init__(self, linear: nn.Linear, weight_quantizer: WeightQuantizer | None) -> None:
@@ -38,8 +40,9 @@ class QuantLinear(nn.Module):
         return F.linear(x, self.quantized_weight(), self.bias)
 
     @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        """A plain nn.Linear holding the fake-quantized weight (no extra parameters)."""
+    def to_linear(self, quantized: QuantizedWeight | None = None) -> nn.Linear:
+        """A plain nn.Linear holding the fake-quantized weight (no extra parameters): the
+        quantizer's output, or `quantized.dequantize()` when the codes are given."""
         linear = nn.Linear(
             self.in_features,
             self.out_features,
@@ -47,7 +50,8 @@ class QuantLinear(nn.Module):
             device=self.weight.device,
             dtype=self.weight.dtype,
         )
-        linear.weight.copy_(self.quantized_weight())
+        value = self.quantized_weight() if quantized is None else quantized.dequantize(self.weight.dtype)
+        linear.weight.copy_(value)
         if self.bias is not None:
             linear.bias.copy_(self.bias)
         linear.requires_grad_(False)
@@ -77,9 +81,11 @@ def quantize_block_linears(
     return replaced
 
 
-def restore_block_linears(block: nn.Module) -> list[str]:
-    """Fuse every QuantLinear of `block` back into an nn.Linear with quantized weights."""
+def restore_block_linears(block: nn.Module, quantized: dict[str, QuantizedWeight] | None = None) -> list[str]:
+    """Fuse every QuantLinear of `block` back into an nn.Linear with quantized weights (the
+    dequantized codes of `quantized[name]` where given)."""
+    quantized = quantized or {}
     names = [name for name, m in block.named_modules() if isinstance(m, QuantLinear)]
     for name in names:
-        _set_submodule(block, name, block.get_submodule(name).to_linear())
+        _set_submodule(block, name, block.get_submodule(name).to_linear(quantized.get(name)))
     return names

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from omniquant_pl.errors import ConfigError
-from omniquant_pl.quant.kernels import fake_quantize_rows
+from omniquant_pl.quant.codes import QuantizedWeight
+from omniquant_pl.quant.kernels import fake_quantize_rows, row_grid
 from omniquant_pl.quant.primitives import QuantGrid
 
 
@@ -17,7 +18,10 @@ class WeightQuantizer(nn.Module):
 
     With `learnable_clipping`, each row (channel or group) owns two logits γ (`upper_logit`) and
     β (`lower_logit`), initialised to `init` (σ(4.0) ≈ 0.982), that shrink its range before the
-    grid is fitted. Without it the quantizer is round-to-nearest (RTN) min-max.
+    grid is fitted. Without it the quantizer is round-to-nearest (RTN) min-max. An asymmetric
+    row's range always includes 0, so its zero point is an integer on the grid (what integer
+    formats store); it differs from the official code only for rows whose weights share one sign.
+    `quantize()` hands out the grid as data (codes, scale, zero point).
     """
 
     def __init__(
@@ -56,18 +60,35 @@ class WeightQuantizer(nn.Module):
     def learnable(self) -> bool:
         return self.upper_logit is not None
 
+    def _clipping_logits(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        if self.learnable and self.clipping_enabled:
+            return self.upper_logit, self.lower_logit
+        return None, None
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         rows = weight.reshape(-1, self.row_size)  # (out·in/row_size, row_size)
-        clip = self.learnable and self.clipping_enabled
-        quantized = fake_quantize_rows(
-            rows,
-            self.upper_logit if clip else None,
-            self.lower_logit if clip else None,
-            self.grid.qmin,
-            self.grid.qmax,
-            self.grid.symmetric,
-        )
+        upper, lower = self._clipping_logits()
+        grid = self.grid
+        quantized = fake_quantize_rows(rows, upper, lower, grid.qmin, grid.qmax, grid.symmetric, keep_zero=True)
         return quantized.reshape(weight.shape)
+
+    @torch.no_grad()
+    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        """The integer codes, scales and zero points of `weight` (out, in): their `dequantize()` is
+        the forward's value computed eagerly in fp32 (the same ops, bit for bit)."""
+        out_features, in_features = weight.shape
+        rows = weight.reshape(-1, self.row_size).float()  # (out·groups, row_size)
+        upper, lower = self._clipping_logits()
+        grid = self.grid
+        scale, zero_point = row_grid(rows, upper, lower, grid.qmax, grid.symmetric, keep_zero=True)
+        codes = torch.clamp(torch.round(rows / scale) + zero_point, grid.qmin, grid.qmax)
+        groups = in_features // self.row_size
+        return QuantizedWeight(
+            codes=codes.to(torch.int8 if grid.symmetric else torch.uint8).reshape(out_features, in_features).cpu(),
+            scale=scale.reshape(out_features, groups).cpu(),
+            zero=None if grid.symmetric else zero_point.to(torch.uint8).reshape(out_features, groups).cpu(),
+            bits=grid.bits,
+        )
 
     def extra_repr(self) -> str:
         granularity = f"group={self.row_size}" if self.group_size else "per-channel"

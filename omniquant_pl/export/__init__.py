@@ -1,0 +1,137 @@
+"""Exports of a calibrated run to the formats inference engines load.
+
+An exporter is one module that registers a function under a format name:
+
+    @register_exporter("my-format")
+    def export_my_format(run: CalibratedRun, options: ExportConfig, staging: Path) -> dict: ...
+
+It reads the run (its integer codes, saved model and settings) through `CalibratedRun`, writes
+its files into `staging` and returns a report (what was written, exact or approximate, checks).
+`export_run` refuses bad input before any work, stages the output in a temporary folder beside
+the destination and renames it into place only when everything is written: an export that
+fails half-way leaves nothing behind.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Literal
+
+from omniquant_pl.errors import ConfigError, OmniQuantError
+
+# the built-in exporters, imported on first use (each registers itself)
+BUILTIN_MODULES = ("omniquant_pl.export.compressed_tensors", "omniquant_pl.export.gguf")
+REPORT_NAME = "export.json"
+
+Exporter = Callable[..., dict]
+_EXPORTERS: dict[str, Exporter] = {}
+
+
+def register_exporter(name: str) -> Callable[[Exporter], Exporter]:
+    """Decorator: make `function(run, options, staging) -> report` the exporter of format `name`."""
+
+    def register(function: Exporter) -> Exporter:
+        _EXPORTERS[name] = function
+        return function
+
+    return register
+
+
+def available_formats() -> list[str]:
+    for module in BUILTIN_MODULES:
+        importlib.import_module(module)
+    return sorted(_EXPORTERS)
+
+
+def get_exporter(name: str) -> Exporter:
+    formats = available_formats()
+    if name not in _EXPORTERS:
+        raise ConfigError(f"unknown export format '{name}'; available: {', '.join(formats)}")
+    return _EXPORTERS[name]
+
+
+@dataclass
+class ExportConfig:
+    """What to export and how.
+
+    Args:
+        format: ``compressed-tensors`` (vLLM, transformers) or ``gguf`` (llama.cpp, Ollama).
+        output: destination folder; default ``<run_dir>/export/<format>[-<gguf_type>]``.
+        gguf_type: GGUF tensor type of the block linears: ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``,
+            ``Q8_0`` (exact for a run calibrated on that grid with groups of 32), or with
+            ``requantize`` any type llama.cpp's quantizer makes (``Q2_K``, ``Q3_K_S/M/L``,
+            ``Q4_K_S/M``, ``Q5_K_S/M``, ``Q6_K``, ``F16``, ...).
+        requantize: GGUF only: re-round the fused weights into ``gguf_type`` with llama.cpp's
+            quantizer when the run's grid is not that type's (approximate, and said so).
+        dtype: floating-point dtype of the tensors that stay in floating point and of the
+            compressed-tensors scales (``float32`` keeps the run's scales exactly).
+    """
+
+    format: str = "compressed-tensors"
+    output: str | None = None
+    gguf_type: str | None = None
+    requantize: bool = False
+    dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+    def __post_init__(self) -> None:
+        if self.format == "gguf" and not self.gguf_type:
+            raise ConfigError("--format gguf needs --gguf_type, e.g. Q4_0 or Q4_1 (see omniquant export --help)")
+        if self.format != "gguf" and (self.gguf_type or self.requantize):
+            raise ConfigError(f"--gguf_type and --requantize apply to --format gguf only, not '{self.format}'")
+        if self.gguf_type:
+            self.gguf_type = self.gguf_type.upper()
+
+    def default_output(self, run_dir: Path) -> Path:
+        suffix = f"-{self.gguf_type.lower()}" if self.gguf_type else ""
+        return run_dir / "export" / f"{self.format}{suffix}"
+
+
+def _staging_dir(destination: Path) -> Path:
+    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        raise OmniQuantError(f"{destination} already exists and is not empty; give another --output or remove it")
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
+
+
+def _publishable(folder: Path) -> None:
+    """The staging folder was made private (mkdtemp): give it and its files the umask's modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    folder.chmod(0o777 & ~umask)
+    for path in folder.iterdir():
+        path.chmod(0o666 & ~umask)
+
+
+def export_run(run_dir: str | Path, options: ExportConfig) -> dict:
+    """Export the run in `run_dir`; returns the report also written to `<output>/export.json`."""
+    from omniquant_pl.export.run import CalibratedRun
+
+    exporter = get_exporter(options.format)
+    run = CalibratedRun.open(Path(run_dir))
+    destination = Path(options.output) if options.output else options.default_output(run.run_dir)
+    staging = _staging_dir(destination)
+    started = time.perf_counter()
+    try:
+        report = exporter(run, options, staging)
+        report = {"format": options.format, "run_dir": run.run_dir.name, "quant": run.quant.tag,
+                  "options": {k: v for k, v in asdict(options).items() if k != "output"}, **report, "seconds": round(time.perf_counter() - started, 1)}
+        (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
+        if destination.exists():
+            destination.rmdir()  # empty (checked above)
+        _publishable(staging)
+        staging.rename(destination)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    report["output"] = str(destination)
+    return report
+
+
+__all__ = ["ExportConfig", "available_formats", "export_run", "get_exporter", "register_exporter"]

@@ -1,0 +1,188 @@
+"""compressed-tensors export: the format vLLM serves natively and transformers loads.
+
+Weight-only runs (4 or 8 bits, per channel or grouped, symmetric or with zero points) become
+``pack-quantized`` linears: the run's codes packed into int32 by the compressed-tensors package,
+with their scales and (asymmetric) packed zero points. W8A8 runs (symmetric per-channel int8
+weights, per-token dynamic int8 activations) become ``int-quantized`` linears with the activation
+scheme in the config. Embeddings, norms and the head stay in floating point (the head and any
+other linear outside the blocks is listed under ``ignore``).
+
+compressed-tensors stores signed codes on [-2^(b-1), 2^(b-1) - 1] and dequantizes (q - zp) · s; the
+run's asymmetric codes live on [0, 2^b - 1], so codes and zero points shift by 2^(b-1) together and
+(q - zp) is unchanged. Symmetric codes are already signed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from omniquant_pl.config import QuantConfig
+from omniquant_pl.errors import ConfigError, OmniQuantError
+from omniquant_pl.export import ExportConfig, register_exporter
+from omniquant_pl.export.run import CalibratedRun
+from omniquant_pl.quant.codes import QuantizedWeight
+
+WEIGHT_ONLY_BITS = (4, 8)  # what vLLM's WNA16 kernels take (zero points: 4 and 8 bits)
+MAX_SHARD = "5GB"
+
+
+def _require_package():
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError as err:
+        raise OmniQuantError("--format compressed-tensors needs the compressed-tensors package: "
+                             'pip install -e ".[export]"') from err
+
+
+def check_exportable(quant: QuantConfig) -> str:
+    """The compressed-tensors format of a run's settings, or a one-line error naming what to do."""
+    if quant.abits == 16:
+        if quant.wbits not in WEIGHT_ONLY_BITS:
+            raise ConfigError(
+                f"compressed-tensors for vLLM holds 4- or 8-bit weights; this run is {quant.tag}: export it with "
+                f"--format gguf --gguf_type Q{quant.wbits}_K_M --requantize (approximate), or calibrate with quant.wbits 4"
+            )
+        return "pack-quantized"
+    if (quant.wbits, quant.abits) == (8, 8):
+        if not quant.symmetric or quant.group_size:
+            raise ConfigError(
+                f"vLLM serves int8 W8A8 with symmetric per-channel weights; this run is {quant.tag} "
+                f"({'symmetric' if quant.symmetric else 'asymmetric'}): calibrate with quant.symmetric true and "
+                "quant.group_size 0 to export it"
+            )
+        return "int-quantized"
+    raise ConfigError(
+        f"no inference engine serves {quant.tag} from compressed-tensors (weight-activation exports: W8A8 only); "
+        "export a weight-only run (W4A16, W8A16, optionally grouped) or a symmetric W8A8 run instead"
+    )
+
+
+def quantization_config(quant: QuantConfig, compression_format: str, ignore: list[str]):
+    """The compressed-tensors QuantizationConfig of the run's settings (its own pydantic models)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+
+    weights = QuantizationArgs(
+        num_bits=quant.wbits, type="int", symmetric=quant.symmetric, dynamic=False,
+        strategy="group" if quant.group_size else "channel", group_size=quant.group_size or None,
+    )
+    activations = None
+    if quant.abits < 16:  # per-token dynamic asymmetric, as the run quantized every linear input
+        activations = QuantizationArgs(num_bits=quant.abits, type="int", symmetric=False, dynamic=True, strategy="token")
+    scheme = QuantizationScheme(targets=["Linear"], weights=weights, input_activations=activations)
+    return QuantizationConfig(config_groups={"group_0": scheme}, format=compression_format,
+                              quantization_status="compressed", ignore=ignore)
+
+
+def signed_codes(weight: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(codes, zero point) as compressed-tensors' signed int8: asymmetric ones shift by 2^(b-1)."""
+    if weight.symmetric:
+        return weight.codes.to(torch.int8), None
+    offset = 1 << (weight.bits - 1)
+    return ((weight.codes.to(torch.int16) - offset).to(torch.int8),
+            (weight.zero.to(torch.int16) - offset).to(torch.int8))
+
+
+def compressed_linear_state(module: str, weight: QuantizedWeight, compression_format: str,
+                            dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The tensors of one compressed linear, named as compressed-tensors loads them."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    codes, zero = signed_codes(weight)
+    state = {f"{module}.weight_scale": weight.scale.to(dtype)}  # (out, groups)
+    if compression_format == "pack-quantized":
+        state[f"{module}.weight_packed"] = pack_to_int32(codes, weight.bits)  # (out, in·bits/32) int32
+        state[f"{module}.weight_shape"] = torch.tensor(weight.shape)
+        if zero is not None:
+            state[f"{module}.weight_zero_point"] = pack_to_int32(zero, weight.bits, packed_dim=0)
+    else:  # int-quantized: one int8 per weight
+        state[f"{module}.weight"] = codes
+        if zero is not None:
+            state[f"{module}.weight_zero_point"] = zero
+    return state
+
+
+def unquantized_linears(run: CalibratedRun) -> list[str]:
+    """Names of the model's nn.Linear modules outside the quantized block linears (e.g. lm_head)."""
+    from torch import nn
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(run.hf_config)
+    quantized = {name.removesuffix(".weight") for name in run.linear_keys()}
+    return [name for name, module in skeleton.named_modules() if isinstance(module, nn.Linear) and name not in quantized]
+
+
+def save_sharded(state: dict[str, torch.Tensor], folder: Path) -> list[Path]:
+    """safetensors shards (with an index when there are several), as save_pretrained writes them."""
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+
+    split = split_torch_state_dict_into_shards(state, max_shard_size=MAX_SHARD)
+    written = []
+    for filename, names in split.filename_to_tensors.items():
+        save_file({name: state[name].contiguous() for name in names}, str(folder / filename), metadata={"format": "pt"})
+        written.append(folder / filename)
+    if split.is_sharded:
+        index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
+                 "weight_map": split.tensor_to_filename}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    return written
+
+
+def _write_config(run: CalibratedRun, staging: Path, options: ExportConfig, qconfig) -> None:
+    from compressed_tensors.compressors import ModelCompressor
+
+    config = json.loads((run.model_dir / "config.json").read_text())
+    provenance = config.pop("omniquant", None) or {}
+    config["omniquant_export"] = {  # not "omniquant": evaluate must not re-install fake quantizers
+        "method": provenance.get("method"), "quant": run.quant.tag, "format": "compressed-tensors",
+        "from_run": run.run_dir.name,
+    }
+    config["use_cache"] = True
+    for key in ("dtype", "torch_dtype"):
+        if key in config or key == "dtype":
+            config[key] = options.dtype
+    (staging / "config.json").write_text(json.dumps(config, indent=2))
+    ModelCompressor(quantization_config=qconfig).update_config(str(staging))  # adds quantization_config
+
+
+@register_exporter("compressed-tensors")
+def export_compressed_tensors(run: CalibratedRun, options: ExportConfig, staging: Path) -> dict:
+    compression_format = check_exportable(run.quant)
+    _require_package()
+    dtype = getattr(torch, options.dtype)
+    state: dict[str, torch.Tensor] = {}
+    float_bytes = linears = 0
+    for key, value in run.tensors_in_order():
+        if isinstance(value, QuantizedWeight):
+            state.update(compressed_linear_state(key.removesuffix(".weight"), value, compression_format, dtype))
+            float_bytes += value.codes.numel() * 2
+            linears += 1
+        else:
+            state[key] = value.to(dtype) if value.is_floating_point() else value
+            float_bytes += value.numel() * 2
+    ignore = unquantized_linears(run)
+    qconfig = quantization_config(run.quant, compression_format, ignore)
+    files = save_sharded(state, staging)
+    _write_config(run, staging, options, qconfig)
+    for path in run.tokenizer_files():
+        shutil.copy2(path, staging / path.name)
+    weight_bytes = sum(path.stat().st_size for path in files)
+    notes = []
+    if run.quant.abits < 16:
+        notes.append("the run also quantized attention q/k/v per token; engines run attention in floating point")
+    return {
+        "compression_format": compression_format,
+        "exact": options.dtype == "float32",
+        "scales_dtype": options.dtype,
+        "quantized_linears": linears,
+        "ignored": ignore,
+        "weight_bytes": weight_bytes,
+        "fp16_bytes": float_bytes,
+        "size_vs_fp16": round(weight_bytes / float_bytes, 4),
+        "engines": "vLLM (CompressedTensorsWNA16 / W8A8Int8), transformers (compressed-tensors installed)",
+        "notes": notes,
+    }

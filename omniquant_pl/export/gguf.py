@@ -1,0 +1,161 @@
+"""GGUF export for llama.cpp / Ollama.
+
+Exact types (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0): a run calibrated on that type's grid with groups of
+32 is written block by block from its codes (see gguf_blocks), then llama.cpp's quantizer gives
+the token embeddings and output their default types and copies the run's blocks unchanged (checked
+byte for byte). Any other type, or an exact type whose grid the run does not have, needs
+``--requantize``: llama.cpp re-rounds the run's fused weights into the type, and the file and
+the report say the result is approximate. Float types (F32, F16, BF16) store the fused weights.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+from omniquant_pl.config import QuantConfig
+from omniquant_pl.errors import ConfigError
+from omniquant_pl.export import ExportConfig, register_exporter
+from omniquant_pl.export.gguf_blocks import BLOCK, EXACT_TYPES, pack_blocks
+from omniquant_pl.export.gguf_model import (
+    GGUFTensor,
+    float_tensor,
+    gguf_architecture,
+    rope_heads,
+    rope_interleave_rows,
+    tied_output,
+    write_gguf,
+)
+from omniquant_pl.export.llama_cpp import file_type, quantize_gguf
+from omniquant_pl.export.run import CalibratedRun
+from omniquant_pl.quant.codes import QuantizedWeight
+
+FLOAT_TYPES = ("F32", "F16", "BF16")
+INTERMEDIATE = "intermediate.gguf"
+
+
+def exact_config_hint(type_name: str) -> str:
+    exact = EXACT_TYPES[type_name]
+    return (f"quant.wbits {exact.bits}, quant.symmetric {str(exact.symmetric).lower()}, quant.group_size {BLOCK}, "
+            f"quant.abits 16 (e.g. configs/smollm2-135m/gguf-{type_name.lower()}.yaml)")
+
+
+def plan(quant: QuantConfig, type_name: str, requantize: bool) -> str:
+    """``exact``, ``float`` or ``requantize`` for the run's grid and the asked type; one-line errors
+    for a request that cannot be met."""
+    file_type(type_name)  # a type llama.cpp knows
+    if quant.abits < 16:
+        raise ConfigError(
+            f"GGUF holds weight-only models; this run is {quant.tag} (activations quantized too): export it with "
+            "--format compressed-tensors (W8A8), or calibrate a weight-only run"
+        )
+    if type_name in FLOAT_TYPES:
+        return "float"
+    exact = EXACT_TYPES.get(type_name)
+    grid_matches = exact is not None and (quant.wbits, quant.symmetric, quant.group_size) == (exact.bits, exact.symmetric, BLOCK)
+    if grid_matches:
+        return "exact"
+    if requantize:
+        return "requantize"
+    if exact is not None:
+        raise ConfigError(
+            f"this run ({quant.tag}, {'symmetric' if quant.symmetric else 'asymmetric'}) is not on {type_name}'s grid; "
+            f"calibrate with {exact_config_hint(type_name)}, or add --requantize to re-round it (approximate)"
+        )
+    raise ConfigError(
+        f"{type_name} is not an exact target (llama.cpp's own grid); add --requantize to re-round the run's fused "
+        f"weights into it (approximate), or export an exact type: {', '.join(EXACT_TYPES)}"
+    )
+
+
+def run_tensors(run: CalibratedRun, type_name: str, mode: str) -> Iterator[GGUFTensor]:
+    """The run's tensors in GGUF order: block linears as exact blocks or fused floats, the rest as floats."""
+    import gguf
+
+    config = run.hf_config
+    for hf_name, value in run.tensors_in_order():
+        if hf_name == "lm_head.weight" and tied_output(config):
+            continue
+        if not isinstance(value, QuantizedWeight):
+            yield float_tensor(hf_name, value, config)
+        elif mode == "exact":
+            heads = rope_heads(hf_name, config)
+            if heads is not None:  # rows move with their codes, scales and zero points
+                value = QuantizedWeight(*(None if t is None else rope_interleave_rows(t, heads)
+                                          for t in (value.codes, value.scale, value.zero)), value.bits)
+            qtype = getattr(gguf.GGMLQuantizationType, type_name)
+            yield GGUFTensor(hf_name, pack_blocks(type_name, value), qtype)
+        else:
+            yield float_tensor(hf_name, value.dequantize(), config)
+
+
+def _source_gguf(run: CalibratedRun) -> Path | None:
+    """The GGUF file the run's model was loaded from (for its tokenizer), if it is still there."""
+    from omniquant_pl.models import resolve_model_path
+
+    gguf_file = run.model_config.get("gguf_file")
+    if not gguf_file:
+        return None
+    try:
+        path = Path(resolve_model_path(run.model_config["name_or_path"])) / gguf_file
+    except ConfigError:
+        return None
+    return path if path.is_file() else None
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    import gguf
+
+    return {tensor.name: tensor.tensor_type.name for tensor in gguf.GGUFReader(str(path)).tensors}
+
+
+def _check_blocks_kept(intermediate: Path, final: Path, type_name: str) -> int:
+    """The exact tensors must reach the final file byte for byte; returns how many there are."""
+    import gguf
+
+    before = {t.name: t for t in gguf.GGUFReader(str(intermediate)).tensors if t.tensor_type.name == type_name}
+    after = {t.name: t for t in gguf.GGUFReader(str(final)).tensors}
+    changed = [name for name, t in before.items() if bytes(after[name].data) != bytes(t.data)]
+    if changed:
+        raise ConfigError(f"llama.cpp changed {len(changed)} exact {type_name} tensors (e.g. {changed[0]}); nothing written")
+    return len(before)
+
+
+@register_exporter("gguf")
+def export_gguf(run: CalibratedRun, options: ExportConfig, staging: Path) -> dict:
+    type_name = options.gguf_type
+    gguf_architecture(run.hf_config.model_type)
+    mode = plan(run.quant, type_name, options.requantize)
+    tokenizer_gguf = _source_gguf(run)
+    name = Path(run.model_config["name_or_path"]).name or run.run_dir.name
+    metadata = {"general.quantized_by": "omniquant-pl", "omniquant.quant": run.quant.tag,
+                "omniquant.exact": mode == "exact", "omniquant.approximate": mode == "requantize"}
+    intermediate = staging / INTERMEDIATE
+    write_gguf(intermediate, run.hf_config, run_tensors(run, type_name, mode), name, tokenizer_gguf,
+               None if tokenizer_gguf else run.model_dir, metadata)
+    final = staging / f"{name}-{run.quant.tag}-{type_name}.gguf"
+    quantize_gguf(intermediate, final, type_name)
+    kept = _check_blocks_kept(intermediate, final, type_name) if mode == "exact" else 0
+    intermediate.unlink()
+    types = tensor_types(final)
+    counts: dict[str, int] = {}
+    for tensor_type in types.values():
+        counts[tensor_type] = counts.get(tensor_type, 0) + 1
+    notes = []
+    if mode == "requantize":
+        notes.append(f"APPROXIMATE: llama.cpp re-rounded the run's fused {run.quant.tag} weights into {type_name}; "
+                     "the run's own grid is not what the file stores")
+    fallbacks = sorted({t for n, t in types.items() if n.startswith("blk.") and t not in (type_name, "F32")})
+    if fallbacks and mode != "exact":
+        notes.append(f"llama.cpp stored some block tensors as {', '.join(fallbacks)} (its rules for {type_name})")
+    return {
+        "file": final.name,
+        "gguf_type": type_name,
+        "mode": mode,
+        "exact": mode == "exact",
+        "exact_tensors": kept,
+        "tensor_types": counts,
+        "file_bytes": final.stat().st_size,
+        "tokenizer": "copied from the source GGUF" if tokenizer_gguf else "built from tokenizer.json",
+        "engines": "llama.cpp, Ollama, LM Studio (llama.cpp-based); transformers (gguf_file=, de-quantized)",
+        "notes": notes,
+    }

@@ -1,0 +1,91 @@
+"""GGUF's 32-weight block types that a run's grid maps onto exactly, and their byte layouts.
+
+Each block holds 32 consecutive weights of a row with an fp16 scale d (and, for the ``_1``
+types, an fp16 minimum m); llama.cpp dequantizes
+
+    Q4_0: d·(q - 8)    Q5_0: d·(q - 16)    Q8_0: d·q         (symmetric grid, q unsigned / int8)
+    Q4_1: d·q + m      Q5_1: d·q + m                         (asymmetric grid)
+
+so a run calibrated with groups of 32 maps exactly: symmetric codes c in [-(2^(b-1) - 1), 2^(b-1) - 1]
+are stored as q = c + 2^(b-1) (Q8_0: c itself) with d = s; asymmetric codes with zero point z give
+d = s and m = -z·s. Only d and m are rounded (to fp16). Layouts (bytes per block):
+Q4_0 d|qs[16], Q4_1 d|m|qs[16], Q5_0 d|qh[4]|qs[16], Q5_1 d|m|qh[4]|qs[16], Q8_0 d|qs[32], where qs
+byte j holds weight j in its low nibble and weight j+16 in its high nibble, and bit j of the
+little-endian qh holds the 5th bit of weight j.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from omniquant_pl.quant.codes import QuantizedWeight
+
+BLOCK = 32
+
+
+@dataclass(frozen=True)
+class ExactType:
+    name: str
+    bits: int
+    symmetric: bool
+
+    def matches(self, weight: QuantizedWeight) -> bool:
+        return weight.bits == self.bits and weight.symmetric == self.symmetric and weight.group_size == BLOCK
+
+    def grid(self) -> str:
+        kind = "symmetric" if self.symmetric else "asymmetric"
+        return f"{self.bits}-bit {kind} grid with groups of {BLOCK}"
+
+
+EXACT_TYPES = {t.name: t for t in (
+    ExactType("Q4_0", 4, True), ExactType("Q4_1", 4, False), ExactType("Q5_0", 5, True),
+    ExactType("Q5_1", 5, False), ExactType("Q8_0", 8, True),
+)}
+
+
+def _fp16_bytes(values: np.ndarray) -> np.ndarray:
+    return values.astype(np.float16).reshape(-1, 1).view(np.uint8)  # (blocks, 2)
+
+
+def _nibbles(low4: np.ndarray) -> np.ndarray:
+    """(blocks, 32) values < 16 -> (blocks, 16) bytes: weight j low, weight j+16 high."""
+    return low4[:, :16] | (low4[:, 16:] << np.uint8(4))
+
+
+def _high_bits(q: np.ndarray) -> np.ndarray:
+    """(blocks, 32) 5-bit values -> (blocks, 4) bytes: bit j = 5th bit of weight j (little endian)."""
+    return np.packbits((q >> np.uint8(4)) & np.uint8(1), axis=-1, bitorder="little")
+
+
+def pack_blocks(type_name: str, weight: QuantizedWeight) -> np.ndarray:
+    """The GGUF bytes of a weight on an exact type's grid: (out, in/32 · block bytes) uint8."""
+    exact = EXACT_TYPES[type_name]
+    if not exact.matches(weight):
+        raise ValueError(f"{type_name} needs a {exact.grid()}; got {weight.bits}-bit groups of {weight.group_size}")
+    out_features = weight.shape[0]
+    codes = weight.codes.numpy().astype(np.int16).reshape(-1, BLOCK)  # (blocks, 32)
+    scale = weight.scale.numpy().reshape(-1)  # (blocks,) fp32
+    d = _fp16_bytes(scale)
+    if type_name == "Q8_0":
+        parts = [d, codes.astype(np.int8).view(np.uint8)]
+    elif exact.symmetric:  # Q4_0 / Q5_0: unsigned q = c + 2^(b-1)
+        q = (codes + (1 << (exact.bits - 1))).astype(np.uint8)
+        parts = [d, _nibbles(q & np.uint8(0x0F))] if exact.bits == 4 else [d, _high_bits(q), _nibbles(q & np.uint8(0x0F))]
+    else:  # Q4_1 / Q5_1: q = c, m = -z·s (in fp32, then fp16)
+        q = codes.astype(np.uint8)
+        m = _fp16_bytes(-weight.zero.numpy().astype(np.float32).reshape(-1) * scale)
+        parts = [d, m, _nibbles(q & np.uint8(0x0F))] if exact.bits == 4 else [d, m, _high_bits(q), _nibbles(q & np.uint8(0x0F))]
+    blocks = np.concatenate(parts, axis=-1)  # (out·in/32, block bytes)
+    return blocks.reshape(out_features, -1)
+
+
+def expected_dequantized(type_name: str, weight: QuantizedWeight) -> torch.Tensor:
+    """What llama.cpp computes from `pack_blocks`: the run's grid with d and m rounded to fp16."""
+    d = weight.scale.half().float()
+    if EXACT_TYPES[type_name].symmetric:
+        return QuantizedWeight(weight.codes, d, None, weight.bits).dequantize()
+    m = (-weight.zero.float() * weight.scale).half().float()
+    per_column = m.repeat_interleave(weight.group_size, dim=1)  # (out, in)
+    return weight.codes.float() * d.repeat_interleave(weight.group_size, dim=1) + per_column

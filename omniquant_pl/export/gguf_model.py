@@ -1,0 +1,212 @@
+"""A LLaMA-family Hugging Face model as a GGUF file llama.cpp runs, written with the `gguf` package.
+
+What the file needs beyond the weights, and where it comes from here:
+- architecture metadata (``llama.*`` keys) from the transformers config;
+- the tokenizer: copied key by key from the GGUF the model was loaded from when there is one
+  (exactly what llama.cpp had), else built from ``tokenizer.json`` with the `gguf` package's
+  vocab readers (BPE -> ``gpt2``, byte-fallback BPE -> ``llama``) and special tokens/merges;
+- tensor names from the package's tensor-name map, and q/k rows reordered from transformers'
+  rotate-half layout to the interleaved pairs llama.cpp's LLaMA rope expects (a permutation of
+  output rows: per-row and per-group grids move with their rows, unchanged).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from omniquant_pl.errors import OmniQuantError
+
+log = logging.getLogger(__name__)
+
+# model_type -> llama.cpp architecture whose tensors and rope match transformers' LLaMA blocks
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
+# BPE pre-tokenizers llama.cpp knows by name, for tokenizers that come from tokenizer.json
+# (model_type, vocab size) -> name; others get llama.cpp's "default" with a warning
+KNOWN_PRE_TOKENIZERS = {("llama", 128256): "llama-bpe", ("llama", 49152): "smollm"}
+
+
+def gguf_architecture(model_type: str) -> str:
+    if model_type not in GGUF_ARCHITECTURES:
+        raise OmniQuantError(
+            f"GGUF export supports the LLaMA family ({', '.join(sorted(GGUF_ARCHITECTURES))}); this run is "
+            f"'{model_type}': export it with --format compressed-tensors"
+        )
+    return GGUF_ARCHITECTURES[model_type]
+
+
+def rope_interleave_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
+    """Reorder q/k output rows per head from halves (d, d + hd/2) to pairs (2i, 2i+1)."""
+    out = rows.shape[0]
+    half = out // heads // 2
+    # (heads, 2, hd/2, ...) -> (heads, hd/2, 2, ...): row h·hd + 2i + j <- h·hd + j·hd/2 + i
+    return rows.reshape(heads, 2, half, *rows.shape[1:]).transpose(1, 2).reshape(rows.shape)
+
+
+def rope_heads(hf_name: str, config) -> int | None:
+    """Heads whose rows `hf_name` holds, if it is a q or k projection (which llama.cpp permutes)."""
+    if hf_name.endswith("self_attn.q_proj.weight"):
+        return int(config.num_attention_heads)
+    if hf_name.endswith("self_attn.k_proj.weight"):
+        return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
+    return None
+
+
+def _rope_parameters(config) -> dict:
+    params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    params.setdefault("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
+    params.setdefault("rope_type", params.get("type", "default"))
+    return params
+
+
+def head_dim(config) -> int:
+    return int(getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads)
+
+
+def llama3_rope_factors(config) -> np.ndarray:
+    """llama.cpp's ``rope_freqs`` for Llama-3.1 rope scaling: base / scaled inverse frequencies
+    (the scaled ones from transformers' own rope initialisation)."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    dim = head_dim(config)
+    base = 1.0 / (_rope_parameters(config)["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    return (base / scaled.double()).float().numpy()
+
+
+def add_architecture(writer, config, name: str) -> None:
+    """The ``general.*`` and ``llama.*`` keys of the model."""
+    import gguf
+
+    writer.add_name(name)
+    writer.add_context_length(int(config.max_position_embeddings))
+    writer.add_embedding_length(int(config.hidden_size))
+    writer.add_block_count(int(config.num_hidden_layers))
+    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_head_count(int(config.num_attention_heads))
+    writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads))
+    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_vocab_size(int(config.vocab_size))
+    dim = head_dim(config)
+    writer.add_rope_dimension_count(dim)
+    if dim != config.hidden_size // config.num_attention_heads:
+        writer.add_key_length(dim)
+        writer.add_value_length(dim)
+    rope = _rope_parameters(config)
+    writer.add_rope_freq_base(float(rope["rope_theta"]))
+    if rope["rope_type"] == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(rope["factor"]))
+    elif rope["rope_type"] not in ("default", "llama3"):
+        raise OmniQuantError(f"GGUF export: rope scaling '{rope['rope_type']}' is not supported (default, linear, llama3)")
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+# -- tokenizer ------------------------------------------------------------------------------
+def copy_tokenizer_from_gguf(writer, source: Path) -> None:
+    """Every ``tokenizer.*`` key of the GGUF the model was loaded from, as it is."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(source))
+    for key, field in reader.fields.items():
+        if not key.startswith("tokenizer."):
+            continue
+        vtype = field.types[0]
+        sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
+
+
+def add_tokenizer_from_hf(writer, folder: Path, config) -> None:
+    """A tokenizer.json (BPE) as GGUF vocab, scores, token types, merges and special tokens."""
+    import gguf
+    from gguf.vocab import BpeVocab, LlamaHfVocab
+
+    path = folder / "tokenizer.json"
+    if not path.is_file():
+        raise OmniQuantError(f"{folder} has no tokenizer.json; GGUF export needs the model's fast tokenizer")
+    model = json.loads(path.read_text(encoding="utf-8"))["model"]
+    if model.get("type") != "BPE":
+        raise OmniQuantError(f"GGUF export reads BPE tokenizers from tokenizer.json; this one is {model.get('type')}")
+    vocab = LlamaHfVocab(folder) if model.get("byte_fallback") else BpeVocab(folder)
+    tokens, scores, types = (list(column) for column in zip(*vocab.all_tokens()))
+    for index in range(len(tokens), int(config.vocab_size)):  # rows of the embedding with no token
+        tokens.append(f"[PAD{index}]".encode())
+        scores.append(-1000.0)
+        types.append(gguf.TokenType.UNUSED)
+    writer.add_tokenizer_model(vocab.tokenizer_model)
+    if vocab.tokenizer_model == "gpt2":
+        pre = KNOWN_PRE_TOKENIZERS.get((config.model_type, int(config.vocab_size)))
+        if pre is None:
+            log.warning("GGUF export: llama.cpp's pre-tokenizer for this tokenizer is unknown; using 'default' "
+                        "(token ids fed directly are unaffected; text tokenization by llama.cpp may differ)")
+        writer.add_tokenizer_pre(pre or "default")
+    writer.add_token_list(tokens)
+    writer.add_token_scores(scores)
+    writer.add_token_types(types)
+    gguf.SpecialVocab(folder, load_merges=vocab.tokenizer_model == "gpt2", n_vocab=len(tokens)).add_to_gguf(writer, quiet=True)
+
+
+# -- tensors --------------------------------------------------------------------------------
+@dataclass
+class GGUFTensor:
+    """One tensor to write: float data (written as F32) or already-quantized block bytes."""
+
+    hf_name: str
+    data: np.ndarray
+    qtype: object | None = None  # gguf.GGMLQuantizationType of (out, row bytes) uint8 blocks; None = float
+
+
+def gguf_name(tensor_map, hf_name: str) -> str:
+    name = tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+    if name is None:
+        raise OmniQuantError(f"GGUF export: no llama.cpp name for tensor '{hf_name}'")
+    return name
+
+
+def write_gguf(path: Path, config, tensors: Iterator[GGUFTensor], name: str, tokenizer_gguf: Path | None,
+               tokenizer_folder: Path | None, metadata: dict[str, object] | None = None) -> None:
+    """Write a LLaMA-family GGUF: metadata, tokenizer, then each tensor (float ones as F32)."""
+    import gguf
+
+    arch = gguf_architecture(config.model_type)
+    writer = gguf.GGUFWriter(str(path), arch, use_temp_file=True)  # tensors spool to disk, not RAM
+    add_architecture(writer, config, name)
+    if tokenizer_gguf is not None:
+        copy_tokenizer_from_gguf(writer, tokenizer_gguf)
+    else:
+        add_tokenizer_from_hf(writer, tokenizer_folder, config)
+    for key, value in (metadata or {}).items():
+        if isinstance(value, bool):
+            writer.add_bool(key, value)
+        else:
+            writer.add_string(key, str(value))
+    tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config.num_hidden_layers))
+    if _rope_parameters(config)["rope_type"] == "llama3":
+        writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config))
+    for tensor in tensors:
+        target = gguf_name(tensor_map, tensor.hf_name)
+        if tensor.qtype is None:
+            writer.add_tensor(target, np.ascontiguousarray(tensor.data, dtype=np.float32))
+        else:
+            writer.add_tensor(target, tensor.data, raw_dtype=tensor.qtype)  # (out, bytes): shape from the type
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
+def float_tensor(hf_name: str, value: torch.Tensor, config) -> GGUFTensor:
+    """A floating-point tensor in llama.cpp's layout (q/k rows interleaved)."""
+    heads = rope_heads(hf_name, config)
+    if heads is not None:
+        value = rope_interleave_rows(value, heads)
+    return GGUFTensor(hf_name, value.float().numpy())
+
+
+def tied_output(config) -> bool:
+    return bool(getattr(config, "tie_word_embeddings", False))

@@ -1,0 +1,110 @@
+"""The learned integers as data: codes, scale and zero point of each quantized linear.
+
+A `QuantizedWeight` is what a run's weight quantizer decided for one linear: the fused weight the
+run evaluated is exactly `dequantize()` = (codes - zero) · scale, computed in fp32. Fusing writes
+that value into the model, and every exporter reads the codes from here (per block, under
+`<output_dir>/quantized/`), never re-deriving a grid from float weights.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from omniquant_pl.errors import OmniQuantError
+from omniquant_pl.io import atomic_save_safetensors
+
+CODES_DIR = "quantized"
+FORMAT_TAG = "omniquant-codes-v1"
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One linear's weight on its integer grid.
+
+    codes: (out, in) uint8 in [0, 2^b - 1] (asymmetric) or int8 in [-(2^(b-1) - 1), 2^(b-1) - 1]
+    (symmetric); scale: (out, in // group_size) fp32; zero: same shape, uint8 in [0, 2^b - 1]
+    (asymmetric) or None (symmetric: zero point 0).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor | None
+    bits: int
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero is None
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.codes.shape)
+
+    @property
+    def group_size(self) -> int:
+        """Input columns per scale (in_features for per-channel grids)."""
+        return self.codes.shape[1] // self.scale.shape[1]
+
+    def _per_column(self, value: torch.Tensor) -> torch.Tensor:
+        return value.repeat_interleave(self.group_size, dim=1)  # (out, groups) -> (out, in)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(codes - zero) · scale in fp32 (the fake-quant arithmetic), then cast to `dtype`."""
+        out, _ = self.shape
+        groups = self.scale.shape[1]
+        codes = self.codes.float().view(out, groups, self.group_size)  # (out, groups, group_size)
+        zero = 0.0 if self.zero is None else self.zero.float().unsqueeze(-1)
+        return ((codes - zero) * self.scale.unsqueeze(-1)).reshape(self.shape).to(dtype)
+
+    def zero_or_zeros(self) -> torch.Tensor:
+        """The zero point as fp32 (out, groups); zeros for symmetric grids."""
+        return torch.zeros_like(self.scale) if self.zero is None else self.zero.float()
+
+    def to_state(self, prefix: str) -> dict[str, torch.Tensor]:
+        state = {f"{prefix}.codes": self.codes, f"{prefix}.scale": self.scale}
+        if self.zero is not None:
+            state[f"{prefix}.zero"] = self.zero
+        return state
+
+    @classmethod
+    def from_state(cls, state: dict[str, torch.Tensor], prefix: str, bits: int) -> QuantizedWeight:
+        return cls(state[f"{prefix}.codes"], state[f"{prefix}.scale"], state.get(f"{prefix}.zero"), bits)
+
+
+def codes_path(output_dir: Path, index: int) -> Path:
+    return Path(output_dir) / CODES_DIR / f"block_{index:03d}.safetensors"
+
+
+def save_block_codes(output_dir: Path, index: int, weights: dict[str, QuantizedWeight]) -> Path:
+    """Write one block's codes atomically (one file per block: no rewrite of earlier blocks)."""
+    state: dict[str, torch.Tensor] = {}
+    for name, weight in weights.items():
+        state.update(weight.to_state(name))
+    bits = {name: weight.bits for name, weight in weights.items()}
+    path = codes_path(output_dir, index)
+    atomic_save_safetensors(state, path, {"format": FORMAT_TAG, "bits": json.dumps(bits)})
+    return path
+
+
+def load_block_codes(output_dir: Path, index: int) -> dict[str, QuantizedWeight]:
+    """One block's codes by linear name; a one-line error if the file is missing or unreadable."""
+    from safetensors import safe_open
+
+    path = codes_path(output_dir, index)
+    if not path.is_file():
+        raise OmniQuantError(
+            f"{path} is missing: the run has no stored integer codes for block {index} (runs from before "
+            "codes were stored, or an unfinished run); re-run calibrate --resume true to finish it"
+        )
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            meta = handle.metadata() or {}
+            state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (a safe_open handle)
+    except Exception as err:
+        raise OmniQuantError(f"cannot read {path} ({type(err).__name__}); the file is damaged") from err
+    if meta.get("format") != FORMAT_TAG:
+        raise OmniQuantError(f"{path} is not an omniquant codes file (format {meta.get('format')!r})")
+    bits = json.loads(meta["bits"])
+    return {name: QuantizedWeight.from_state(state, name, int(b)) for name, b in bits.items()}

@@ -1,0 +1,156 @@
+"""GGUF export: exact block types read back in transformers and scored by llama.cpp itself."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from omniquant_pl.errors import ConfigError
+from omniquant_pl.export import ExportConfig, export_run
+from omniquant_pl.export.gguf_blocks import EXACT_TYPES, expected_dequantized, pack_blocks
+from omniquant_pl.quant import WeightQuantizer
+from omniquant_pl.quant.codes import QuantizedWeight, load_block_codes
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("llama_cpp")
+
+GRIDS = {name: dict(wbits=t.bits, symmetric=t.symmetric, group_size=32) for name, t in EXACT_TYPES.items()}
+# llama.cpp quantizes activations to 8-bit blocks of 32 (Q8_0/Q8_1) for its quantized dot products, keeps
+# the KV cache in fp16 and sums in another order: measured up to 3.2e-3 nats per window (Q4_1) on the
+# test model. A wrong rope row order moves every window by >= 1.2e-2 (measured; 3.6e-2 on average), a
+# wrong nibble order, zero point or scale by more.
+NLL_TOLERANCE = 5e-3
+
+
+@pytest.mark.parametrize("type_name", sorted(EXACT_TYPES))
+def test_block_bytes_decode_to_the_runs_grid_in_the_gguf_package(type_name):
+    exact = EXACT_TYPES[type_name]
+    torch.manual_seed(0)
+    quantizer = WeightQuantizer((48, 96), exact.bits, 32, exact.symmetric)
+    with torch.no_grad():
+        quantizer.upper_logit.uniform_(0, 4)
+        quantizer.lower_logit.uniform_(0, 4)
+    codes = quantizer.quantize(torch.randn(48, 96) * torch.rand(48, 1))
+    raw = pack_blocks(type_name, codes)
+    decoded = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, type_name))
+    assert np.array_equal(decoded, expected_dequantized(type_name, codes).numpy())
+    # only d (and m) are rounded to fp16: within half an fp16 ulp of the scale per level
+    error = (torch.from_numpy(decoded) - codes.dequantize()).abs().max()
+    assert error <= codes.scale.max() * 2**-11 * 2 ** (exact.bits + 1)
+
+
+def _gguf_file(folder: Path) -> Path:
+    return next(folder.glob("*.gguf"))
+
+
+def _export(run, tmp_path, type_name, **options) -> tuple[dict, Path]:
+    report = export_run(run, ExportConfig(format="gguf", gguf_type=type_name, output=str(tmp_path / type_name), **options))
+    return report, _gguf_file(tmp_path / type_name)
+
+
+def _transformers_model(path: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
+
+
+@pytest.mark.parametrize("type_name", sorted(EXACT_TYPES))
+def test_exact_export_reads_back_in_transformers_as_the_runs_integers(tmp_path, calibrated_run, type_name):
+    run = calibrated_run(**GRIDS[type_name])
+    report, path = _export(run, tmp_path, type_name)
+    assert report["mode"] == "exact" and report["exact_tensors"] == 14
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert all(t == type_name for n, t in types.items() if n.startswith("blk.") and not n.endswith("norm.weight"))
+    assert types["output.weight"] == "Q8_0"  # llama.cpp's default for a 64-wide output
+    model = _transformers_model(path)
+    for index in (0, 1):
+        for name, codes in load_block_codes(run, index).items():
+            read_back = model.model.layers[index].get_submodule(name).weight
+            assert torch.equal(read_back, expected_dequantized(type_name, codes)), name
+
+
+def _reference_model(run: Path, type_name: str, gguf_model):
+    """The run's saved model with exactly what the GGUF stores: block linears = the run's codes with d
+    (and m) in fp16, embeddings and head = llama.cpp's quantization of them (as transformers decodes)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(run / "model")
+    with torch.no_grad():
+        for index in (0, 1):
+            for name, codes in load_block_codes(run, index).items():
+                model.model.layers[index].get_submodule(name).weight.copy_(expected_dequantized(type_name, codes))
+        model.model.embed_tokens.weight.copy_(gguf_model.model.embed_tokens.weight)
+        model.lm_head.weight.copy_(gguf_model.lm_head.weight)
+    return model
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1"])
+def test_llama_cpp_scores_the_export_like_the_runs_model(tmp_path, calibrated_run, type_name):
+    from omniquant_pl.eval.llama_cpp import gguf_perplexity
+    from omniquant_pl.eval.perplexity import window_mean_nll
+
+    run = calibrated_run(**GRIDS[type_name])
+    _, path = _export(run, tmp_path, type_name)
+    ids = torch.randint(3, 384, (4 * 64,), generator=torch.Generator().manual_seed(1))
+    llama_cpp_nll = torch.tensor(gguf_perplexity(path, ids, 64)["window_nll"])
+    reference = _reference_model(run, type_name, _transformers_model(path))
+    with torch.no_grad():
+        torch_nll = window_mean_nll(reference(input_ids=ids.view(4, 64)).logits, ids.view(4, 64)).double()
+    assert (llama_cpp_nll - torch_nll).abs().max() < NLL_TOLERANCE, (llama_cpp_nll, torch_nll)
+
+
+def test_grid_mismatch_is_refused_unless_requantized_and_then_said_to_be_approximate(tmp_path, calibrated_run):
+    run = calibrated_run(wbits=4, group_size=16)
+    with pytest.raises(ConfigError, match=r"gguf-q4_0\.yaml.*--requantize") as raised:
+        export_run(run, ExportConfig(format="gguf", gguf_type="Q4_0", output=str(tmp_path / "refused")))
+    assert "\n" not in str(raised.value) and not (tmp_path / "refused").exists()
+    with pytest.raises(ConfigError, match="not an exact target.*--requantize"):
+        export_run(run, ExportConfig(format="gguf", gguf_type="Q3_K_M", output=str(tmp_path / "refused")))
+    report, path = _export(run, tmp_path, "Q3_K", requantize=True)
+    assert report["mode"] == "requantize" and not report["exact"]
+    assert any("APPROXIMATE" in note for note in report["notes"])
+    fields = gguf.GGUFReader(str(path)).fields
+    assert fields["omniquant.approximate"].contents() is True and fields["omniquant.exact"].contents() is False
+    # llama.cpp runs it like transformers reads it (the same re-rounded weights)
+    from omniquant_pl.eval.llama_cpp import gguf_perplexity
+    from omniquant_pl.eval.perplexity import window_mean_nll
+
+    ids = torch.randint(3, 384, (128,), generator=torch.Generator().manual_seed(2))
+    llama_cpp_nll = torch.tensor(gguf_perplexity(path, ids, 64)["window_nll"])
+    with torch.no_grad():
+        torch_nll = window_mean_nll(_transformers_model(path)(input_ids=ids.view(2, 64)).logits, ids.view(2, 64))
+    assert (llama_cpp_nll - torch_nll.double()).abs().max() < NLL_TOLERANCE
+
+
+def test_weight_activation_runs_and_other_families_are_refused(tmp_path, calibrated_run):
+    with pytest.raises(ConfigError, match="weight-only"):
+        export_run(calibrated_run(wbits=8, abits=8, symmetric=True, let=True),
+                   ExportConfig(format="gguf", gguf_type="Q8_0", output=str(tmp_path / "a")))
+    with pytest.raises(ConfigError, match="unknown GGUF type"):
+        export_run(calibrated_run(**GRIDS["Q4_0"]), ExportConfig(format="gguf", gguf_type="Q4_2", output=str(tmp_path / "b")))
+    with pytest.raises(ConfigError, match="needs --gguf_type"):
+        ExportConfig(format="gguf")
+
+
+def test_float_export_holds_the_fused_weights(tmp_path, calibrated_run):
+    run = calibrated_run(wbits=3, group_size=16)
+    report, path = _export(run, tmp_path, "F32")
+    assert report["mode"] == "float"
+    model = _transformers_model(path)
+    codes = load_block_codes(run, 1)["self_attn.k_proj"]
+    assert torch.equal(model.model.layers[1].self_attn.k_proj.weight, codes.dequantize())
+    assert json.loads((tmp_path / "F32" / "export.json").read_text())["gguf_type"] == "F32"
+
+
+def test_rope_rows_follow_their_codes():
+    """q/k rows are reordered for llama.cpp's rope; each row keeps its own codes, scales and zero point."""
+    from omniquant_pl.export.gguf_model import rope_interleave_rows
+
+    rows = torch.arange(16).view(16, 1)  # 2 heads of head_dim 8
+    assert rope_interleave_rows(rows, 2).view(-1).tolist() == [0, 4, 1, 5, 2, 6, 3, 7, 8, 12, 9, 13, 10, 14, 11, 15]
+    codes = QuantizedWeight(torch.arange(32, dtype=torch.uint8).view(16, 2), torch.rand(16, 1), None, 4)
+    moved = QuantizedWeight(rope_interleave_rows(codes.codes, 2), rope_interleave_rows(codes.scale, 2), None, 4)
+    assert torch.equal(moved.dequantize(), rope_interleave_rows(codes.dequantize(), 2))
