@@ -158,6 +158,7 @@ class BlockModule(L.LightningModule):
                 bits=quant.wbits,
                 group_size=quant.group_size,
                 symmetric=quant.symmetric,
+                gguf_grid=quant.grid == "gguf",
                 learnable_clipping=quant.lwc,
                 init=quant.lwc_init,
             ),

@@ -26,12 +26,19 @@ LEARNED = "learned_params.safetensors"
 HASHED_SECTIONS = ("model", "quant", "calib", "train")
 # Settings that change speed or logging, not results: a resumed run may change them.
 UNHASHED_TRAIN = ("compile", "cache_device", "cuda_graph", "steps_per_call", "logger")
+# Options added after checkpoints existed: left out of the identity at their default, so a run
+# checkpointed before an option existed still resumes.
+LATER_DEFAULTS = {"quant": {"grid": "minmax"}}
 
 
 def config_identity(config: RunConfig) -> dict[str, Any]:
     identity = {section: asdict(getattr(config, section)) for section in HASHED_SECTIONS}
     for name in UNHASHED_TRAIN:
         identity["train"].pop(name, None)
+    for section, defaults in LATER_DEFAULTS.items():
+        for name, default in defaults.items():
+            if identity[section].get(name) == default:
+                identity[section].pop(name)
     return identity
 
 

@@ -42,6 +42,12 @@ class QuantConfig:
         abits: activation bits, 2..8 (16 = weight-only quantization).
         group_size: quantize weights per group of this many input columns; 0 = per output channel.
         symmetric: symmetric weight grid (no zero point) instead of asymmetric.
+        grid: ``minmax`` (the official code's grids: asymmetric with an integer zero point, symmetric
+            on ±(2^(b-1) - 1)) or ``gguf`` (llama.cpp's 4/5-bit block grids: asymmetric with a
+            real-valued minimum, x = q·s + m, as Q4_1/Q5_1 store; symmetric on all 2^b levels with
+            the larger-magnitude extreme on -2^(b-1), as Q4_0/Q5_0 store). Unclipped (RTN), the gguf
+            grids round exactly like llama.cpp's own quantizer. compressed-tensors needs minmax
+            for asymmetric runs (integer zero points).
         lwc: learn the weight clipping (LWC); False = round-to-nearest weights.
         lwc_init: initial value of the clipping logits γ and β (σ(4.0) ≈ 0.98).
         let: learn the equivalent transformation (LET) scales (and, for models whose biases can
@@ -54,6 +60,7 @@ class QuantConfig:
     abits: int = 16
     group_size: int = 0
     symmetric: bool = False
+    grid: Literal["minmax", "gguf"] = "minmax"
     lwc: bool = True
     lwc_init: float = 4.0
     let: bool = False
@@ -64,6 +71,8 @@ class QuantConfig:
         check_bits("quant.abits", self.abits)
         if not isinstance(self.group_size, int) or self.group_size < 0:
             raise ConfigError(f"quant.group_size must be 0 (per channel) or a positive integer, got {self.group_size!r}")
+        if self.grid not in ("minmax", "gguf"):
+            raise ConfigError(f"quant.grid must be 'minmax' or 'gguf', got {self.grid!r}")
         if not 0.0 <= self.let_alpha <= 1.0:
             raise ConfigError(f"quant.let_alpha must be in [0, 1], got {self.let_alpha}")
 

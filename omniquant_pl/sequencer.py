@@ -414,6 +414,7 @@ class BlockSequencer:
             "abits": quant.abits,
             "group_size": quant.group_size,
             "symmetric": quant.symmetric,
+            "grid": quant.grid,
             "fake_quant": True,
             # weights hold the fake-quantized values; when abits < 16 the inputs of every linear
             # and q/k/v of attention are quantized per token (asymmetric, dynamic) at inference

@@ -14,9 +14,9 @@ from omniquant_pl.quant import WeightQuantizer
 from omniquant_pl.quant.codes import QuantizedWeight, load_block_codes, save_block_codes
 
 
-def _clipped_quantizer(shape, bits, group_size, symmetric, seed=0):
+def _clipped_quantizer(shape, bits, group_size, symmetric, seed=0, gguf_grid=False):
     torch.manual_seed(seed)
-    quantizer = WeightQuantizer(shape, bits, group_size, symmetric)
+    quantizer = WeightQuantizer(shape, bits, group_size, symmetric, gguf_grid=gguf_grid)
     with torch.no_grad():
         quantizer.upper_logit.uniform_(-1, 5)
         quantizer.lower_logit.uniform_(-1, 5)
@@ -27,16 +27,22 @@ def _clipped_quantizer(shape, bits, group_size, symmetric, seed=0):
 @pytest.mark.parametrize("symmetric", [False, True])
 @pytest.mark.parametrize("group_size", [0, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_codes_dequantize_to_the_fake_quant_weight_bit_for_bit(bits, symmetric, group_size, dtype):
-    quantizer = _clipped_quantizer((24, 64), bits, group_size, symmetric, seed=bits)
+@pytest.mark.parametrize("gguf_grid", [False, True])
+def test_codes_dequantize_to_the_fake_quant_weight_bit_for_bit(bits, symmetric, group_size, dtype, gguf_grid):
+    quantizer = _clipped_quantizer((24, 64), bits, group_size, symmetric, seed=bits, gguf_grid=gguf_grid)
     weight = (torch.randn(24, 64) * torch.rand(24, 1) * 3).to(dtype)
     codes = quantizer.quantize(weight)
     assert codes.codes.shape == (24, 64) and codes.scale.shape == (24, 64 // (group_size or 64))
     assert codes.group_size == (group_size or 64) and codes.bits == bits and codes.symmetric == symmetric
     qmax = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
-    assert int(codes.codes.max()) <= qmax and int(codes.codes.min()) >= (-qmax if symmetric else 0)
-    if not symmetric:
-        assert codes.zero.dtype == torch.uint8 and int(codes.zero.max()) <= qmax
+    qmin = (-qmax - 1 if gguf_grid else -qmax) if symmetric else 0
+    assert int(codes.codes.max()) <= qmax and int(codes.codes.min()) >= qmin
+    if symmetric and gguf_grid:  # all 2^b levels in use, negative scales where the positive extreme is larger
+        assert int(codes.codes.min()) == qmin and (codes.scale < 0).any() and (codes.scale > 0).any()
+    if not symmetric and not gguf_grid:
+        assert codes.zero.dtype == torch.uint8 and int(codes.zero.max()) <= qmax and codes.minimum is None
+    if not symmetric and gguf_grid:  # a real-valued minimum instead of an integer zero point
+        assert codes.zero is None and codes.minimum.dtype == torch.float32
     with torch.no_grad():
         assert torch.equal(codes.dequantize(dtype), quantizer(weight))
 
@@ -56,6 +62,7 @@ def test_codes_round_trip_through_the_block_file(tmp_path):
     weights = {
         "self_attn.q_proj": _clipped_quantizer((16, 32), 4, 16, False).quantize(torch.randn(16, 32)),
         "mlp.down_proj": _clipped_quantizer((8, 32), 3, 0, True).quantize(torch.randn(8, 32)),
+        "mlp.up_proj": _clipped_quantizer((8, 32), 4, 16, False, gguf_grid=True).quantize(torch.randn(8, 32)),
     }
     save_block_codes(tmp_path, 3, weights)
     loaded = load_block_codes(tmp_path, 3)

@@ -114,6 +114,7 @@ def test_w8a8_export_is_the_runs_int8_weights_with_dynamic_token_activations(tmp
     (dict(wbits=3), "4- or 8-bit weights"),
     (dict(wbits=4, abits=4, let=True), "no inference engine serves W4A4"),
     (dict(wbits=8, abits=8, symmetric=False), "quant.symmetric true"),
+    (dict(wbits=4, group_size=32, grid="gguf"), "integer zero points"),
 ])
 def test_settings_no_engine_serves_are_refused_before_anything_is_written(tmp_path, calibrated_run, quant, message):
     with pytest.raises(ConfigError, match=message) as raised:

@@ -17,7 +17,9 @@ from omniquant_pl.quant.codes import QuantizedWeight, load_block_codes
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
-GRIDS = {name: dict(wbits=t.bits, symmetric=t.symmetric, group_size=32) for name, t in EXACT_TYPES.items()}
+# runs on each exact type's grid: llama.cpp's own (quant.grid gguf) for the 4/5-bit types, min-max for Q8_0
+GRIDS = {name: dict(wbits=t.bits, symmetric=t.symmetric, group_size=32, grid="gguf" if t.bits < 8 else "minmax")
+         for name, t in EXACT_TYPES.items()}
 # llama.cpp quantizes activations to 8-bit blocks of 32 (Q8_0/Q8_1) for its quantized dot products, keeps
 # the KV cache in fp16 and sums in another order: measured up to 3.2e-3 nats per window (Q4_1) on the
 # test model. A wrong rope row order moves every window by >= 1.2e-2 (measured; 3.6e-2 on average), a
@@ -26,10 +28,23 @@ NLL_TOLERANCE = 5e-3
 
 
 @pytest.mark.parametrize("type_name", sorted(EXACT_TYPES))
+def test_rtn_on_the_gguf_grid_is_llama_cpps_own_quantizer_byte_for_byte(type_name):
+    """Unclipped, quant.grid gguf (min-max for Q8_0) rounds every weight as llama.cpp's reference
+    quantizer does: OmniQuant's difference from llama.cpp is then only the learned clipping."""
+    exact = EXACT_TYPES[type_name]
+    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(3)) * torch.rand(64, 1)
+    rtn = WeightQuantizer((64, 256), exact.bits, 32, exact.symmetric, learnable_clipping=False,
+                          gguf_grid=GRIDS[type_name]["grid"] == "gguf")
+    ours = pack_blocks(type_name, rtn.quantize(weight))
+    reference = gguf.quants.quantize(weight.numpy(), getattr(gguf.GGMLQuantizationType, type_name))
+    assert np.array_equal(ours, reference)
+
+
+@pytest.mark.parametrize("type_name", sorted(EXACT_TYPES))
 def test_block_bytes_decode_to_the_runs_grid_in_the_gguf_package(type_name):
     exact = EXACT_TYPES[type_name]
     torch.manual_seed(0)
-    quantizer = WeightQuantizer((48, 96), exact.bits, 32, exact.symmetric)
+    quantizer = WeightQuantizer((48, 96), exact.bits, 32, exact.symmetric, gguf_grid=GRIDS[type_name]["grid"] == "gguf")
     with torch.no_grad():
         quantizer.upper_logit.uniform_(0, 4)
         quantizer.lower_logit.uniform_(0, 4)
@@ -57,9 +72,10 @@ def _transformers_model(path: Path):
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
 
 
-@pytest.mark.parametrize("type_name", sorted(EXACT_TYPES))
-def test_exact_export_reads_back_in_transformers_as_the_runs_integers(tmp_path, calibrated_run, type_name):
-    run = calibrated_run(**GRIDS[type_name])
+@pytest.mark.parametrize("type_name,grid", [(name, GRIDS[name]["grid"]) for name in sorted(EXACT_TYPES)]
+                         + [("Q4_1", "minmax"), ("Q4_0", "minmax")])
+def test_exact_export_reads_back_in_transformers_as_the_runs_integers(tmp_path, calibrated_run, type_name, grid):
+    run = calibrated_run(**dict(GRIDS[type_name], grid=grid))  # min-max grids map exactly too
     report, path = _export(run, tmp_path, type_name)
     assert report["mode"] == "exact" and report["exact_tensors"] == 14
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}

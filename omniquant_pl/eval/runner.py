@@ -60,7 +60,7 @@ def saved_quant(model: nn.Module) -> QuantConfig | None:
     if not meta:
         return None
     return QuantConfig(wbits=meta["wbits"], abits=meta.get("abits", 16), group_size=meta.get("group_size", 0),
-                       symmetric=meta.get("symmetric", False))
+                       symmetric=meta.get("symmetric", False), grid=meta.get("grid", "minmax"))
 
 
 def install_saved_activation_quantizers(model: nn.Module) -> dict | None:

@@ -39,6 +39,11 @@ def _require_package():
 
 def check_exportable(quant: QuantConfig) -> str:
     """The compressed-tensors format of a run's settings, or a one-line error naming what to do."""
+    if quant.grid == "gguf" and not quant.symmetric:
+        raise ConfigError(
+            "compressed-tensors stores integer zero points; this run uses quant.grid gguf (a real-valued minimum): "
+            "export it with --format gguf --gguf-type Q4_1, or calibrate with quant.grid minmax"
+        )
     if quant.abits == 16:
         if quant.wbits not in WEIGHT_ONLY_BITS:
             raise ConfigError(

@@ -35,8 +35,9 @@ INTERMEDIATE = "intermediate.gguf"
 
 def exact_config_hint(type_name: str) -> str:
     exact = EXACT_TYPES[type_name]
-    return (f"quant.wbits {exact.bits}, quant.symmetric {str(exact.symmetric).lower()}, quant.group_size {BLOCK}, "
-            f"quant.abits 16 (e.g. configs/smollm2-135m/gguf-{type_name.lower()}.yaml)")
+    grid = ", quant.grid gguf" if exact.bits < 8 else ""
+    return (f"quant.wbits {exact.bits}, quant.symmetric {str(exact.symmetric).lower()}, quant.group_size {BLOCK}"
+            f"{grid}, quant.abits 16 (e.g. configs/smollm2-135m/gguf-{type_name.lower()}.yaml)")
 
 
 def plan(quant: QuantConfig, type_name: str, requantize: bool) -> str:
@@ -80,8 +81,7 @@ def run_tensors(run: CalibratedRun, type_name: str, mode: str) -> Iterator[GGUFT
         elif mode == "exact":
             heads = rope_heads(hf_name, config)
             if heads is not None:  # rows move with their codes, scales and zero points
-                value = QuantizedWeight(*(None if t is None else rope_interleave_rows(t, heads)
-                                          for t in (value.codes, value.scale, value.zero)), value.bits)
+                value = value.map_rows(lambda rows: rope_interleave_rows(rows, heads))  # noqa: B023 - used at once
             qtype = getattr(gguf.GGMLQuantizationType, type_name)
             yield GGUFTensor(hf_name, pack_blocks(type_name, value), qtype)
         else:

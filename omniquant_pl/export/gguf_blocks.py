@@ -7,8 +7,10 @@ types, an fp16 minimum m); llama.cpp dequantizes
     Q4_1: d·q + m      Q5_1: d·q + m                         (asymmetric grid)
 
 so a run calibrated with groups of 32 maps exactly: symmetric codes c in [-(2^(b-1) - 1), 2^(b-1) - 1]
-are stored as q = c + 2^(b-1) (Q8_0: c itself) with d = s; asymmetric codes with zero point z give
-d = s and m = -z·s. Only d and m are rounded (to fp16). Layouts (bytes per block):
+are stored as q = c + 2^(b-1) (Q8_0: c itself) with d = s; asymmetric codes give d = s and m = the
+grid's minimum (the GGUF grid) or m = -z·s (an integer zero point z). Only d and m are rounded (to
+fp16). Runs on the GGUF grid (`quant.grid: gguf`) use all 2^b levels and real-valued minima, as
+llama.cpp's own quantizer does; min-max runs map exactly too, on a subset of the levels. Layouts (bytes per block):
 Q4_0 d|qs[16], Q4_1 d|m|qs[16], Q5_0 d|qh[4]|qs[16], Q5_1 d|m|qh[4]|qs[16], Q8_0 d|qs[32], where qs
 byte j holds weight j in its low nibble and weight j+16 in its high nibble, and bit j of the
 little-endian qh holds the 5th bit of weight j.
@@ -59,6 +61,11 @@ def _high_bits(q: np.ndarray) -> np.ndarray:
     return np.packbits((q >> np.uint8(4)) & np.uint8(1), axis=-1, bitorder="little")
 
 
+def minimum_of(weight: QuantizedWeight) -> torch.Tensor:
+    """m of x = q·d + m per group (out, groups), fp32: the GGUF grid's minimum or -z·s."""
+    return weight.minimum if weight.minimum is not None else -weight.zero.float() * weight.scale
+
+
 def pack_blocks(type_name: str, weight: QuantizedWeight) -> np.ndarray:
     """The GGUF bytes of a weight on an exact type's grid: (out, in/32 · block bytes) uint8."""
     exact = EXACT_TYPES[type_name]
@@ -75,7 +82,7 @@ def pack_blocks(type_name: str, weight: QuantizedWeight) -> np.ndarray:
         parts = [d, _nibbles(q & np.uint8(0x0F))] if exact.bits == 4 else [d, _high_bits(q), _nibbles(q & np.uint8(0x0F))]
     else:  # Q4_1 / Q5_1: q = c, m = -z·s (in fp32, then fp16)
         q = codes.astype(np.uint8)
-        m = _fp16_bytes(-weight.zero.numpy().astype(np.float32).reshape(-1) * scale)
+        m = _fp16_bytes(minimum_of(weight).numpy().reshape(-1))
         parts = [d, m, _nibbles(q & np.uint8(0x0F))] if exact.bits == 4 else [d, m, _high_bits(q), _nibbles(q & np.uint8(0x0F))]
     blocks = np.concatenate(parts, axis=-1)  # (out·in/32, block bytes)
     return blocks.reshape(out_features, -1)
@@ -86,6 +93,6 @@ def expected_dequantized(type_name: str, weight: QuantizedWeight) -> torch.Tenso
     d = weight.scale.half().float()
     if EXACT_TYPES[type_name].symmetric:
         return QuantizedWeight(weight.codes, d, None, weight.bits).dequantize()
-    m = (-weight.zero.float() * weight.scale).half().float()
+    m = minimum_of(weight).half().float()
     per_column = m.repeat_interleave(weight.group_size, dim=1)  # (out, in)
     return weight.codes.float() * d.repeat_interleave(weight.group_size, dim=1) + per_column

@@ -8,13 +8,15 @@ that value into the model, and every exporter reads the codes from here (per blo
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from omniquant_pl.errors import OmniQuantError
 from omniquant_pl.io import atomic_save_safetensors
+from omniquant_pl.quant.primitives import dequantize_codes
 
 CODES_DIR = "quantized"
 FORMAT_TAG = "omniquant-codes-v1"
@@ -25,18 +27,21 @@ class QuantizedWeight:
     """One linear's weight on its integer grid.
 
     codes: (out, in) uint8 in [0, 2^b - 1] (asymmetric) or int8 in [-(2^(b-1) - 1), 2^(b-1) - 1]
-    (symmetric); scale: (out, in // group_size) fp32; zero: same shape, uint8 in [0, 2^b - 1]
-    (asymmetric) or None (symmetric: zero point 0).
+    (symmetric; from -2^(b-1) on the GGUF grid); scale: (out, in // group_size) fp32 (negative for
+    GGUF-grid symmetric rows whose positive extreme is the larger); zero: same shape, uint8 in
+    [0, 2^b - 1] for asymmetric min-max grids, else None; minimum: same shape, fp32, for the
+    asymmetric GGUF grid (x = q·s + m), else None. Both None: symmetric.
     """
 
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor | None
     bits: int
+    minimum: torch.Tensor | None = None
 
     @property
     def symmetric(self) -> bool:
-        return self.zero is None
+        return self.zero is None and self.minimum is None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -50,27 +55,39 @@ class QuantizedWeight:
     def _per_column(self, value: torch.Tensor) -> torch.Tensor:
         return value.repeat_interleave(self.group_size, dim=1)  # (out, groups) -> (out, in)
 
+    def offset(self) -> torch.Tensor | float:
+        """(out, groups, 1) zero point or minimum in fp32, or 0.0 for symmetric grids."""
+        value = self.minimum if self.minimum is not None else self.zero
+        return 0.0 if value is None else value.float().unsqueeze(-1)
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """(codes - zero) · scale in fp32 (the fake-quant arithmetic), then cast to `dtype`."""
+        """(codes - zero)·scale, or codes·scale + minimum, in fp32 (the fake-quant arithmetic),
+        then cast to `dtype`."""
         out, _ = self.shape
         groups = self.scale.shape[1]
         codes = self.codes.float().view(out, groups, self.group_size)  # (out, groups, group_size)
-        zero = 0.0 if self.zero is None else self.zero.float().unsqueeze(-1)
-        return ((codes - zero) * self.scale.unsqueeze(-1)).reshape(self.shape).to(dtype)
+        values = dequantize_codes(codes, self.scale.unsqueeze(-1), self.offset(), self.minimum is not None)
+        return values.reshape(self.shape).to(dtype)
 
-    def zero_or_zeros(self) -> torch.Tensor:
-        """The zero point as fp32 (out, groups); zeros for symmetric grids."""
-        return torch.zeros_like(self.scale) if self.zero is None else self.zero.float()
+    def map_rows(self, function: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedWeight:
+        """The same weight with `function` applied to every per-row tensor (a row permutation, say)."""
+        def apply(value: torch.Tensor | None) -> torch.Tensor | None:
+            return None if value is None else function(value)
+
+        return replace(self, codes=apply(self.codes), scale=apply(self.scale), zero=apply(self.zero),
+                       minimum=apply(self.minimum))
 
     def to_state(self, prefix: str) -> dict[str, torch.Tensor]:
         state = {f"{prefix}.codes": self.codes, f"{prefix}.scale": self.scale}
-        if self.zero is not None:
-            state[f"{prefix}.zero"] = self.zero
+        for name in ("zero", "minimum"):
+            if getattr(self, name) is not None:
+                state[f"{prefix}.{name}"] = getattr(self, name)
         return state
 
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], prefix: str, bits: int) -> QuantizedWeight:
-        return cls(state[f"{prefix}.codes"], state[f"{prefix}.scale"], state.get(f"{prefix}.zero"), bits)
+        return cls(state[f"{prefix}.codes"], state[f"{prefix}.scale"], state.get(f"{prefix}.zero"), bits,
+                   state.get(f"{prefix}.minimum"))
 
 
 def codes_path(output_dir: Path, index: int) -> Path:

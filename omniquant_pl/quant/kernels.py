@@ -23,11 +23,14 @@ def row_grid(
     x: torch.Tensor,
     upper_logit: torch.Tensor | None,
     lower_logit: torch.Tensor | None,
+    qmin: int,
     qmax: int,
     symmetric: bool,
     keep_zero: bool,
+    float_minimum: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and integer zero point (rows, 1) of each row of fp32 `x` (rows, row_size).
+    """Scale and offset (rows, 1) of each row of fp32 `x` (rows, row_size): an integer zero point,
+    or with `float_minimum` the (clipped) row minimum.
 
     upper/lower_logit (rows, 1): learnable clipping xmax·σ(γ), xmin·σ(β) (None = plain min-max).
     keep_zero: widen each row's range to include 0 (zeros stay exact, and an asymmetric zero
@@ -41,7 +44,7 @@ def row_grid(
     if upper_logit is not None:
         xmax = xmax * torch.sigmoid(upper_logit)
         xmin = xmin * torch.sigmoid(lower_logit)
-    return scale_and_zero(xmin, xmax, qmax, symmetric)
+    return scale_and_zero(xmin, xmax, qmin, qmax, symmetric, float_minimum)
 
 
 def lwc_fake_quantize(
@@ -52,12 +55,13 @@ def lwc_fake_quantize(
     qmax: int,
     symmetric: bool,
     keep_zero: bool,
+    float_minimum: bool = False,
 ) -> torch.Tensor:
     """Min-max fake quantization of each row (last dim) of `rows` on the grid of `row_grid`, in
     fp32, returned in the dtype of `rows`."""
     x = rows.float()
-    scale, zero_point = row_grid(x, upper_logit, lower_logit, qmax, symmetric, keep_zero)
-    return fake_quantize(x, scale, zero_point, qmin, qmax).to(rows.dtype)
+    scale, offset = row_grid(x, upper_logit, lower_logit, qmin, qmax, symmetric, keep_zero, float_minimum)
+    return fake_quantize(x, scale, offset, qmin, qmax, float_minimum).to(rows.dtype)
 
 
 _fused: Callable[..., torch.Tensor] | None = None
@@ -83,16 +87,17 @@ def fake_quantize_rows(
     qmax: int,
     symmetric: bool,
     keep_zero: bool = False,
+    float_minimum: bool = False,
 ) -> torch.Tensor:
     """`lwc_fake_quantize`, fused when enabled (falls back to eager if compilation fails)."""
     global _enabled
     if _enabled:
         try:
-            return _compiled()(rows, upper_logit, lower_logit, qmin, qmax, symmetric, keep_zero)
+            return _compiled()(rows, upper_logit, lower_logit, qmin, qmax, symmetric, keep_zero, float_minimum)
         except Exception as err:  # noqa: BLE001 - any compiler failure: keep calibrating, eagerly
             log.warning("fused quantizers unavailable (%s: %s); running them eagerly", type(err).__name__, err)
             _enabled = False
-    return lwc_fake_quantize(rows, upper_logit, lower_logit, qmin, qmax, symmetric, keep_zero)
+    return lwc_fake_quantize(rows, upper_logit, lower_logit, qmin, qmax, symmetric, keep_zero, float_minimum)
 
 
 @contextlib.contextmanager

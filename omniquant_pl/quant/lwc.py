@@ -10,7 +10,7 @@ from torch import nn
 from omniquant_pl.errors import ConfigError
 from omniquant_pl.quant.codes import QuantizedWeight
 from omniquant_pl.quant.kernels import fake_quantize_rows, row_grid
-from omniquant_pl.quant.primitives import QuantGrid
+from omniquant_pl.quant.primitives import QuantGrid, quantize_codes
 
 
 class WeightQuantizer(nn.Module):
@@ -18,10 +18,11 @@ class WeightQuantizer(nn.Module):
 
     With `learnable_clipping`, each row (channel or group) owns two logits γ (`upper_logit`) and
     β (`lower_logit`), initialised to `init` (σ(4.0) ≈ 0.982), that shrink its range before the
-    grid is fitted. Without it the quantizer is round-to-nearest (RTN) min-max. An asymmetric
-    row's range always includes 0, so its zero point is an integer on the grid (what integer
-    formats store); it differs from the official code only for rows whose weights share one sign.
-    `quantize()` hands out the grid as data (codes, scale, zero point).
+    grid is fitted. Without it the quantizer is round-to-nearest (RTN) min-max. On min-max grids an
+    asymmetric row's range always includes 0, so its zero point is an integer on the grid (what
+    integer formats store); it differs from the official code only for rows whose weights share one
+    sign. `gguf_grid` selects llama.cpp's grids (see QuantGrid). `quantize()` hands out the grid as
+    data (codes, scale, zero point or minimum).
     """
 
     def __init__(
@@ -32,6 +33,7 @@ class WeightQuantizer(nn.Module):
         symmetric: bool = False,
         learnable_clipping: bool = True,
         init: float = 4.0,
+        gguf_grid: bool = False,
     ) -> None:
         super().__init__()
         out_features, in_features = weight_shape
@@ -45,7 +47,7 @@ class WeightQuantizer(nn.Module):
             self.row_size = group_size
         else:
             self.row_size = in_features
-        self.grid = QuantGrid(bits, symmetric)
+        self.grid = QuantGrid(bits, symmetric, gguf_grid)
         self.group_size = group_size or 0
         self.clipping_enabled = learnable_clipping
         n_rows = out_features * in_features // self.row_size
@@ -69,7 +71,8 @@ class WeightQuantizer(nn.Module):
         rows = weight.reshape(-1, self.row_size)  # (out·in/row_size, row_size)
         upper, lower = self._clipping_logits()
         grid = self.grid
-        quantized = fake_quantize_rows(rows, upper, lower, grid.qmin, grid.qmax, grid.symmetric, keep_zero=True)
+        quantized = fake_quantize_rows(rows, upper, lower, grid.qmin, grid.qmax, grid.symmetric,
+                                       not grid.float_minimum, grid.float_minimum)
         return quantized.reshape(weight.shape)
 
     @torch.no_grad()
@@ -80,19 +83,26 @@ class WeightQuantizer(nn.Module):
         rows = weight.reshape(-1, self.row_size).float()  # (out·groups, row_size)
         upper, lower = self._clipping_logits()
         grid = self.grid
-        scale, zero_point = row_grid(rows, upper, lower, grid.qmax, grid.symmetric, keep_zero=True)
-        codes = torch.clamp(torch.round(rows / scale) + zero_point, grid.qmin, grid.qmax)
+        scale, offset = row_grid(rows, upper, lower, grid.qmin, grid.qmax, grid.symmetric, not grid.float_minimum,
+                                 grid.float_minimum)
+        codes = quantize_codes(rows, scale, offset, grid.qmin, grid.qmax, grid.float_minimum)
         groups = in_features // self.row_size
+
+        def per_group(value: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+            return value.reshape(out_features, groups).to(dtype or value.dtype).cpu()
+
+        integer_zero = not grid.symmetric and not grid.float_minimum
         return QuantizedWeight(
             codes=codes.to(torch.int8 if grid.symmetric else torch.uint8).reshape(out_features, in_features).cpu(),
-            scale=scale.reshape(out_features, groups).cpu(),
-            zero=None if grid.symmetric else zero_point.to(torch.uint8).reshape(out_features, groups).cpu(),
+            scale=per_group(scale),
+            zero=per_group(offset, torch.uint8) if integer_zero else None,
             bits=grid.bits,
+            minimum=per_group(offset) if grid.float_minimum else None,
         )
 
     def extra_repr(self) -> str:
         granularity = f"group={self.row_size}" if self.group_size else "per-channel"
-        sym = "sym" if self.grid.symmetric else "asym"
+        sym = ("sym" if self.grid.symmetric else "asym") + ("-gguf" if self.grid.gguf else "")
         return f"bits={self.grid.bits}, {granularity}, {sym}, lwc={self.learnable}"
 
 

@@ -16,7 +16,8 @@ from omniquant_pl.quant.lwc import WeightQuantizer
 
 def rtn_quantizer(weight: torch.Tensor, quant: QuantConfig) -> WeightQuantizer:
     return WeightQuantizer(
-        tuple(weight.shape), quant.wbits, quant.group_size, quant.symmetric, learnable_clipping=False
+        tuple(weight.shape), quant.wbits, quant.group_size, quant.symmetric, learnable_clipping=False,
+        gguf_grid=quant.grid == "gguf",
     )
 
 
