@@ -210,6 +210,16 @@ class BlockModule(L.LightningModule):
                     quantizer.upper_logit.copy_(state[f"{name}.lwc.upper"])
                     quantizer.lower_logit.copy_(state[f"{name}.lwc.lower"])
 
+    @torch.no_grad()
+    def make_rtn(self) -> None:
+        """Set the learned parameters so the block computes round-to-nearest exactly: clipping factors
+        σ(γ) = σ(β) = 1.0 (fp32) and the identity LET."""
+        for linear in self.quant_linears.values():
+            if linear.weight_quantizer is not None:
+                linear.weight_quantizer.disable_clipping()
+        if self.let is not None:
+            self.let.reset_to_identity()
+
     # -- Lightning --------------------------------------------------------------------------
     def train(self, mode: bool = True) -> BlockModule:
         super().train(mode)

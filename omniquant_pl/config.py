@@ -124,8 +124,8 @@ class TrainConfig:
         report_losses: measure each block's RTN, initial and final loss with extra no-grad passes.
         logger: Lightning logger of each block's Trainer: ``csv`` (``logs/block_XXX/metrics.csv``),
             ``tensorboard`` (needs the tensorboard package) or ``none``.
-        keep_best: if training ends with a higher block loss than it started with, restore the
-            initial parameters (needs report_losses).
+        keep_best: keep whichever of the trained parameters, the initial ones and round-to-nearest
+            (no clipping, identity LET) gives the lowest block loss (needs report_losses).
         lr_batch_scaling: how the learning rates follow ``batch_size`` (they are tuned for 1):
             ``none``, ``sqrt`` (lr·√batch) or ``linear`` (lr·batch).
         compile: torch.compile for speed, same math: ``block`` compiles each step's forward and

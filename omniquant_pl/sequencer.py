@@ -363,12 +363,8 @@ class BlockSequencer:
         metrics["epoch_losses"] = module.epoch_losses
         if cfg.train.report_losses:
             metrics["final_loss"] = module.mean_loss(eval_loader, amp)
-            if cfg.train.keep_best and not metrics["final_loss"] <= metrics["init_loss"]:
-                module.load_learned_state(initial_state)
-                log.warning("block %d: training raised the loss (%.4g -> %.4g); kept the initial parameters",
-                            index, metrics["init_loss"], metrics["final_loss"])
-                metrics["trained_loss"], metrics["final_loss"] = metrics["final_loss"], metrics["init_loss"]
-                metrics["restored_initial"] = True
+            if cfg.train.keep_best:
+                self._keep_best(index, module, initial_state, metrics)
         learned_state = module.learned_state()
         self._emit("on_block_fit_end", index, module)
         if module.quant_linears:
@@ -382,6 +378,23 @@ class BlockSequencer:
         self.blocks[index] = block.to("cpu")
         metrics["seconds"] = time.perf_counter() - started
         return targets, next_quant_inputs, metrics, learned_state
+
+    @staticmethod
+    def _keep_best(index: int, module: BlockModule, initial_state: dict[str, torch.Tensor], metrics: dict) -> None:
+        """Keep whichever of the trained, initial and RTN parameters gave the lowest block loss (ties:
+        trained first), so no block ends worse than its start or than round-to-nearest."""
+        losses = {"trained": metrics["final_loss"], "initial": metrics["init_loss"], "rtn": metrics["rtn_loss"]}
+        best = min(losses, key=lambda name: (losses[name], list(losses).index(name)))
+        if best == "trained" or not math.isfinite(losses[best]):
+            return
+        if best == "initial":
+            module.load_learned_state(initial_state)
+        else:
+            module.make_rtn()
+        log.warning("block %d: training ended at loss %.4g; kept the %s parameters (loss %.4g)",
+                    index, losses["trained"], best, losses[best])
+        metrics["trained_loss"], metrics["final_loss"] = losses["trained"], losses[best]
+        metrics["restored"] = best
 
     def _fit_with_retries(self, index, module, loader, initial_state, metrics, attempts: int = 3) -> None:
         """Fit; on a non-finite loss restore the initial parameters and retry at half the lr."""

@@ -159,3 +159,22 @@ def export_gguf(run: CalibratedRun, options: ExportConfig, staging: Path) -> dic
         "engines": "llama.cpp, Ollama, LM Studio (llama.cpp-based); transformers (gguf_file=, de-quantized)",
         "notes": notes,
     }
+
+
+def model_to_gguf(model, path: Path, type_name: str, tokenizer_gguf: Path | None = None,
+                  tokenizer_folder: Path | None = None) -> dict[str, str]:
+    """An unquantized transformers LLaMA-family model as a GGUF of `type_name`, the way llama.cpp's
+    own tools make one: every tensor written as F32, then llama.cpp's quantizer. Returns the
+    file's tensor types. (The baseline a run's export is compared with.)"""
+    config = model.config
+    state = model.state_dict()
+    tensors = (float_tensor(name, value.detach(), config) for name, value in state.items()
+               if not (name == "lm_head.weight" and tied_output(config)))
+    intermediate = path.with_name(path.name + ".f32.tmp")
+    name = Path(getattr(config, "_name_or_path", "") or "model").name
+    try:
+        write_gguf(intermediate, config, tensors, name, tokenizer_gguf, tokenizer_folder)
+        quantize_gguf(intermediate, path, type_name)
+    finally:
+        intermediate.unlink(missing_ok=True)
+    return tensor_types(path)

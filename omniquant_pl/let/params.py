@@ -54,6 +54,16 @@ class LETParams(nn.Module):
         else:
             self.qkv_shift = self.fc1_shift = self.out_shift = None
 
+    @torch.no_grad()
+    def reset_to_identity(self) -> None:
+        """Scales 1 and shifts 0: every transform leaves the block's parameters exactly as they are."""
+        for scale in (self.qkv_scale, self.fc1_scale, self.out_scale, self.qk_param):
+            if scale is not None:
+                scale.fill_(1.0)
+        for shift in (self.qkv_shift, self.fc1_shift, self.out_shift):
+            if shift is not None:
+                shift.zero_()
+
     def transformed(self, block: nn.Module) -> dict[str, torch.Tensor]:
         """Block parameters after all LET transforms, by their names in `block`."""
         spec, geo = self.spec, self.geometry

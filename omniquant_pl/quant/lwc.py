@@ -13,6 +13,10 @@ from omniquant_pl.quant.kernels import fake_quantize_rows, row_grid
 from omniquant_pl.quant.primitives import QuantGrid, quantize_codes
 
 
+# σ(30) = 1 - 9e-14, which is 1.0 in fp32 (and in bf16): x · σ(30) == x exactly
+NO_CLIPPING_LOGIT = 30.0
+
+
 class WeightQuantizer(nn.Module):
     """Fake-quantizes a (out_features, in_features) weight per output channel or per group.
 
@@ -61,6 +65,13 @@ class WeightQuantizer(nn.Module):
     @property
     def learnable(self) -> bool:
         return self.upper_logit is not None
+
+    @torch.no_grad()
+    def disable_clipping(self) -> None:
+        """Set both logits so that σ = 1.0 exactly in fp32: the learned quantizer computes RTN."""
+        if self.learnable:
+            self.upper_logit.fill_(NO_CLIPPING_LOGIT)
+            self.lower_logit.fill_(NO_CLIPPING_LOGIT)
 
     def _clipping_logits(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.learnable and self.clipping_enabled:
