@@ -61,6 +61,10 @@ def load_model_and_tokenizer(config: ModelConfig, device: torch.device) -> tuple
         model_kwargs = dict(kwargs, dtype=dtype)
         if config.attn_implementation:
             model_kwargs["attn_implementation"] = config.attn_implementation
+        if _asymmetric_compressed_tensors(local):
+            from transformers import CompressedTensorsConfig
+
+            model_kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
         model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
     except OSError as err:
         raise OmniQuantError(
@@ -73,6 +77,22 @@ def load_model_and_tokenizer(config: ModelConfig, device: torch.device) -> tuple
     model.config.use_cache = False
     log.info("loaded %s (%s, %s)", config.name_or_path, model.config.model_type, dtype)
     return model, tokenizer
+
+
+def _asymmetric_compressed_tensors(folder: Path) -> bool:
+    """A local compressed-tensors checkpoint with zero points: transformers' compressed load path
+    cannot take its packed zero points (compressed-tensors 0.20 builds them unpacked on the meta
+    device), so it is loaded de-quantized instead (the same weights)."""
+    import json
+
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        return False
+    quantization = json.loads(config_path.read_text()).get("quantization_config") or {}
+    if quantization.get("quant_method") != "compressed-tensors":
+        return False
+    groups = (quantization.get("config_groups") or {}).values()
+    return any(isinstance(g, dict) and not (g.get("weights") or {}).get("symmetric", True) for g in groups)
 
 
 def _forget_gguf_quantizer(model: nn.Module) -> None:

@@ -88,6 +88,15 @@ def test_integers_read_back_bit_for_bit(tmp_path, calibrated_run):
             prefix = f"model.layers.{index}.{name}"
             shape = tuple(stored[f"{prefix}.weight_shape"].tolist())
             assert shape == codes.shape
+            # the layouts vLLM's WNA16 loader allocates: codes packed 8 per int32 along the input
+            # dimension, zero points 8 per int32 along the output dimension, scales (out, groups)
+            out, columns = shape
+            groups = columns // 16
+            assert stored[f"{prefix}.weight_packed"].shape == (out, columns // 8)
+            assert stored[f"{prefix}.weight_zero_point"].shape == (out // 8, groups)
+            assert stored[f"{prefix}.weight_packed"].dtype == stored[f"{prefix}.weight_zero_point"].dtype == torch.int32
+            assert stored[f"{prefix}.weight_scale"].shape == (out, groups)
+            assert stored[f"{prefix}.weight_shape"].dtype == torch.int64
             unpacked = unpack_from_int32(stored[f"{prefix}.weight_packed"], 4, torch.Size(shape))
             assert torch.equal(unpacked.to(torch.int16) + 8, codes.codes.to(torch.int16))
             zero = unpack_from_int32(stored[f"{prefix}.weight_zero_point"], 4, torch.Size(codes.scale.shape), packed_dim=0)
@@ -151,3 +160,17 @@ def test_cli_export_and_its_one_line_errors(tmp_path, calibrated_run, capsys):
     assert "not an OmniQuant output directory" in capsys.readouterr().err
     assert cli.main(["export", str(run), "--format", "onnx"]) == 2
     assert "available: compressed-tensors, gguf" in capsys.readouterr().err
+
+
+def test_omniquant_evaluate_scores_an_asymmetric_export(tmp_path, calibrated_run):
+    """The loader reads asymmetric exports de-quantized (transformers' compressed path cannot take
+    packed zero points with compressed-tensors 0.20): the same perplexity as the run's model."""
+    from omniquant_pl.config import EvalConfig, ModelConfig, QuantConfig
+    from omniquant_pl.eval.runner import evaluate_target, resolve_target
+
+    run = calibrated_run(wbits=4, group_size=16, symmetric=False)
+    export_run(run, ExportConfig(format="compressed-tensors", dtype="float32", output=str(tmp_path / "ct")))
+    cfg = EvalConfig(datasets=["pydoc"], seqlen=64, max_windows=2, baselines=[])
+    exported = evaluate_target(resolve_target(ModelConfig(str(tmp_path / "ct"))), cfg, [], QuantConfig(), torch.device("cpu"))
+    original = evaluate_target(resolve_target(ModelConfig(str(run))), cfg, [], QuantConfig(), torch.device("cpu"))
+    assert exported["perplexity"]["fp"]["pydoc"]["ppl"] == original["perplexity"]["omniquant"]["pydoc"]["ppl"]

@@ -128,3 +128,16 @@ def test_readme_custom_callback_example_runs(tmp_path, tiny_model_dir):
     assert all(int(r[1]) == 2 for r in rows)  # the plateau rule ended every block after 2 of 6 epochs
     assert all(len(b["epoch_losses"]) == 2 for b in results["blocks"])
     assert (tmp_path / "out" / "block_losses.png").is_file()
+
+
+def test_options_added_later_leave_older_checkpoints_resumable():
+    """quant.grid came after checkpoints existed: at its default it is not part of the config identity
+    (an older run's hash still matches); set, it is."""
+    from omniquant_pl import ModelConfig, QuantConfig, RunConfig
+    from omniquant_pl.checkpoint import config_hash, config_identity
+
+    default = RunConfig(model=ModelConfig("m"), quant=QuantConfig(wbits=4, group_size=32))
+    gguf = RunConfig(model=ModelConfig("m"), quant=QuantConfig(wbits=4, group_size=32, grid="gguf"))
+    assert "grid" not in config_identity(default)["quant"]
+    assert config_identity(gguf)["quant"]["grid"] == "gguf"
+    assert config_hash(default) != config_hash(gguf)

@@ -9,6 +9,7 @@ the report say the result is approximate. Float types (F32, F16, BF16) store the
 """
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -102,6 +103,16 @@ def _source_gguf(run: CalibratedRun) -> Path | None:
     return path if path.is_file() else None
 
 
+def model_name(run: CalibratedRun) -> str:
+    """A file-name-safe model name: the source GGUF's stem without its type suffix, else the last
+    part of the hub id or folder."""
+    gguf_file = run.model_config.get("gguf_file")
+    if gguf_file:
+        return re.sub(r"[.-](I?Q\d\w*|B?F16|F32)$", "", Path(gguf_file).stem, flags=re.IGNORECASE)
+    name = run.model_config["name_or_path"].removeprefix("pkg:").rstrip("/")
+    return Path(name).name or run.run_dir.name
+
+
 def tensor_types(path: Path) -> dict[str, str]:
     import gguf
 
@@ -126,7 +137,7 @@ def export_gguf(run: CalibratedRun, options: ExportConfig, staging: Path) -> dic
     gguf_architecture(run.hf_config.model_type)
     mode = plan(run.quant, type_name, options.requantize)
     tokenizer_gguf = _source_gguf(run)
-    name = Path(run.model_config["name_or_path"]).name or run.run_dir.name
+    name = model_name(run)
     metadata = {"general.quantized_by": "omniquant-pl", "omniquant.quant": run.quant.tag,
                 "omniquant.exact": mode == "exact", "omniquant.approximate": mode == "requantize"}
     intermediate = staging / INTERMEDIATE
