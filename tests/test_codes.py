@@ -34,11 +34,15 @@ def test_codes_dequantize_to_the_fake_quant_weight_bit_for_bit(bits, symmetric, 
     codes = quantizer.quantize(weight)
     assert codes.codes.shape == (24, 64) and codes.scale.shape == (24, 64 // (group_size or 64))
     assert codes.group_size == (group_size or 64) and codes.bits == bits and codes.symmetric == symmetric
-    qmax = 2 ** (bits - 1) - 1 if symmetric else 2**bits - 1
-    qmin = (-qmax - 1 if gguf_grid else -qmax) if symmetric else 0
+    grid = quantizer.grid
+    qmin, qmax = grid.qmin, grid.qmax
+    assert qmax == (2 ** (bits - 1) - 1 if symmetric else 2**bits - 1)
     assert int(codes.codes.max()) <= qmax and int(codes.codes.min()) >= qmin
-    if symmetric and gguf_grid:  # all 2^b levels in use, negative scales where the positive extreme is larger
-        assert int(codes.codes.min()) == qmin and (codes.scale < 0).any() and (codes.scale > 0).any()
+    if grid.rule == "gguf_sym":  # all 2^b levels, negative scales where the positive extreme is larger
+        assert qmin == -qmax - 1 and int(codes.codes.min()) == qmin
+        assert (codes.scale < 0).any() and (codes.scale > 0).any()
+    if gguf_grid:  # llama.cpp stores d (and m) in fp16: the grid's values use exactly those
+        assert torch.equal(codes.scale.half().float(), codes.scale)
     if not symmetric and not gguf_grid:
         assert codes.zero.dtype == torch.uint8 and int(codes.zero.max()) <= qmax and codes.minimum is None
     if not symmetric and gguf_grid:  # a real-valued minimum instead of an integer zero point

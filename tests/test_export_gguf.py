@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from omniquant_pl.errors import ConfigError
 from omniquant_pl.export import ExportConfig, export_run
@@ -17,9 +18,8 @@ from omniquant_pl.quant.codes import QuantizedWeight, load_block_codes
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
 
-# runs on each exact type's grid: llama.cpp's own (quant.grid gguf) for the 4/5-bit types, min-max for Q8_0
-GRIDS = {name: dict(wbits=t.bits, symmetric=t.symmetric, group_size=32, grid="gguf" if t.bits < 8 else "minmax")
-         for name, t in EXACT_TYPES.items()}
+# runs on each exact type's grid, llama.cpp's own (quant.grid gguf)
+GRIDS = {name: dict(wbits=t.bits, symmetric=t.symmetric, group_size=32, grid="gguf") for name, t in EXACT_TYPES.items()}
 # llama.cpp quantizes activations to 8-bit blocks of 32 (Q8_0/Q8_1) for its quantized dot products, keeps
 # the KV cache in fp16 and sums in another order: measured up to 3.2e-3 nats per window (Q4_1) on the
 # test model. A wrong rope row order moves every window by >= 1.2e-2 (measured; 3.6e-2 on average), a
@@ -27,33 +27,68 @@ GRIDS = {name: dict(wbits=t.bits, symmetric=t.symmetric, group_size=32, grid="gg
 NLL_TOLERANCE = 5e-3
 
 
+@pytest.fixture(scope="module")
+def bf16_valued_llama(tmp_path_factory, tokenizer):
+    """A tiny Llama whose weights are bf16 values (many exact ties for rounding), with an all-zero
+    block and a block whose largest magnitudes tie between signs; and a folder with its tokenizer."""
+    from conftest import tiny_llama
+
+    folder = tmp_path_factory.mktemp("tokenizer")
+    tokenizer.save_pretrained(folder)
+    model = tiny_llama()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.copy_(param.bfloat16().float())
+        down = model.model.layers[0].mlp.down_proj.weight
+        down[0, :32] = 0
+        down[1, 0], down[1, 1] = 0.25, -0.25
+    return model, folder
+
+
 @pytest.mark.parametrize("type_name", sorted(EXACT_TYPES))
-def test_rtn_on_the_gguf_grid_is_llama_cpps_own_quantizer_byte_for_byte(type_name):
-    """Unclipped, quant.grid gguf (min-max for Q8_0) rounds every weight as llama.cpp's reference
-    quantizer does: OmniQuant's difference from llama.cpp is then only the learned clipping."""
+def test_rtn_on_the_gguf_grid_is_llama_cpps_own_quantizer_byte_for_byte(tmp_path, bf16_valued_llama, type_name):
+    """Unclipped, quant.grid gguf rounds every weight exactly as llama.cpp's quantizer
+    (llama_model_quantize on an F32 file) does: what OmniQuant adds is only what it learns."""
+    from omniquant_pl.export.gguf import model_to_gguf
+
+    model, tokenizer_folder = bf16_valued_llama
+    path = tmp_path / f"{type_name}.gguf"
+    model_to_gguf(model, path, type_name, tokenizer_folder=tokenizer_folder)
+    stored = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     exact = EXACT_TYPES[type_name]
-    weight = torch.randn(64, 256, generator=torch.Generator().manual_seed(3)) * torch.rand(64, 1)
-    rtn = WeightQuantizer((64, 256), exact.bits, 32, exact.symmetric, learnable_clipping=False,
-                          gguf_grid=GRIDS[type_name]["grid"] == "gguf")
-    ours = pack_blocks(type_name, rtn.quantize(weight))
-    reference = gguf.quants.quantize(weight.numpy(), getattr(gguf.GGMLQuantizationType, type_name))
-    assert np.array_equal(ours, reference)
+    for index in (0, 1):
+        for hf_name, gguf_name in (("mlp.down_proj", "ffn_down"), ("mlp.up_proj", "ffn_up"), ("self_attn.v_proj", "attn_v")):
+            weight = model.model.layers[index].get_submodule(hf_name).weight.detach()
+            rtn = WeightQuantizer(tuple(weight.shape), exact.bits, 32, exact.symmetric, learnable_clipping=False, gguf_grid=True)
+            tensor = stored[f"blk.{index}.{gguf_name}.weight"]
+            assert tensor.tensor_type.name == type_name
+            assert np.array_equal(pack_blocks(type_name, rtn.quantize(weight)), np.asarray(tensor.data).reshape(weight.shape[0], -1))
 
 
 @pytest.mark.parametrize("type_name", sorted(EXACT_TYPES))
 def test_block_bytes_decode_to_the_runs_grid_in_the_gguf_package(type_name):
     exact = EXACT_TYPES[type_name]
     torch.manual_seed(0)
-    quantizer = WeightQuantizer((48, 96), exact.bits, 32, exact.symmetric, gguf_grid=GRIDS[type_name]["grid"] == "gguf")
+    quantizer = WeightQuantizer((48, 96), exact.bits, 32, exact.symmetric, gguf_grid=True)
     with torch.no_grad():
         quantizer.upper_logit.uniform_(0, 4)
         quantizer.lower_logit.uniform_(0, 4)
     codes = quantizer.quantize(torch.randn(48, 96) * torch.rand(48, 1))
     raw = pack_blocks(type_name, codes)
     decoded = gguf.quants.dequantize(raw, getattr(gguf.GGMLQuantizationType, type_name))
+    # on llama.cpp's grid, d and m already are fp16 values: the file decodes to the run's values
+    assert np.array_equal(decoded, codes.dequantize().numpy())
+
+
+@pytest.mark.parametrize("type_name", sorted(EXACT_TYPES))
+def test_min_max_runs_map_exactly_up_to_fp16_scales(type_name):
+    exact = EXACT_TYPES[type_name]
+    torch.manual_seed(0)
+    quantizer = WeightQuantizer((48, 96), exact.bits, 32, exact.symmetric)
+    codes = quantizer.quantize(torch.randn(48, 96) * torch.rand(48, 1))
+    decoded = gguf.quants.dequantize(pack_blocks(type_name, codes), getattr(gguf.GGMLQuantizationType, type_name))
     assert np.array_equal(decoded, expected_dequantized(type_name, codes).numpy())
-    # only d (and m) are rounded to fp16: within half an fp16 ulp of the scale per level
-    error = (torch.from_numpy(decoded) - codes.dequantize()).abs().max()
+    error = (torch.from_numpy(decoded) - codes.dequantize()).abs().max()  # only d (and m) rounded to fp16
     assert error <= codes.scale.max() * 2**-11 * 2 ** (exact.bits + 1)
 
 
@@ -67,12 +102,10 @@ def _export(run, tmp_path, type_name, **options) -> tuple[dict, Path]:
 
 
 def _transformers_model(path: Path):
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name)
 
 
-@pytest.mark.parametrize("type_name,grid", [(name, GRIDS[name]["grid"]) for name in sorted(EXACT_TYPES)]
+@pytest.mark.parametrize("type_name,grid", [(name, "gguf") for name in sorted(EXACT_TYPES)]
                          + [("Q4_1", "minmax"), ("Q4_0", "minmax")])
 def test_exact_export_reads_back_in_transformers_as_the_runs_integers(tmp_path, calibrated_run, type_name, grid):
     run = calibrated_run(**dict(GRIDS[type_name], grid=grid))  # min-max grids map exactly too
@@ -82,17 +115,18 @@ def test_exact_export_reads_back_in_transformers_as_the_runs_integers(tmp_path, 
     assert all(t == type_name for n, t in types.items() if n.startswith("blk.") and not n.endswith("norm.weight"))
     assert types["output.weight"] == "Q8_0"  # llama.cpp's default for a 64-wide output
     model = _transformers_model(path)
+    saved = AutoModelForCausalLM.from_pretrained(run / "model")
     for index in (0, 1):
         for name, codes in load_block_codes(run, index).items():
             read_back = model.model.layers[index].get_submodule(name).weight
             assert torch.equal(read_back, expected_dequantized(type_name, codes)), name
+            if grid == "gguf":  # the file holds exactly the weights the run evaluated
+                assert torch.equal(read_back, saved.model.layers[index].get_submodule(name).weight), name
 
 
 def _reference_model(run: Path, type_name: str, gguf_model):
     """The run's saved model with exactly what the GGUF stores: block linears = the run's codes with d
     (and m) in fp16, embeddings and head = llama.cpp's quantization of them (as transformers decodes)."""
-    from transformers import AutoModelForCausalLM
-
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     with torch.no_grad():
         for index in (0, 1):

@@ -89,10 +89,8 @@ def pack_blocks(type_name: str, weight: QuantizedWeight) -> np.ndarray:
 
 
 def expected_dequantized(type_name: str, weight: QuantizedWeight) -> torch.Tensor:
-    """What llama.cpp computes from `pack_blocks`: the run's grid with d and m rounded to fp16."""
-    d = weight.scale.half().float()
-    if EXACT_TYPES[type_name].symmetric:
-        return QuantizedWeight(weight.codes, d, None, weight.bits).dequantize()
-    m = minimum_of(weight).half().float()
-    per_column = m.repeat_interleave(weight.group_size, dim=1)  # (out, in)
-    return weight.codes.float() * d.repeat_interleave(weight.group_size, dim=1) + per_column
+    """What llama.cpp computes from `pack_blocks`: q·d + m with d and m rounded to fp16 (for a run
+    on llama.cpp's own grid, `quant.grid: gguf`, exactly the run's values)."""
+    del type_name  # every exact type decodes the same way
+    minimum = None if weight.symmetric else minimum_of(weight).half().float()
+    return QuantizedWeight(weight.codes, weight.scale.half().float(), None, weight.bits, minimum).dequantize()

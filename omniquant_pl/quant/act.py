@@ -22,10 +22,8 @@ class PerTokenActQuantizer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             return x
-        # asymmetric: the range always holds 0, so padding/zero activations stay exact
-        return fake_quantize_rows(
-            x, None, None, self.grid.qmin, self.grid.qmax, self.grid.symmetric, keep_zero=not self.grid.symmetric
-        )
+        # asymmetric (minmax_asym): the range always holds 0, so padding/zero activations stay exact
+        return fake_quantize_rows(x, None, None, self.grid.qmin, self.grid.qmax, self.grid.rule)
 
     def extra_repr(self) -> str:
         return f"bits={self.grid.bits}, per-token, {'sym' if self.grid.symmetric else 'asym'}"

@@ -27,10 +27,11 @@ class QuantizedWeight:
     """One linear's weight on its integer grid.
 
     codes: (out, in) uint8 in [0, 2^b - 1] (asymmetric) or int8 in [-(2^(b-1) - 1), 2^(b-1) - 1]
-    (symmetric; from -2^(b-1) on the GGUF grid); scale: (out, in // group_size) fp32 (negative for
-    GGUF-grid symmetric rows whose positive extreme is the larger); zero: same shape, uint8 in
-    [0, 2^b - 1] for asymmetric min-max grids, else None; minimum: same shape, fp32, for the
-    asymmetric GGUF grid (x = q·s + m), else None. Both None: symmetric.
+    (symmetric; from -2^(b-1) on the gguf grid); scale: (out, in // group_size) fp32 (on gguf grids
+    an fp16 value, negative for Q4_0-style rows whose largest-magnitude weight is positive); zero:
+    same shape, uint8 in [0, 2^b - 1] for asymmetric min-max grids, else None; minimum: same shape,
+    an fp16 value in fp32, for the asymmetric gguf grid (x = q·s + m), else None. Both None:
+    symmetric.
     """
 
     codes: torch.Tensor
@@ -52,9 +53,6 @@ class QuantizedWeight:
         """Input columns per scale (in_features for per-channel grids)."""
         return self.codes.shape[1] // self.scale.shape[1]
 
-    def _per_column(self, value: torch.Tensor) -> torch.Tensor:
-        return value.repeat_interleave(self.group_size, dim=1)  # (out, groups) -> (out, in)
-
     def offset(self) -> torch.Tensor | float:
         """(out, groups, 1) zero point or minimum in fp32, or 0.0 for symmetric grids."""
         value = self.minimum if self.minimum is not None else self.zero
@@ -66,7 +64,8 @@ class QuantizedWeight:
         out, _ = self.shape
         groups = self.scale.shape[1]
         codes = self.codes.float().view(out, groups, self.group_size)  # (out, groups, group_size)
-        values = dequantize_codes(codes, self.scale.unsqueeze(-1), self.offset(), self.minimum is not None)
+        rule = "gguf_asym" if self.minimum is not None else "minmax_asym"  # symmetric: q·s either way
+        values = dequantize_codes(codes, self.scale.unsqueeze(-1), self.offset(), rule)
         return values.reshape(self.shape).to(dtype)
 
     def map_rows(self, function: Callable[[torch.Tensor], torch.Tensor]) -> QuantizedWeight:

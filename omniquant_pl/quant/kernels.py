@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from omniquant_pl.quant.primitives import fake_quantize, scale_and_zero
+from omniquant_pl.quant.primitives import RowGrid, fake_quantize, fit_row_grid
 
 log = logging.getLogger(__name__)
 
@@ -25,26 +25,27 @@ def row_grid(
     lower_logit: torch.Tensor | None,
     qmin: int,
     qmax: int,
-    symmetric: bool,
-    keep_zero: bool,
-    float_minimum: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and offset (rows, 1) of each row of fp32 `x` (rows, row_size): an integer zero point,
-    or with `float_minimum` the (clipped) row minimum.
+    rule: str,
+) -> RowGrid:
+    """The grid of each row of fp32 `x` (rows, row_size) under `rule` (see primitives).
 
-    upper/lower_logit (rows, 1): learnable clipping xmax·σ(γ), xmin·σ(β) (None = plain min-max).
-    keep_zero: widen each row's range to include 0 (zeros stay exact, and an asymmetric zero
-    point always lies on the integer grid, as integer formats store it).
-    The zero point is rounded without STE; gradients reach the logits through the scale.
+    upper/lower_logit (rows, 1): learnable clipping xmax·σ(γ), xmin·σ(β) (None = plain min-max; on
+    gguf_sym the row's first largest-magnitude value is clipped by the factor of its sign).
+    minmax_asym widens each row's range to include 0 (zeros stay exact, and the zero point always
+    lies on the integer grid, as integer formats store it).
     """
     xmax = x.amax(dim=-1, keepdim=True)  # (rows, 1)
     xmin = x.amin(dim=-1, keepdim=True)
-    if keep_zero:
+    if rule == "minmax_asym":
         xmax, xmin = xmax.clamp(min=0), xmin.clamp(max=0)
+    # llama.cpp's Q4_0/Q5_0: the first value of largest magnitude, with its sign
+    extreme = x.gather(-1, x.abs().argmax(dim=-1, keepdim=True)) if rule == "gguf_sym" else None
     if upper_logit is not None:
-        xmax = xmax * torch.sigmoid(upper_logit)
-        xmin = xmin * torch.sigmoid(lower_logit)
-    return scale_and_zero(xmin, xmax, qmin, qmax, symmetric, float_minimum)
+        upper, lower = torch.sigmoid(upper_logit), torch.sigmoid(lower_logit)
+        xmax, xmin = xmax * upper, xmin * lower
+        if extreme is not None:
+            extreme = extreme * torch.where(extreme > 0, upper, lower)
+    return fit_row_grid(xmin, xmax, extreme, qmin, qmax, rule)
 
 
 def lwc_fake_quantize(
@@ -53,15 +54,12 @@ def lwc_fake_quantize(
     lower_logit: torch.Tensor | None,
     qmin: int,
     qmax: int,
-    symmetric: bool,
-    keep_zero: bool,
-    float_minimum: bool = False,
+    rule: str,
 ) -> torch.Tensor:
-    """Min-max fake quantization of each row (last dim) of `rows` on the grid of `row_grid`, in
-    fp32, returned in the dtype of `rows`."""
+    """Fake quantization of each row (last dim) of `rows` on its `row_grid`, in fp32, returned in
+    the dtype of `rows`."""
     x = rows.float()
-    scale, offset = row_grid(x, upper_logit, lower_logit, qmin, qmax, symmetric, keep_zero, float_minimum)
-    return fake_quantize(x, scale, offset, qmin, qmax, float_minimum).to(rows.dtype)
+    return fake_quantize(x, row_grid(x, upper_logit, lower_logit, qmin, qmax, rule), qmin, qmax, rule).to(rows.dtype)
 
 
 _fused: Callable[..., torch.Tensor] | None = None
@@ -85,19 +83,17 @@ def fake_quantize_rows(
     lower_logit: torch.Tensor | None,
     qmin: int,
     qmax: int,
-    symmetric: bool,
-    keep_zero: bool = False,
-    float_minimum: bool = False,
+    rule: str,
 ) -> torch.Tensor:
     """`lwc_fake_quantize`, fused when enabled (falls back to eager if compilation fails)."""
     global _enabled
     if _enabled:
         try:
-            return _compiled()(rows, upper_logit, lower_logit, qmin, qmax, symmetric, keep_zero, float_minimum)
+            return _compiled()(rows, upper_logit, lower_logit, qmin, qmax, rule)
         except Exception as err:  # noqa: BLE001 - any compiler failure: keep calibrating, eagerly
             log.warning("fused quantizers unavailable (%s: %s); running them eagerly", type(err).__name__, err)
             _enabled = False
-    return lwc_fake_quantize(rows, upper_logit, lower_logit, qmin, qmax, symmetric, keep_zero, float_minimum)
+    return lwc_fake_quantize(rows, upper_logit, lower_logit, qmin, qmax, rule)
 
 
 @contextlib.contextmanager

@@ -82,8 +82,7 @@ class WeightQuantizer(nn.Module):
         rows = weight.reshape(-1, self.row_size)  # (out·in/row_size, row_size)
         upper, lower = self._clipping_logits()
         grid = self.grid
-        quantized = fake_quantize_rows(rows, upper, lower, grid.qmin, grid.qmax, grid.symmetric,
-                                       not grid.float_minimum, grid.float_minimum)
+        quantized = fake_quantize_rows(rows, upper, lower, grid.qmin, grid.qmax, grid.rule)
         return quantized.reshape(weight.shape)
 
     @torch.no_grad()
@@ -94,21 +93,19 @@ class WeightQuantizer(nn.Module):
         rows = weight.reshape(-1, self.row_size).float()  # (out·groups, row_size)
         upper, lower = self._clipping_logits()
         grid = self.grid
-        scale, offset = row_grid(rows, upper, lower, grid.qmin, grid.qmax, grid.symmetric, not grid.float_minimum,
-                                 grid.float_minimum)
-        codes = quantize_codes(rows, scale, offset, grid.qmin, grid.qmax, grid.float_minimum)
+        row = row_grid(rows, upper, lower, grid.qmin, grid.qmax, grid.rule)
+        codes = quantize_codes(rows, row, grid.qmin, grid.qmax, grid.rule)
         groups = in_features // self.row_size
 
         def per_group(value: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-            return value.reshape(out_features, groups).to(dtype or value.dtype).cpu()
+            return value.reshape(out_features, groups).to(dtype or value.dtype).cpu()  # (out, groups)
 
-        integer_zero = not grid.symmetric and not grid.float_minimum
         return QuantizedWeight(
             codes=codes.to(torch.int8 if grid.symmetric else torch.uint8).reshape(out_features, in_features).cpu(),
-            scale=per_group(scale),
-            zero=per_group(offset, torch.uint8) if integer_zero else None,
+            scale=per_group(row.scale),
+            zero=per_group(row.offset, torch.uint8) if grid.rule == "minmax_asym" else None,
             bits=grid.bits,
-            minimum=per_group(offset) if grid.float_minimum else None,
+            minimum=per_group(row.offset) if grid.rule == "gguf_asym" else None,
         )
 
     def extra_repr(self) -> str:

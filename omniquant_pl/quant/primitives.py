@@ -1,41 +1,65 @@
-"""Uniform affine fake quantization with a straight-through estimator (STE) for rounding.
+"""Uniform affine fake quantization with straight-through estimators (STE) for rounding.
 
-Every quantizer in the project reduces to: pick `xmin`/`xmax` per row, turn them into a scale and
-zero point (or, on GGUF's asymmetric grid, a real-valued minimum) on a `QuantGrid`, then
-`fake_quantize`. Rows are the last dimension of the input.
+Every quantizer in the project reduces to: clip each row's range (`xmin`, `xmax`; LWC learns the
+clipping), fit a grid to it (`fit_row_grid`), compute integer codes (`quantize_codes`) and their
+values (`dequantize_codes`). Rows are the last dimension of the input. A grid follows one of these
+rules (`QuantGrid.rule`):
+
+  minmax_asym  codes [0, 2^b - 1], integer zero point z: (q - z)·s; the range always holds 0
+  minmax_sym   codes ±(2^(b-1) - 1): q·s                                (the official code's grids)
+  gguf_asym    codes [0, 2^b - 1], real-valued minimum: q·d + m          (llama.cpp Q4_1, Q5_1)
+  gguf_sym     codes [-2^(b-1), 2^(b-1) - 1], d = e / -2^(b-1) for the row's first largest-magnitude
+               value e (a negative d when e > 0): q·d                     (llama.cpp Q4_0, Q5_0)
+  gguf_q8      codes ±127, d = max|x| / 127: q·d                          (llama.cpp Q8_0)
+
+The gguf rules compute codes with llama.cpp's own arithmetic (reciprocal scale, truncation after
++0.5, round-half-away for Q8_0) and values with d and m rounded to fp16 as the file stores them, so
+unclipped they reproduce llama.cpp's quantizer byte for byte, and the values are what it computes.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from omniquant_pl.errors import ConfigError
 
-# The paper clamps scales away from zero (and infinity) so that x / scale stays finite.
+# The paper clamps min-max scales away from zero (and infinity) so that x / scale stays finite.
 SCALE_MIN = 1e-5
 SCALE_MAX = 1e4
 ZERO_POINT_LIMIT = 1e4
+RULES = ("minmax_asym", "minmax_sym", "gguf_asym", "gguf_sym", "gguf_q8")
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
-    """Round to nearest in the forward pass; identity gradient in the backward pass."""
+    """Round half to even in the forward pass; identity gradient in the backward pass. (The forward
+    value is exactly round(x): x + (round(x) - x) adds an exactly computed difference.)"""
     return x + (x.round() - x).detach()
+
+
+def trunc_ste(x: torch.Tensor) -> torch.Tensor:
+    """Truncate toward zero (C's float-to-int conversion) with an identity gradient."""
+    return x + (x.trunc() - x).detach()
+
+
+def round_half_away_ste(x: torch.Tensor) -> torch.Tensor:
+    """C's roundf (halves away from zero) with an identity gradient."""
+    whole = x.trunc()
+    rounded = torch.where((x - whole).abs() == 0.5, whole + x.sign(), x.round())
+    return x + (rounded - x).detach()
+
+
+def fp16_ste(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the nearest fp16 value (kept in x's dtype), with an identity gradient (values
+    already in fp16 pass unchanged, -0.0 included)."""
+    rounded = x.half().to(x.dtype)
+    return torch.where(rounded == x, x, x + (rounded - x).detach())
 
 
 @dataclass(frozen=True)
 class QuantGrid:
-    """The integer grid of a `bits`-bit quantizer.
-
-    Min-max grids (the official code's): asymmetric [0, 2^b - 1] with an integer zero point,
-    symmetric [-(2^(b-1) - 1), 2^(b-1) - 1] with the zero point at 0 (the restricted range keeps
-    +max and -max exactly representable).
-
-    GGUF grids (`gguf`, llama.cpp's 4/5-bit block types): asymmetric [0, 2^b - 1] with a real-valued
-    minimum, x = q·s + m (Q4_1/Q5_1); symmetric on all 2^b levels [-2^(b-1), 2^(b-1) - 1] with the
-    row's larger-magnitude extreme on -2^(b-1), a negative scale when that extreme is positive
-    (Q4_0/Q5_0). Unclipped, they round exactly as llama.cpp's reference quantizer does.
-    """
+    """The integer grid of a `bits`-bit quantizer: min-max (the official code's) or llama.cpp's."""
 
     bits: int
     symmetric: bool = False
@@ -49,73 +73,84 @@ class QuantGrid:
             )
 
     @property
+    def rule(self) -> str:
+        if not self.gguf:
+            return "minmax_sym" if self.symmetric else "minmax_asym"
+        if not self.symmetric:
+            return "gguf_asym"
+        return "gguf_q8" if self.bits == 8 else "gguf_sym"
+
+    @property
     def qmin(self) -> int:
         if not self.symmetric:
             return 0
-        return -(2 ** (self.bits - 1)) if self.gguf else -(2 ** (self.bits - 1) - 1)
+        return -(2 ** (self.bits - 1)) if self.rule == "gguf_sym" else -(2 ** (self.bits - 1) - 1)
 
     @property
     def qmax(self) -> int:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
-    @property
-    def float_minimum(self) -> bool:
-        """Asymmetric with a real-valued minimum instead of an integer zero point."""
-        return self.gguf and not self.symmetric
 
-    def scale_and_zero(
-        self, xmin: torch.Tensor, xmax: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Scale and zero point (or minimum) that map [xmin, xmax] onto the grid."""
-        return scale_and_zero(xmin, xmax, self.qmin, self.qmax, self.symmetric, self.float_minimum)
+class RowGrid(NamedTuple):
+    """Per-row (rows, 1) grid: values are q·scale + offset (gguf) or (q - offset)·scale (min-max);
+    codes are computed from `code_scale` (s, or llama.cpp's reciprocal 1/d) and `code_offset`."""
 
-
-def scale_and_zero(
-    xmin: torch.Tensor, xmax: torch.Tensor, qmin: int, qmax: int, symmetric: bool, float_minimum: bool = False
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale and offset that map [xmin, xmax] onto the grid [qmin, qmax]: the offset is an integer
-    zero point, or with `float_minimum` the minimum xmin itself.
-
-    The zero point is rounded without STE (as the paper does): LWC gradients reach γ/β through
-    the scale, and measured on heavy-tailed and Gaussian weights this converges more stably
-    than an STE zero point.
-    """
-    if symmetric and qmin == -qmax - 1:  # all 2^b levels: the larger-magnitude extreme lands on qmin
-        extreme = torch.where(xmax.abs() >= xmin.abs(), xmax, xmin)
-        magnitude = (extreme.abs() / -qmin).clamp(SCALE_MIN, SCALE_MAX)
-        scale = torch.where(extreme > 0, -magnitude, magnitude)
-        return scale, torch.zeros_like(scale)
-    if symmetric:
-        absmax = torch.maximum(xmin.abs(), xmax.abs())
-        scale = (absmax / qmax).clamp(SCALE_MIN, SCALE_MAX)
-        return scale, torch.zeros_like(scale)
-    scale = ((xmax - xmin) / qmax).clamp(SCALE_MIN, SCALE_MAX)
-    if float_minimum:
-        return scale, xmin
-    zero_point = (-xmin / scale).clamp(-ZERO_POINT_LIMIT, ZERO_POINT_LIMIT).round()
-    return scale, zero_point
+    scale: torch.Tensor
+    offset: torch.Tensor
+    code_scale: torch.Tensor
+    code_offset: torch.Tensor
 
 
-def quantize_codes(x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: int, qmax: int,
-                   float_minimum: bool = False) -> torch.Tensor:
-    """The integer codes of `x` (rounded with the STE): round(x/s) + z, or round((x - m)/s)."""
-    if float_minimum:
-        return torch.clamp(round_ste((x - offset) / scale), qmin, qmax)
-    return torch.clamp(round_ste(x / scale) + offset, qmin, qmax)
+def _reciprocal(d: torch.Tensor) -> torch.Tensor:
+    return torch.where(d == 0, torch.zeros_like(d), 1.0 / d)
 
 
-def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, float_minimum: bool = False
-                     ) -> torch.Tensor:
-    """(q - z)·s, or q·s + m."""
-    return q * scale + offset if float_minimum else (q - offset) * scale
+def fit_row_grid(xmin: torch.Tensor, xmax: torch.Tensor, extreme: torch.Tensor | None, qmin: int, qmax: int,
+                 rule: str) -> RowGrid:
+    """The grid of each row from its (clipped) range; `extreme` (gguf_sym only) is the row's first
+    largest-magnitude value, clipped. The min-max zero point is rounded without STE (as the paper
+    does): LWC gradients reach γ/β through the scale."""
+    zeros = torch.zeros_like(xmax)
+    if rule == "minmax_asym":
+        scale = ((xmax - xmin) / qmax).clamp(SCALE_MIN, SCALE_MAX)
+        zero_point = (-xmin / scale).clamp(-ZERO_POINT_LIMIT, ZERO_POINT_LIMIT).round()
+        return RowGrid(scale, zero_point, scale, zero_point)
+    if rule == "minmax_sym":
+        scale = (torch.maximum(xmin.abs(), xmax.abs()) / qmax).clamp(SCALE_MIN, SCALE_MAX)
+        return RowGrid(scale, zeros, scale, zeros)
+    if rule == "gguf_asym":
+        d = (xmax - xmin) / qmax
+        return RowGrid(fp16_ste(d), fp16_ste(xmin), _reciprocal(d), xmin)
+    if rule == "gguf_sym":
+        d = extreme / qmin
+        return RowGrid(fp16_ste(d), zeros, _reciprocal(d), zeros)
+    if rule == "gguf_q8":
+        d = torch.maximum(xmin.abs(), xmax.abs()) / qmax
+        return RowGrid(fp16_ste(d), zeros, _reciprocal(d), zeros)
+    raise ValueError(f"unknown quantization rule {rule!r}; one of {RULES}")
 
 
-def fake_quantize(
-    x: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, qmin: int, qmax: int, float_minimum: bool = False
-) -> torch.Tensor:
-    """Quantize to the integer grid [qmin, qmax] and de-quantize back; `scale`/`offset` (zero point
-    or minimum) broadcast against `x`."""
-    return dequantize_codes(quantize_codes(x, scale, offset, qmin, qmax, float_minimum), scale, offset, float_minimum)
+def quantize_codes(x: torch.Tensor, grid: RowGrid, qmin: int, qmax: int, rule: str) -> torch.Tensor:
+    """Integer codes of `x` (fp32 values, STE rounding) on `grid`."""
+    if rule.startswith("minmax"):
+        return torch.clamp(round_ste(x / grid.code_scale) + grid.code_offset, qmin, qmax)
+    if rule == "gguf_asym":  # llama.cpp: (int)((x - min)·id + 0.5), at most 2^b - 1
+        return torch.clamp(trunc_ste((x - grid.code_offset) * grid.code_scale + 0.5), qmin, qmax)
+    if rule == "gguf_sym":  # llama.cpp: (int)(x·id + 2^(b-1) + 0.5) - 2^(b-1), on [0, 2^b - 1]
+        return torch.clamp(trunc_ste(x * grid.code_scale + (0.5 - qmin)), 0, qmax - qmin) + qmin
+    return torch.clamp(round_half_away_ste(x * grid.code_scale), qmin, qmax)  # gguf_q8: roundf(x·id)
+
+
+def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | float, rule: str) -> torch.Tensor:
+    """The values of codes: (q - z)·s (min-max) or q·d + m (gguf; m = 0 when symmetric)."""
+    if rule.startswith("minmax"):
+        return (q - offset) * scale
+    return q * scale + offset
+
+
+def fake_quantize(x: torch.Tensor, grid: RowGrid, qmin: int, qmax: int, rule: str) -> torch.Tensor:
+    """Quantize to the integer grid and de-quantize back; the grid broadcasts against `x`."""
+    return dequantize_codes(quantize_codes(x, grid, qmin, qmax, rule), grid.scale, grid.offset, rule)
 
 
 def check_bits(name: str, bits: int) -> None:
