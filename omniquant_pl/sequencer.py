@@ -33,9 +33,10 @@ from omniquant_pl.config import RunConfig
 from omniquant_pl.errors import NonFiniteLossError, OmniQuantError
 from omniquant_pl.hooks import CalibrationCallback
 from omniquant_pl.io import atomic_write_json, atomic_write_text
+from omniquant_pl.keep_best import keep_best
 from omniquant_pl.let.init import input_ranges
 from omniquant_pl.models import load_model_and_tokenizer
-from omniquant_pl.quant.codes import codes_path, save_block_codes
+from omniquant_pl.quant.codes import save_block_codes
 from omniquant_pl.quant.kernels import use_fused_quantizers
 from omniquant_pl.quant.rtn import rtn_quantizer
 
@@ -76,6 +77,16 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # blocks calibrate in eval mode
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")  # caches are in memory
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
+
+
+def warn_about_unexportable_grid(quant) -> None:
+    """quant.grid gguf is llama.cpp's grid for weight-only runs with groups of 32 at 4, 5 or 8 bits:
+    say before calibrating when no GGUF type will store the run exactly."""
+    exact = quant.group_size == 32 and quant.abits == 16 and (quant.wbits in (4, 5) or (quant.wbits, quant.symmetric) == (8, True))
+    if quant.grid == "gguf" and not exact:
+        log.warning("quant.grid gguf with %s (%s): no GGUF type stores this grid exactly; exact GGUF exports need "
+                    "quant.group_size 32, quant.abits 16 and 4/5-bit (or symmetric 8-bit) weights",
+                    quant.tag, "symmetric" if quant.symmetric else "asymmetric")
 
 
 def default_callbacks() -> list[Callback]:
@@ -207,6 +218,7 @@ class BlockSequencer:
     def setup(self) -> None:
         cfg = self.config
         quiet_lightning()
+        warn_about_unexportable_grid(cfg.quant)
         if self.model is None:
             self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, self.device)
         self.model.eval()
@@ -319,8 +331,8 @@ class BlockSequencer:
         module = self._build_module(index, block)
         module.load_learned_state(block_state(learned, index))
         module.fuse()
-        if not codes_path(self.output_dir, index).is_file():  # a run checkpointed before codes were stored
-            save_block_codes(self.output_dir, index, module.quantized_weights)
+        # the codes of this replay: the model saved at the end comes from the same fuse
+        save_block_codes(self.output_dir, index, module.quantized_weights)
         next_quant_inputs = self._propagate(block, quant_inputs)
         self.blocks[index] = block.to("cpu")
         return targets, next_quant_inputs
@@ -364,7 +376,7 @@ class BlockSequencer:
         if cfg.train.report_losses:
             metrics["final_loss"] = module.mean_loss(eval_loader, amp)
             if cfg.train.keep_best:
-                self._keep_best(index, module, initial_state, metrics)
+                keep_best(index, module, initial_state, metrics)
         learned_state = module.learned_state()
         self._emit("on_block_fit_end", index, module)
         if module.quant_linears:
@@ -378,23 +390,6 @@ class BlockSequencer:
         self.blocks[index] = block.to("cpu")
         metrics["seconds"] = time.perf_counter() - started
         return targets, next_quant_inputs, metrics, learned_state
-
-    @staticmethod
-    def _keep_best(index: int, module: BlockModule, initial_state: dict[str, torch.Tensor], metrics: dict) -> None:
-        """Keep whichever of the trained, initial and RTN parameters gave the lowest block loss (ties:
-        trained first), so no block ends worse than its start or than round-to-nearest."""
-        losses = {"trained": metrics["final_loss"], "initial": metrics["init_loss"], "rtn": metrics["rtn_loss"]}
-        best = min(losses, key=lambda name: (losses[name], list(losses).index(name)))
-        if best == "trained" or not math.isfinite(losses[best]):
-            return
-        if best == "initial":
-            module.load_learned_state(initial_state)
-        else:
-            module.make_rtn()
-        log.warning("block %d: training ended at loss %.4g; kept the %s parameters (loss %.4g)",
-                    index, losses["trained"], best, losses[best])
-        metrics["trained_loss"], metrics["final_loss"] = losses["trained"], losses[best]
-        metrics["restored"] = best
 
     def _fit_with_retries(self, index, module, loader, initial_state, metrics, attempts: int = 3) -> None:
         """Fit; on a non-finite loss restore the initial parameters and retry at half the lr."""

@@ -64,6 +64,21 @@ def test_weight_only_export_loads_in_transformers_with_the_runs_logits(tmp_path,
     torch.testing.assert_close(_logits(exported), _logits(_run_model(run)), rtol=0, atol=0)
 
 
+def test_runs_on_llama_cpps_symmetric_grid_export_exactly_with_float16_scales(tmp_path, calibrated_run):
+    """quant.grid gguf keeps scales as fp16 values (negative where a row's largest weight is
+    positive) and codes on [-8, 7]: compressed-tensors holds them exactly in float16."""
+    run = calibrated_run(wbits=4, group_size=32, symmetric=True, grid="gguf")
+    report = export_run(run, ExportConfig(format="compressed-tensors", output=str(tmp_path / "ct")))
+    assert report["exact"] and report["values_exact"]
+    exported = _load_export(tmp_path / "ct", dtype=torch.float32)
+    with torch.no_grad():
+        exported(input_ids=IDS[:, :4])  # compressed-tensors decompresses on the first forward
+    reference = _run_model(run)
+    for name in ("self_attn.q_proj", "mlp.down_proj"):
+        assert torch.equal(exported.model.layers[1].get_submodule(name).weight,
+                           reference.model.layers[1].get_submodule(name).weight)
+
+
 def test_float16_scales_move_the_logits_only_by_the_scale_rounding(tmp_path, calibrated_run):
     run = calibrated_run(wbits=4, group_size=0, symmetric=True)
     export_run(run, ExportConfig(format="compressed-tensors", output=str(tmp_path / "ct16")))

@@ -22,9 +22,10 @@ pytest.importorskip("llama_cpp")
 GRIDS = {name: dict(wbits=t.bits, symmetric=t.symmetric, group_size=32, grid="gguf") for name, t in EXACT_TYPES.items()}
 # llama.cpp quantizes activations to 8-bit blocks of 32 (Q8_0/Q8_1) for its quantized dot products, keeps
 # the KV cache in fp16 and sums in another order: measured up to 3.2e-3 nats per window (Q4_1) on the
-# test model. A wrong rope row order moves every window by >= 1.2e-2 (measured; 3.6e-2 on average), a
-# wrong nibble order, zero point or scale by more.
-NLL_TOLERANCE = 5e-3
+# test model, 1.5e-3 on average. A wrong rope row order moves the windows by 3.6e-2 on average (at least
+# 1.2e-2 each, measured), a wrong nibble order, zero point or scale by more. Checked: the mean over the
+# windows within MEAN_TOLERANCE, each window within MAX_TOLERANCE (room for other CPUs' kernels).
+MEAN_TOLERANCE, MAX_TOLERANCE = 5e-3, 1e-2
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,8 @@ def test_llama_cpp_scores_the_export_like_the_runs_model(tmp_path, calibrated_ru
     reference = _reference_model(run, type_name, _transformers_model(path))
     with torch.no_grad():
         torch_nll = window_mean_nll(reference(input_ids=ids.view(4, 64)).logits, ids.view(4, 64)).double()
-    assert (llama_cpp_nll - torch_nll).abs().max() < NLL_TOLERANCE, (llama_cpp_nll, torch_nll)
+    difference = (llama_cpp_nll - torch_nll).abs()
+    assert difference.mean() < MEAN_TOLERANCE and difference.max() < MAX_TOLERANCE, (llama_cpp_nll, torch_nll)
 
 
 def test_grid_mismatch_is_refused_unless_requantized_and_then_said_to_be_approximate(tmp_path, calibrated_run):
@@ -172,7 +174,8 @@ def test_grid_mismatch_is_refused_unless_requantized_and_then_said_to_be_approxi
     llama_cpp_nll = torch.tensor(gguf_perplexity(path, ids, 64)["window_nll"])
     with torch.no_grad():
         torch_nll = window_mean_nll(_transformers_model(path)(input_ids=ids.view(2, 64)).logits, ids.view(2, 64))
-    assert (llama_cpp_nll - torch_nll.double()).abs().max() < NLL_TOLERANCE
+    difference = (llama_cpp_nll - torch_nll.double()).abs()
+    assert difference.mean() < MEAN_TOLERANCE and difference.max() < MAX_TOLERANCE
 
 
 def test_weight_activation_runs_and_other_families_are_refused(tmp_path, calibrated_run):

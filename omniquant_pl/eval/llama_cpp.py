@@ -10,6 +10,7 @@ illegal instruction. Off, matmuls run through ggml's regular CPU kernels (no wei
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from pathlib import Path
@@ -17,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from omniquant_pl.export.llama_cpp import _llama_cpp, captured_log
+from omniquant_pl.export.llama_cpp import captured_log, require_llama_cpp
+
+log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -27,6 +30,9 @@ def _without_extra_buffers():
     from llama_cpp import llama_cpp as api
 
     defaults = api.llama_model_default_params
+    if "use_extra_bufts" not in dict(api.llama_model_params._fields_):
+        log.warning("this llama-cpp-python cannot turn llama.cpp's extra buffer types off; on CPUs that report AMX "
+                    "inside VMs llama.cpp may die on an illegal instruction: pip install -U llama-cpp-python")
 
     def params():
         value = defaults()
@@ -42,7 +48,7 @@ def _without_extra_buffers():
 
 def load_gguf(path: Path, context: int, threads: int | None = None):
     """A llama.cpp model with a context of `context` tokens that keeps every position's logits."""
-    llama_cpp = _llama_cpp()
+    llama_cpp = require_llama_cpp()
     with captured_log(), _without_extra_buffers():
         return llama_cpp.Llama(model_path=str(path), n_ctx=context, n_batch=min(context, 512), logits_all=True,
                                n_threads=threads or os.cpu_count(), verbose=False)

@@ -70,8 +70,9 @@ class ExportConfig:
             ``Q4_K_S/M``, ``Q5_K_S/M``, ``Q6_K``, ``F16``, ...).
         requantize: GGUF only: re-round the fused weights into ``gguf_type`` with llama.cpp's
             quantizer when the run's grid is not that type's (approximate, and said so).
-        dtype: floating-point dtype of the tensors that stay in floating point and of the
-            compressed-tensors scales (``float32`` keeps the run's scales exactly).
+        dtype: compressed-tensors only: dtype of the tensors that stay in floating point and of
+            the scales (``float32`` keeps any run's scales exactly; runs on ``quant.grid: gguf``
+            have fp16 scales already). GGUF files take their types from ``gguf_type``.
     """
 
     format: str = "compressed-tensors"
@@ -116,6 +117,7 @@ def export_run(run_dir: str | Path, options: ExportConfig) -> dict:
     exporter = get_exporter(options.format)
     run = CalibratedRun.open(Path(run_dir))
     destination = Path(options.output) if options.output else options.default_output(run.run_dir)
+    parent_existed = destination.parent.exists()
     staging = _staging_dir(destination)
     started = time.perf_counter()
     try:
@@ -129,6 +131,8 @@ def export_run(run_dir: str | Path, options: ExportConfig) -> dict:
         staging.rename(destination)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        if not parent_existed and not any(destination.parent.iterdir()):
+            destination.parent.rmdir()  # leave no empty export/ behind a refusal
         raise
     report["output"] = str(destination)
     return report

@@ -26,6 +26,9 @@ from omniquant_pl.export.run import CalibratedRun
 from omniquant_pl.quant.codes import QuantizedWeight
 
 WEIGHT_ONLY_BITS = (4, 8)  # what vLLM's WNA16 kernels take (zero points: 4 and 8 bits)
+MARLIN_GROUPS = (0, 32, 64, 128)  # group sizes vLLM's Marlin kernels take (0 = per channel)
+# the llama.cpp type to re-round a run into when compressed-tensors cannot hold it
+GGUF_INSTEAD = {2: "Q2_K", 3: "Q3_K_M", 4: "Q4_K_M", 5: "Q5_K_M", 6: "Q6_K", 7: "Q8_0", 8: "Q8_0"}
 MAX_SHARD = "5GB"
 
 
@@ -40,15 +43,18 @@ def _require_package():
 def check_exportable(quant: QuantConfig) -> str:
     """The compressed-tensors format of a run's settings, or a one-line error naming what to do."""
     if quant.grid == "gguf" and not quant.symmetric:
+        gguf_type = f"Q{quant.wbits}_1" if quant.wbits in (4, 5) and quant.group_size == 32 else None
+        instead = f"--gguf-type {gguf_type}" if gguf_type else f"--gguf-type {GGUF_INSTEAD[quant.wbits]} --requantize"
         raise ConfigError(
             "compressed-tensors stores integer zero points; this run uses quant.grid gguf (a real-valued minimum): "
-            "export it with --format gguf --gguf-type Q4_1, or calibrate with quant.grid minmax"
+            f"export it with --format gguf {instead}, or calibrate with quant.grid minmax"
         )
     if quant.abits == 16:
         if quant.wbits not in WEIGHT_ONLY_BITS:
             raise ConfigError(
                 f"compressed-tensors for vLLM holds 4- or 8-bit weights; this run is {quant.tag}: export it with "
-                f"--format gguf --gguf_type Q{quant.wbits}_K_M --requantize (approximate), or calibrate with quant.wbits 4"
+                f"--format gguf --gguf-type {GGUF_INSTEAD[quant.wbits]} --requantize (approximate), or calibrate with "
+                "quant.wbits 4"
             )
         return "pack-quantized"
     if (quant.wbits, quant.abits) == (8, 8):
@@ -147,9 +153,9 @@ def _write_config(run: CalibratedRun, staging: Path, options: ExportConfig, qcon
         "from_run": run.run_dir.name,
     }
     config["use_cache"] = True
-    for key in ("dtype", "torch_dtype"):
-        if key in config or key == "dtype":
-            config[key] = options.dtype
+    config["dtype"] = options.dtype
+    if "torch_dtype" in config:  # older transformers' name for it
+        config["torch_dtype"] = options.dtype
     (staging / "config.json").write_text(json.dumps(config, indent=2))
     ModelCompressor(quantization_config=qconfig).update_config(str(staging))  # adds quantization_config
 
@@ -173,15 +179,23 @@ def export_compressed_tensors(run: CalibratedRun, options: ExportConfig, staging
     qconfig = quantization_config(run.quant, compression_format, ignore)
     files = save_sharded(state, staging)
     _write_config(run, staging, options, qconfig)
-    for path in run.tokenizer_files():
+    for path in run.side_files():
         shutil.copy2(path, staging / path.name)
     weight_bytes = sum(path.stat().st_size for path in files)
     notes = []
     if run.quant.abits < 16:
         notes.append("the run also quantized attention q/k/v per token; engines run attention in floating point")
+    if run.quant.group_size not in MARLIN_GROUPS:
+        notes.append(f"vLLM's Marlin kernels take groups of 32, 64 or 128 (or per channel), not {run.quant.group_size}; "
+                     "transformers loads it")
+    # the run's scales are fp16 values on llama.cpp's grid; otherwise fp16/bf16 storage rounds them
+    values_exact = options.dtype == "float32" or (run.quant.grid == "gguf" and options.dtype == "float16")
+    if not values_exact:
+        notes.append(f"scales stored in {options.dtype}: weights equal the run's up to that rounding (--dtype float32 keeps them)")
     return {
         "compression_format": compression_format,
-        "exact": options.dtype == "float32",
+        "exact": True,  # the run's integers, bit for bit
+        "values_exact": values_exact,
         "scales_dtype": options.dtype,
         "quantized_linears": linears,
         "ignored": ignore,

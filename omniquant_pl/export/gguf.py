@@ -10,11 +10,12 @@ the report say the result is approximate. Float types (F32, F16, BF16) store the
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 from omniquant_pl.config import QuantConfig
-from omniquant_pl.errors import ConfigError
+from omniquant_pl.errors import ConfigError, OmniQuantError
 from omniquant_pl.export import ExportConfig, register_exporter
 from omniquant_pl.export.gguf_blocks import BLOCK, EXACT_TYPES, pack_blocks
 from omniquant_pl.export.gguf_model import (
@@ -127,7 +128,10 @@ def _check_blocks_kept(intermediate: Path, final: Path, type_name: str) -> int:
     after = {t.name: t for t in gguf.GGUFReader(str(final)).tensors}
     changed = [name for name, t in before.items() if bytes(after[name].data) != bytes(t.data)]
     if changed:
-        raise ConfigError(f"llama.cpp changed {len(changed)} exact {type_name} tensors (e.g. {changed[0]}); nothing written")
+        raise OmniQuantError(
+            f"llama.cpp's quantizer changed {len(changed)} exact {type_name} tensors (e.g. {changed[0]}), so nothing was "
+            "written; add --requantize for an approximate file, and please report it with your llama-cpp-python version"
+        )
     return len(before)
 
 
@@ -148,9 +152,7 @@ def export_gguf(run: CalibratedRun, options: ExportConfig, staging: Path) -> dic
     kept = _check_blocks_kept(intermediate, final, type_name) if mode == "exact" else 0
     intermediate.unlink()
     types = tensor_types(final)
-    counts: dict[str, int] = {}
-    for tensor_type in types.values():
-        counts[tensor_type] = counts.get(tensor_type, 0) + 1
+    counts = dict(Counter(types.values()))
     notes = []
     if mode == "requantize":
         notes.append(f"APPROXIMATE: llama.cpp re-rounded the run's fused {run.quant.tag} weights into {type_name}; "
@@ -158,11 +160,16 @@ def export_gguf(run: CalibratedRun, options: ExportConfig, staging: Path) -> dic
     fallbacks = sorted({t for n, t in types.items() if n.startswith("blk.") and t not in (type_name, "F32")})
     if fallbacks and mode != "exact":
         notes.append(f"llama.cpp stored some block tensors as {', '.join(fallbacks)} (its rules for {type_name})")
+    values_exact = mode == "exact" and run.quant.grid == "gguf"  # d and m already fp16 values
+    if mode == "exact" and not values_exact:
+        notes.append("d (and m) stored in fp16 as GGUF does: weights equal the run's up to that rounding "
+                     "(a run with quant.grid gguf stores them exactly)")
     return {
         "file": final.name,
         "gguf_type": type_name,
         "mode": mode,
-        "exact": mode == "exact",
+        "exact": mode == "exact",  # the run's integers, bit for bit
+        "values_exact": values_exact,
         "exact_tensors": kept,
         "tensor_types": counts,
         "file_bytes": final.stat().st_size,

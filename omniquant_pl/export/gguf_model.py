@@ -49,10 +49,11 @@ def rope_interleave_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def rope_heads(hf_name: str, config) -> int | None:
-    """Heads whose rows `hf_name` holds, if it is a q or k projection (which llama.cpp permutes)."""
-    if hf_name.endswith("self_attn.q_proj.weight"):
+    """Heads whose rows `hf_name` holds, if it is a q or k projection weight or bias (which llama.cpp
+    permutes)."""
+    if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
         return int(config.num_attention_heads)
-    if hf_name.endswith("self_attn.k_proj.weight"):
+    if hf_name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
         return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     return None
 
@@ -103,7 +104,8 @@ def add_architecture(writer, config, name: str) -> None:
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(rope["factor"]))
     elif rope["rope_type"] not in ("default", "llama3"):
-        raise OmniQuantError(f"GGUF export: rope scaling '{rope['rope_type']}' is not supported (default, linear, llama3)")
+        raise OmniQuantError(f"GGUF export supports rope scaling default, linear and llama3, not '{rope['rope_type']}'; "
+                             "export this model with --format compressed-tensors")
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
@@ -131,7 +133,8 @@ def add_tokenizer_from_hf(writer, folder: Path, config) -> None:
         raise OmniQuantError(f"{folder} has no tokenizer.json; GGUF export needs the model's fast tokenizer")
     model = json.loads(path.read_text(encoding="utf-8"))["model"]
     if model.get("type") != "BPE":
-        raise OmniQuantError(f"GGUF export reads BPE tokenizers from tokenizer.json; this one is {model.get('type')}")
+        raise OmniQuantError(f"GGUF export reads BPE tokenizers from tokenizer.json, this one is {model.get('type')}; "
+                             "export with --format compressed-tensors, or load the model from a GGUF to calibrate it")
     vocab = LlamaHfVocab(folder) if model.get("byte_fallback") else BpeVocab(folder)
     tokens, scores, types = (list(column) for column in zip(*vocab.all_tokens()))
     for index in range(len(tokens), int(config.vocab_size)):  # rows of the embedding with no token
@@ -164,7 +167,8 @@ class GGUFTensor:
 def gguf_name(tensor_map, hf_name: str) -> str:
     name = tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
-        raise OmniQuantError(f"GGUF export: no llama.cpp name for tensor '{hf_name}'")
+        raise OmniQuantError(f"llama.cpp's LLaMA architecture has no tensor for '{hf_name}'; export this model with "
+                             "--format compressed-tensors")
     return name
 
 

@@ -19,7 +19,7 @@ from omniquant_pl.errors import ConfigError, OmniQuantError
 ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
 
-def _llama_cpp():
+def require_llama_cpp():
     try:
         import llama_cpp
     except ImportError as err:
@@ -29,7 +29,7 @@ def _llama_cpp():
 
 def file_types() -> dict[str, int]:
     """llama.cpp's file types by quantize name (Q4_0, Q4_K_M, F16, ...) plus the aliases Q3_K/Q4_K/Q5_K."""
-    llama_cpp = _llama_cpp()
+    llama_cpp = require_llama_cpp()
     prefix = "LLAMA_FTYPE_MOSTLY_"
     types = {name[len(prefix):]: getattr(llama_cpp, name) for name in dir(llama_cpp) if name.startswith(prefix)}
     types["F32"] = llama_cpp.LLAMA_FTYPE_ALL_F32
@@ -47,7 +47,7 @@ def file_type(name: str) -> int:
 @contextlib.contextmanager
 def captured_log() -> Iterator[list[str]]:
     """llama.cpp's log lines during the context (not printed); restores the package's logger."""
-    llama_cpp = _llama_cpp()
+    llama_cpp = require_llama_cpp()
     from llama_cpp import _logger
 
     lines: list[str] = []
@@ -65,7 +65,7 @@ def captured_log() -> Iterator[list[str]]:
 
 def quantize_gguf(source: Path, destination: Path, type_name: str, allow_requantize: bool = False) -> list[str]:
     """llama.cpp quantizes `source` into `destination` as file type `type_name`; returns its log."""
-    llama_cpp = _llama_cpp()
+    llama_cpp = require_llama_cpp()
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = file_type(type_name)
     params.nthread = os.cpu_count() or 1

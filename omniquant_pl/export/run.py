@@ -22,8 +22,9 @@ from omniquant_pl.quant.codes import QuantizedWeight, load_block_codes
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
-                   "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+# tokenizer and generation settings, copied next to an exported Hugging Face model
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "vocab.json",
+              "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
 
 
 class SafetensorsFolder:
@@ -102,8 +103,8 @@ class CalibratedRun:
     def block_prefix(self, index: int) -> str:
         return f"{self.spec.backbone}.{self.spec.layers}.{index}."
 
-    def tokenizer_files(self) -> list[Path]:
-        return [self.model_dir / name for name in TOKENIZER_FILES if (self.model_dir / name).is_file()]
+    def side_files(self) -> list[Path]:
+        return [self.model_dir / name for name in SIDE_FILES if (self.model_dir / name).is_file()]
 
     # -- the integers ------------------------------------------------------------------------
     def block_codes(self, index: int) -> dict[str, QuantizedWeight]:
@@ -121,7 +122,8 @@ class CalibratedRun:
         dequantized codes in the stored dtype, bit for bit."""
         codes = self.block_codes(block)
         if name not in codes:
-            raise OmniQuantError(f"the codes of block {block} have no '{name}'; the run's files are inconsistent")
+            raise OmniQuantError(f"the codes of block {block} have no '{name}' (the run's files are inconsistent); "
+                                 "re-run calibrate into a new output_dir")
         saved = self.tensors.get(key)
         if not torch.equal(codes[name].dequantize(saved.dtype), saved):
             raise OmniQuantError(

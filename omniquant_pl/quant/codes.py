@@ -118,9 +118,11 @@ def load_block_codes(output_dir: Path, index: int) -> dict[str, QuantizedWeight]
         with safe_open(str(path), framework="pt") as handle:
             meta = handle.metadata() or {}
             state = {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 (a safe_open handle)
-    except Exception as err:
-        raise OmniQuantError(f"cannot read {path} ({type(err).__name__}); the file is damaged") from err
+    except Exception as err:  # safetensors raises several types for a damaged file
+        raise OmniQuantError(f"cannot read {path} ({type(err).__name__}): the file is damaged; delete it and re-run the "
+                             "same calibrate command with --resume true to rebuild it") from err
     if meta.get("format") != FORMAT_TAG:
-        raise OmniQuantError(f"{path} is not an omniquant codes file (format {meta.get('format')!r})")
+        raise OmniQuantError(f"{path} is not an omniquant codes file (format {meta.get('format')!r}); delete it and "
+                             "re-run the same calibrate command with --resume true to rebuild it")
     bits = json.loads(meta["bits"])
     return {name: QuantizedWeight.from_state(state, name, int(b)) for name, b in bits.items()}

@@ -1,0 +1,29 @@
+"""train.keep_best: end each block with the lowest-loss of its trained, initial and RTN parameters."""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from omniquant_pl.block_module import BlockModule
+
+log = logging.getLogger(__name__)
+
+
+def keep_best(index: int, module: BlockModule, initial_state: dict[str, torch.Tensor], metrics: dict) -> None:
+    """Keep whichever of the trained, initial and RTN parameters gave the lowest block loss (ties:
+    trained first; non-finite losses never win), so no block ends worse than its start or than
+    round-to-nearest. Updates `metrics` (final_loss; trained_loss and restored when it switched)."""
+    losses = {"trained": metrics["final_loss"], "initial": metrics["init_loss"], "rtn": metrics["rtn_loss"]}
+    best = min(losses, key=lambda name: losses[name] if math.isfinite(losses[name]) else math.inf)
+    if best == "trained" or not math.isfinite(losses[best]):
+        return
+    if best == "initial":
+        module.load_learned_state(initial_state)
+    else:
+        module.make_rtn()
+    log.warning("block %d: training ended at loss %.4g; kept the %s parameters (loss %.4g)",
+                index, losses["trained"], best, losses[best])
+    metrics["trained_loss"], metrics["final_loss"] = losses["trained"], losses[best]
+    metrics["restored"] = best
