@@ -31,6 +31,7 @@ from omniquant_pl.calib.prefetch import on_device
 from omniquant_pl.checkpoint import block_state, existing_progress, load_checkpoint, write_checkpoint
 from omniquant_pl.config import RunConfig
 from omniquant_pl.errors import NonFiniteLossError, OmniQuantError
+from omniquant_pl.export.gguf_blocks import warn_if_no_exact_gguf_type
 from omniquant_pl.hooks import CalibrationCallback
 from omniquant_pl.io import atomic_write_json, atomic_write_text
 from omniquant_pl.keep_best import keep_best
@@ -77,16 +78,6 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode.*")  # blocks calibrate in eval mode
     warnings.filterwarnings("ignore", message=r".*does not have many workers.*")  # caches are in memory
     warnings.filterwarnings("ignore", message=r".*LeafSpec.*")
-
-
-def warn_about_unexportable_grid(quant) -> None:
-    """quant.grid gguf is llama.cpp's grid for weight-only runs with groups of 32 at 4, 5 or 8 bits:
-    say before calibrating when no GGUF type will store the run exactly."""
-    exact = quant.group_size == 32 and quant.abits == 16 and (quant.wbits in (4, 5) or (quant.wbits, quant.symmetric) == (8, True))
-    if quant.grid == "gguf" and not exact:
-        log.warning("quant.grid gguf with %s (%s): no GGUF type stores this grid exactly; exact GGUF exports need "
-                    "quant.group_size 32, quant.abits 16 and 4/5-bit (or symmetric 8-bit) weights",
-                    quant.tag, "symmetric" if quant.symmetric else "asymmetric")
 
 
 def default_callbacks() -> list[Callback]:
@@ -218,7 +209,7 @@ class BlockSequencer:
     def setup(self) -> None:
         cfg = self.config
         quiet_lightning()
-        warn_about_unexportable_grid(cfg.quant)
+        warn_if_no_exact_gguf_type(cfg.quant)
         if self.model is None:
             self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, self.device)
         self.model.eval()

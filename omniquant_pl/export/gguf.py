@@ -17,7 +17,7 @@ from pathlib import Path
 from omniquant_pl.config import QuantConfig
 from omniquant_pl.errors import ConfigError, OmniQuantError
 from omniquant_pl.export import ExportConfig, register_exporter
-from omniquant_pl.export.gguf_blocks import BLOCK, EXACT_TYPES, pack_blocks
+from omniquant_pl.export.gguf_blocks import BLOCK, EXACT_TYPES, exact_gguf_type, pack_blocks
 from omniquant_pl.export.gguf_model import (
     GGUFTensor,
     float_tensor,
@@ -54,8 +54,7 @@ def plan(quant: QuantConfig, type_name: str, requantize: bool) -> str:
     if type_name in FLOAT_TYPES:
         return "float"
     exact = EXACT_TYPES.get(type_name)
-    grid_matches = exact is not None and (quant.wbits, quant.symmetric, quant.group_size) == (exact.bits, exact.symmetric, BLOCK)
-    if grid_matches:
+    if exact_gguf_type(quant) == type_name:
         return "exact"
     if requantize:
         return "requantize"

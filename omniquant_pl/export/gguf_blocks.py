@@ -17,6 +17,7 @@ little-endian qh holds the 5th bit of weight j.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,6 +26,7 @@ import torch
 from omniquant_pl.quant.codes import QuantizedWeight
 
 BLOCK = 32
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,6 +47,21 @@ EXACT_TYPES = {t.name: t for t in (
     ExactType("Q4_0", 4, True), ExactType("Q4_1", 4, False), ExactType("Q5_0", 5, True),
     ExactType("Q5_1", 5, False), ExactType("Q8_0", 8, True),
 )}
+
+
+def exact_gguf_type(quant) -> str | None:
+    """The GGUF type that stores a run's grid exactly (a QuantConfig), if any."""
+    if quant.abits < 16 or quant.group_size != BLOCK:
+        return None
+    return next((t.name for t in EXACT_TYPES.values() if (t.bits, t.symmetric) == (quant.wbits, quant.symmetric)), None)
+
+
+def warn_if_no_exact_gguf_type(quant) -> None:
+    """quant.grid gguf is llama.cpp's grid: say before calibrating when no GGUF type will store it."""
+    if quant.grid == "gguf" and exact_gguf_type(quant) is None:
+        log.warning("quant.grid gguf with %s (%s): no GGUF type stores this grid exactly; exact GGUF exports need "
+                    "groups of 32, weight-only, and 4/5-bit (or symmetric 8-bit) weights", quant.tag,
+                    "symmetric" if quant.symmetric else "asymmetric")
 
 
 def _fp16_bytes(values: np.ndarray) -> np.ndarray:
