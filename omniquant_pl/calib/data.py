@@ -38,6 +38,13 @@ def _data_dirs() -> list[Path]:
     return dirs
 
 
+def _data_dir_name(data_dir: Path) -> str:
+    """How results name a data folder: no machine-specific absolute path."""
+    if os.environ.get("OMNIQUANT_DATA_DIR") and data_dir == Path(os.environ["OMNIQUANT_DATA_DIR"]):
+        return "$OMNIQUANT_DATA_DIR"
+    return "../shared/data"
+
+
 def _hub(loader: Callable[[], str], name: str) -> str:
     try:
         return loader()
@@ -57,7 +64,7 @@ def _wikitext2(split: Split) -> TextSource:
         if path.is_file():
             # the protocol reads the test text as plain utf-8; the calibration file starts with a BOM
             text = path.read_text(encoding="utf-8-sig" if split == "calib" else "utf-8")
-            return TextSource(text, f"wikitext2 {split}: local {path}")
+            return TextSource(text, f"wikitext2 {split}: local {_data_dir_name(data_dir)}/wikitext2/{local_name}")
 
     def load() -> str:
         from datasets import load_dataset
