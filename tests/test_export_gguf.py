@@ -88,7 +88,7 @@ def test_min_max_runs_map_exactly_up_to_fp16_scales(type_name):
     quantizer = WeightQuantizer((48, 96), exact.bits, 32, exact.symmetric)
     codes = quantizer.quantize(torch.randn(48, 96) * torch.rand(48, 1))
     decoded = gguf.quants.dequantize(pack_blocks(type_name, codes), getattr(gguf.GGMLQuantizationType, type_name))
-    assert np.array_equal(decoded, expected_dequantized(type_name, codes).numpy())
+    assert np.array_equal(decoded, expected_dequantized(codes).numpy())
     error = (torch.from_numpy(decoded) - codes.dequantize()).abs().max()  # only d (and m) rounded to fp16
     assert error <= codes.scale.max() * 2**-11 * 2 ** (exact.bits + 1)
 
@@ -120,19 +120,19 @@ def test_exact_export_reads_back_in_transformers_as_the_runs_integers(tmp_path, 
     for index in (0, 1):
         for name, codes in load_block_codes(run, index).items():
             read_back = model.model.layers[index].get_submodule(name).weight
-            assert torch.equal(read_back, expected_dequantized(type_name, codes)), name
+            assert torch.equal(read_back, expected_dequantized(codes)), name
             if grid == "gguf":  # the file holds exactly the weights the run evaluated
                 assert torch.equal(read_back, saved.model.layers[index].get_submodule(name).weight), name
 
 
-def _reference_model(run: Path, type_name: str, gguf_model):
+def _reference_model(run: Path, gguf_model):
     """The run's saved model with exactly what the GGUF stores: block linears = the run's codes with d
     (and m) in fp16, embeddings and head = llama.cpp's quantization of them (as transformers decodes)."""
     model = AutoModelForCausalLM.from_pretrained(run / "model")
     with torch.no_grad():
         for index in (0, 1):
             for name, codes in load_block_codes(run, index).items():
-                model.model.layers[index].get_submodule(name).weight.copy_(expected_dequantized(type_name, codes))
+                model.model.layers[index].get_submodule(name).weight.copy_(expected_dequantized(codes))
         model.model.embed_tokens.weight.copy_(gguf_model.model.embed_tokens.weight)
         model.lm_head.weight.copy_(gguf_model.lm_head.weight)
     return model
@@ -147,7 +147,7 @@ def test_llama_cpp_scores_the_export_like_the_runs_model(tmp_path, calibrated_ru
     _, path = _export(run, tmp_path, type_name)
     ids = torch.randint(3, 384, (4 * 64,), generator=torch.Generator().manual_seed(1))
     llama_cpp_nll = torch.tensor(gguf_perplexity(path, ids, 64)["window_nll"])
-    reference = _reference_model(run, type_name, _transformers_model(path))
+    reference = _reference_model(run, _transformers_model(path))
     with torch.no_grad():
         torch_nll = window_mean_nll(reference(input_ids=ids.view(4, 64)).logits, ids.view(4, 64)).double()
     difference = (llama_cpp_nll - torch_nll).abs()

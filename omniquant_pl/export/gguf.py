@@ -22,8 +22,7 @@ from omniquant_pl.export.gguf_model import (
     GGUFTensor,
     float_tensor,
     gguf_architecture,
-    rope_heads,
-    rope_interleave_rows,
+    llama_cpp_row_order,
     tied_output,
     write_gguf,
 )
@@ -80,9 +79,7 @@ def run_tensors(run: CalibratedRun, type_name: str, mode: str) -> Iterator[GGUFT
         if not isinstance(value, QuantizedWeight):
             yield float_tensor(hf_name, value, config)
         elif mode == "exact":
-            heads = rope_heads(hf_name, config)
-            if heads is not None:  # rows move with their codes, scales and zero points
-                value = value.map_rows(lambda rows: rope_interleave_rows(rows, heads))  # noqa: B023 - used at once
+            value = llama_cpp_row_order(hf_name, value, config)
             qtype = getattr(gguf.GGMLQuantizationType, type_name)
             yield GGUFTensor(hf_name, pack_blocks(type_name, value), qtype)
         else:

@@ -105,9 +105,8 @@ def pack_blocks(type_name: str, weight: QuantizedWeight) -> np.ndarray:
     return blocks.reshape(out_features, -1)
 
 
-def expected_dequantized(type_name: str, weight: QuantizedWeight) -> torch.Tensor:
-    """What llama.cpp computes from `pack_blocks`: q·d + m with d and m rounded to fp16 (for a run
-    on llama.cpp's own grid, `quant.grid: gguf`, exactly the run's values)."""
-    del type_name  # every exact type decodes the same way
+def expected_dequantized(weight: QuantizedWeight) -> torch.Tensor:
+    """What llama.cpp computes from `pack_blocks` of any exact type: q·d + m with d and m rounded to
+    fp16 (for a run on llama.cpp's own grid, `quant.grid: gguf`, exactly the run's values)."""
     minimum = None if weight.symmetric else minimum_of(weight).half().float()
     return QuantizedWeight(weight.codes, weight.scale.half().float(), None, weight.bits, minimum).dequantize()

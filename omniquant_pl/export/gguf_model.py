@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from omniquant_pl.errors import OmniQuantError
+from omniquant_pl.quant.codes import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,19 @@ def rope_heads(hf_name: str, config) -> int | None:
     if hf_name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
         return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
     return None
+
+
+def llama_cpp_row_order(hf_name: str, value, config):
+    """`value` (a tensor or a QuantizedWeight) with q/k rows in llama.cpp's rope order; other
+    tensors as they are. A QuantizedWeight's codes, scales and zero points move with their rows."""
+    heads = rope_heads(hf_name, config)
+    if heads is None:
+        return value
+
+    def reorder(rows: torch.Tensor) -> torch.Tensor:
+        return rope_interleave_rows(rows, heads)
+
+    return value.map_rows(reorder) if isinstance(value, QuantizedWeight) else reorder(value)
 
 
 def _rope_parameters(config) -> dict:
@@ -206,10 +220,7 @@ def write_gguf(path: Path, config, tensors: Iterator[GGUFTensor], name: str, tok
 
 def float_tensor(hf_name: str, value: torch.Tensor, config) -> GGUFTensor:
     """A floating-point tensor in llama.cpp's layout (q/k rows interleaved)."""
-    heads = rope_heads(hf_name, config)
-    if heads is not None:
-        value = rope_interleave_rows(value, heads)
-    return GGUFTensor(hf_name, value.float().numpy())
+    return GGUFTensor(hf_name, llama_cpp_row_order(hf_name, value, config).float().numpy())
 
 
 def tied_output(config) -> bool:

@@ -45,9 +45,6 @@ class SafetensorsFolder:
     def keys(self) -> list[str]:
         return list(self.files)
 
-    def __contains__(self, name: str) -> bool:
-        return name in self.files
-
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
 
