@@ -1,20 +1,19 @@
 #!/usr/bin/env bash
 # Issue 6's speed table on one GPU, each part under its own time limit, results as JSON + logs.
 # usage: bash benchmarks/gpu_suite.sh MODEL_DIR GGUF_FILE OUT_DIR [parts...]
-# Parts, the default list in order of what is still owed (a 10-minute call fits the first two):
-#   model-w3a16-graph  SmolLM2-135M whole model W3A16 at paper scale (128 x 2048, 20 epochs) with
-#                      the compiled step recorded as a CUDA graph (train.cuda_graph): the <= 150 s goal
+# Parts, the default list in order of what is still owed:
 #   model-compare      the same at 2 epochs: reference (eager), compiled, compiled + CUDA graph, each
 #                      with WikiText-2 perplexity (the fast paths must match the reference's quality)
 #   block-smollm2      SmolLM2-shaped block: eager, compiled, compiled + CUDA graph; 1 and 16 steps
 #                      per Lightning call; plain PyTorch loops for Lightning's overhead
 #   block-70b-cache    70B-shaped block, compiled, caches on the GPU vs in pinned host memory
 # Measured already (session 2), by name: block-w3a16 and block-w4a4 (7B-shaped block, reference vs
-# compiled), model-w3a16 (whole model, compiled, 20 epochs, with FP/RTN baselines).
+# compiled), model-w3a16 (whole model, compiled, 20 epochs, with FP/RTN baselines); session 5,
+# model-w3a16-graph (whole model with the CUDA-graph step, 62 s on an H200: benchmarks/gpu_paper.sh).
 # Smaller for a CPU smoke run: SHAPE=tiny NSAMPLES=4 SEQLEN=64 MODEL_EPOCHS=1 EVAL_WINDOWS=1 ...
 set -u
 MODEL=$1; GGUF=$2; OUT=$3; shift 3
-PARTS=${*:-model-w3a16-graph model-compare block-smollm2 block-70b-cache}
+PARTS=${*:-model-compare block-smollm2 block-70b-cache}
 SHAPE=${SHAPE:-7b}; NSAMPLES=${NSAMPLES:-128}; SEQLEN=${SEQLEN:-2048}
 MODEL_EPOCHS=${MODEL_EPOCHS:-20}; EVAL_WINDOWS=${EVAL_WINDOWS:-0}
 export PYTHONUNBUFFERED=1

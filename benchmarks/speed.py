@@ -155,7 +155,7 @@ def prepare(args, compile_mode: str, device: torch.device, callbacks: list,
         quant=QuantConfig(wbits=args.wbits, abits=args.abits, group_size=args.group_size, lwc=True, let=args.let),
         calib=CalibConfig(source="random", nsamples=args.nsamples, seqlen=args.seqlen),
         train=TrainConfig(
-            epochs=args.epochs, batch_size=args.batch_size, lr_batch_scaling=args.lr_batch_scaling,
+            epochs=args.epochs, aug_loss=args.aug_loss, batch_size=args.batch_size, lr_batch_scaling=args.lr_batch_scaling,
             precision=args.precision, accelerator=device.type, report_losses=False, keep_best=False,
             logger="none", compile=compile_mode.removesuffix("+graph"), cache_device=args.cache_device,
             cuda_graph=compile_mode.endswith("+graph"), steps_per_call=steps_per_call,
@@ -250,7 +250,7 @@ def run_model_path(args, compile_mode: str, device: torch.device, baselines: lis
         quant=QuantConfig(wbits=args.wbits, abits=args.abits, group_size=args.group_size, lwc=True, let=args.let),
         calib=CalibConfig(source=args.calib_source, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.calib_seed),
         train=TrainConfig(
-            epochs=args.epochs, batch_size=args.batch_size, lr_batch_scaling=args.lr_batch_scaling,
+            epochs=args.epochs, aug_loss=args.aug_loss, batch_size=args.batch_size, lr_batch_scaling=args.lr_batch_scaling,
             precision=args.precision, accelerator=device.type, compile=compile_mode.removesuffix("+graph"),
             cuda_graph=compile_mode.endswith("+graph"), cache_device=args.cache_device,
             steps_per_call=args.steps_per_call[0], logger="csv",
@@ -298,6 +298,7 @@ def main_model(args, device: torch.device) -> dict:
             row["speedup_vs_reference"] = rows[0]["calibration_seconds"] / row["calibration_seconds"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     setting = f"W{args.wbits}A{args.abits}" + (f"g{args.group_size}" if args.group_size else "")
+    setting += (" LWC+LET" if args.let else " LWC") + (" aug" if args.aug_loss else "")
     report = {"model": args.model, "gguf_file": args.gguf_file, "setting": setting, "device": name,
               "calib_seed": args.calib_seed, "nsamples": args.nsamples, "seqlen": args.seqlen, "epochs": args.epochs,
               "batch_size": args.batch_size, "torch": torch.__version__, "rows": rows}
@@ -309,7 +310,7 @@ def main_model(args, device: torch.device) -> dict:
         table.add_row(row["path"], f"{row['calibration_seconds']:.1f}", f"{row['ms_per_step']:.2f}",
                       f"{row['peak_gpu_gib']:.2f}" if row["peak_gpu_gib"] else "-", ppl,
                       f"{row.get('speedup_vs_reference', 1.0):.2f}x")
-    publish(report, table, args.output or RESULTS / f"speed-model-{setting}-{device.type}.json")
+    publish(report, table, args.output or RESULTS / f"speed-model-{setting.replace(' ', '-').replace('+', '')}-{device.type}.json")
     return report
 
 
@@ -321,6 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--group-size", type=int, default=0)
     parser.add_argument("--let", action="store_true", help="learn LET too (the paper's weight-activation setting)")
     parser.add_argument("--epochs", type=int, default=3, help=">= 2: the first epoch is reported apart")
+    parser.add_argument("--aug-loss", action="store_true", help="whole-model mode: the paper's W2 aug loss")
     parser.add_argument("--nsamples", type=int, default=128)
     parser.add_argument("--seqlen", type=int, default=2048)
     parser.add_argument("--batch-size", type=int, default=1)

@@ -133,8 +133,10 @@ class TrainConfig:
             math, ``off`` runs eagerly; ``auto`` = ``block`` on CUDA, ``off`` on CPU. If
             compilation fails the run goes on eagerly, with a warning.
         cuda_graph: record each block's training step as a CUDA graph and replay it, to remove
-            the launch and Python cost that dominates small blocks (not with 16-mixed). Opt-in:
-            not yet measured on a GPU. Falls back to a plain manual step if recording fails.
+            the launch and Python cost that dominates small blocks (not with 16-mixed). ``auto``
+            (default) = on where the step is compiled (``compile: block``) on CUDA, off elsewhere;
+            ``true`` asks for it and warns where it cannot run. Falls back to a plain manual step
+            if recording fails.
         steps_per_call: optimizer steps (one batch each, in order) per Lightning training_step.
             Any value trains identically; larger ones pay Lightning's per-call overhead (hooks,
             callbacks, batch transfer) once for many steps, smaller ones give callbacks'
@@ -159,7 +161,7 @@ class TrainConfig:
     lr_batch_scaling: Literal["none", "sqrt", "linear"] = "none"
     compile: Literal["auto", "block", "quantizers", "off"] = "auto"
     cache_device: Literal["auto", "accelerator", "cpu"] = "auto"
-    cuda_graph: bool = False
+    cuda_graph: bool | Literal["auto"] = "auto"
     steps_per_call: int = 16
 
     def __post_init__(self) -> None:
@@ -167,6 +169,8 @@ class TrainConfig:
                               ("cache_device", ("auto", "accelerator", "cpu"))):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.cuda_graph not in (True, False, "auto"):
+            raise ConfigError(f"train.cuda_graph must be true, false or auto; got {self.cuda_graph!r}")
         if self.epochs < 0:
             raise ConfigError(f"train.epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:

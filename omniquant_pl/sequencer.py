@@ -161,9 +161,16 @@ class BlockSequencer:
         cache.copy_(hidden)
         return cache
 
+    def cuda_graph_possible(self) -> bool:
+        """A CUDA graph can record the step: a CUDA device and no fp16 loss scaling."""
+        return self.device.type == "cuda" and self.precision != "16-mixed"
+
     def cuda_graph_enabled(self) -> bool:
-        """train.cuda_graph, on a CUDA device and without fp16 loss scaling."""
-        return self.config.train.cuda_graph and self.device.type == "cuda" and self.precision != "16-mixed"
+        """train.cuda_graph with ``auto`` resolved: on with the compiled step on CUDA."""
+        choice = self.config.train.cuda_graph
+        if choice == "auto":
+            return self.cuda_graph_possible() and self.compile_mode() == "block"
+        return bool(choice) and self.cuda_graph_possible()
 
     def compile_mode(self) -> str:
         """train.compile with ``auto`` resolved: ``block`` on CUDA, ``off`` elsewhere."""
@@ -223,7 +230,7 @@ class BlockSequencer:
         if safe != self.precision:
             log.warning("precision %s overflows with %d-bit activations; using %s", self.precision, cfg.quant.abits, safe)
             self.precision = safe
-        if cfg.train.cuda_graph and not self.cuda_graph_enabled():
+        if cfg.train.cuda_graph is True and not self.cuda_graph_possible():
             log.warning("train.cuda_graph needs a CUDA device and bf16/fp32 precision (here %s, %s); "
                         "running the plain step", self.device.type, self.precision)
         if cfg.quant.abits < 16:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
@@ -212,14 +213,39 @@ def test_cuda_graph_mode_without_a_gpu_trains_like_the_default(tmp_path, tokeniz
         results = calibrate(config, model=tiny_llama(), tokenizer=tokenizer)
         return results, load_file(tmp_path / name / "learned_params.safetensors")
 
-    default_results, default = run("default", False, 16)
+    default_results, default = run("default", "auto", 16)
+    assert "train.cuda_graph" not in caplog.text  # auto: off on the CPU, without a word
     graph_results, graph = run("graph", True, 1)
     assert not any(block.get("cuda_graph_step") for block in graph_results["blocks"])
-    assert "train.cuda_graph needs a CUDA device" in caplog.text
+    assert caplog.text.count("train.cuda_graph needs a CUDA device") == 1
     for key in default:
         torch.testing.assert_close(default[key], graph[key], rtol=1e-6, atol=1e-7)
     assert [b["final_loss"] for b in default_results["blocks"]] == pytest.approx(
         [b["final_loss"] for b in graph_results["blocks"]], rel=1e-6)
+
+
+@pytest.mark.parametrize("choice, device, precision, compile_mode, expected", [
+    ("auto", "cuda", "bf16-mixed", "block", True),
+    ("auto", "cuda", "bf16-mixed", "off", False),
+    ("auto", "cuda", "16-mixed", "block", False),
+    ("auto", "cpu", "32-true", "block", False),
+    (True, "cuda", "bf16-mixed", "off", True),
+    (True, "cpu", "32-true", "off", False),
+    (False, "cuda", "bf16-mixed", "block", False),
+])
+def test_cuda_graph_auto_is_on_only_for_the_compiled_step_on_cuda(choice, device, precision, compile_mode, expected):
+    from omniquant_pl.sequencer import BlockSequencer
+
+    sequencer = SimpleNamespace(config=SimpleNamespace(train=TrainConfig(cuda_graph=choice)),
+                                device=torch.device(device), precision=precision)
+    sequencer.compile_mode = lambda: compile_mode
+    sequencer.cuda_graph_possible = lambda: BlockSequencer.cuda_graph_possible(sequencer)
+    assert BlockSequencer.cuda_graph_enabled(sequencer) is expected
+
+
+def test_cuda_graph_rejects_other_values():
+    with pytest.raises(ConfigError, match="train.cuda_graph must be true, false or auto"):
+        TrainConfig(cuda_graph="yes")
 
 
 def test_on_device_yields_every_batch_in_order_on_the_device():
@@ -294,3 +320,21 @@ def test_on_device_copies_the_next_host_batch_during_the_step_on_the_current_one
             assert at(("step", f"x{i - 1}")) > at(("copy", f"x{i}", True))
     assert ("copy", "z", True) not in log and log[-1] == ("step", "z")  # already on the device
     assert log.count(("wait", "compute", "copy")) == 3
+
+
+def test_paper_table_lists_every_stored_paper_scale_run(tmp_path, monkeypatch):
+    """benchmarks/paper_table.py reads the stored GPU JSON (no GPU needed) and puts ours beside the official."""
+    import paper_table
+
+    stored = sorted(paper_table.RESULTS.glob("paper-smollm2-135m-*-h200.json"))
+    if not stored:
+        pytest.skip("no stored paper-scale results")
+    monkeypatch.setattr(paper_table, "RESULTS", tmp_path)
+    for path in stored:
+        (tmp_path / path.name).write_text(path.read_text())
+    text = paper_table.main(["--card", "h200"])
+    rows = [line for line in text.splitlines() if line.startswith("| W")]
+    assert len(rows) == sum("-e2-" not in p.name for p in stored)
+    w3 = json.loads((tmp_path / "paper-smollm2-135m-W3A16-h200.json").read_text())["rows"][0]["perplexity"]
+    assert f"**{w3['omniquant']:.2f}**" in text and "65.99" in text
+    assert (tmp_path / "paper-smollm2-135m-h200.md").read_text() == text
