@@ -28,7 +28,7 @@ from omniquant_pl.block_module import BlockModule, cached_batch_loader
 from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to, run_block
 from omniquant_pl.calib.data import calibration_windows
 from omniquant_pl.calib.prefetch import on_device
-from omniquant_pl.checkpoint import block_state, existing_progress, load_checkpoint, write_checkpoint
+from omniquant_pl.checkpoint import block_state, existing_progress, load_checkpoint, write_checkpoint, write_learned
 from omniquant_pl.config import RunConfig
 from omniquant_pl.errors import NonFiniteLossError, OmniQuantError
 from omniquant_pl.export.gguf_blocks import warn_if_no_exact_gguf_type
@@ -248,28 +248,35 @@ class BlockSequencer:
             "perplexity": {},
         }
 
-    def _restore_or_start(self) -> dict[str, torch.Tensor]:
-        """Results and learned parameters of finished blocks (empty for a fresh run)."""
+    def _read_checkpoint(self) -> tuple[dict, dict[str, torch.Tensor]] | None:
+        """The output_dir's checkpoint, read (or refused: damaged, other config, no --resume) before
+        the model loads."""
         if self.config.resume:
-            restored = load_checkpoint(self.output_dir, self.config)
-            if restored is not None:
-                self.results, learned = restored
-                self.results["resumed_at_block"] = len(self.results["blocks"])
-                log.info("resuming %s at block %d", self.output_dir, len(self.results["blocks"]))
-                return learned
-        elif existing_progress(self.output_dir):
+            return load_checkpoint(self.output_dir, self.config)
+        progress = existing_progress(self.output_dir)
+        if progress:
             raise OmniQuantError(
-                f"{self.output_dir} already holds a checkpoint with {existing_progress(self.output_dir)} "
+                f"{self.output_dir} already holds a checkpoint with {progress} "
                 "finished blocks; add --resume true to continue it, or choose another output_dir"
             )
+        return None
+
+    def _restore_or_start(self, restored: tuple[dict, dict[str, torch.Tensor]] | None) -> dict[str, torch.Tensor]:
+        """Results and learned parameters of finished blocks (empty for a fresh run)."""
+        if restored is not None:
+            self.results, learned = restored
+            self.results["resumed_at_block"] = len(self.results["blocks"])
+            log.info("resuming %s at block %d", self.output_dir, len(self.results["blocks"]))
+            return learned
         self.results = self._fresh_results()
         return {}
 
     def run(self) -> dict[str, Any]:
         cfg = self.config
         started = time.perf_counter()
+        restored = self._read_checkpoint()
         self.setup()
-        learned = self._restore_or_start()
+        learned = self._restore_or_start(restored)
         finished = len(self.results["blocks"])
         atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.output_dir / "config.yaml")
         if self.device.type == "cuda":
@@ -298,10 +305,11 @@ class BlockSequencer:
                 fp_inputs, quant_inputs, metrics, state = self.calibrate_block(index, fp_inputs, quant_inputs)
                 learned.update({f"layers.{index}.{k}": v for k, v in state.items()})
                 self.results["blocks"].append(metrics)
-                write_checkpoint(self.output_dir, cfg, self.results, learned)
+                write_checkpoint(self.output_dir, cfg, self.results, index, state)
                 atomic_write_json(self.results, self.output_dir / "results.json")
                 self._emit("on_block_end", index, metrics)
         del fp_inputs, quant_inputs
+        write_learned(self.output_dir, cfg, learned)
 
         self.results["calibration_seconds"] = sum(b["seconds"] for b in self.results["blocks"])
         self.results["session_seconds"] = time.perf_counter() - calib_started

@@ -141,3 +141,66 @@ def test_options_added_later_leave_older_checkpoints_resumable():
     assert "grid" not in config_identity(default)["quant"]
     assert config_identity(gguf)["quant"]["grid"] == "gguf"
     assert config_hash(default) != config_hash(gguf)
+
+
+def _finished_run(tmp_path, tiny_model_dir, name="out"):
+    config = _config(tmp_path / f"{name}.yaml", tiny_model_dir, tmp_path / name)
+    assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1"]) == 0
+    return config, tmp_path / name
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_each_block_is_checkpointed_in_its_own_file_and_the_run_ends_with_all_of_them(tmp_path, tiny_model_dir):
+    _, out = _finished_run(tmp_path, tiny_model_dir)
+    merged = load_file(out / "learned_params.safetensors")
+    per_block = {}
+    for index in (0, 1):
+        per_block.update({f"layers.{index}.{k}": v for k, v in load_file(out / "learned" / f"block_{index:03d}.safetensors").items()})
+    assert per_block.keys() == merged.keys() and all(torch.equal(per_block[k], merged[k]) for k in merged)
+    assert oct((out / "checkpoint.json").stat().st_mode & 0o777) == oct((tmp_path / "out.yaml").stat().st_mode & 0o777)
+
+
+def test_damaged_checkpoint_json_is_refused_and_left_untouched(tmp_path, tiny_model_dir, capsys):
+    config, out = _finished_run(tmp_path, tiny_model_dir)
+    (out / "checkpoint.json").write_text('{"finished_blocks": 2, "config_ha')  # torn by hand or a bad disk
+    before = _snapshot(out)
+    capsys.readouterr()
+    for extra in ([], ["--resume", "true"]):  # a plain re-run must not read it as "no progress" and overwrite
+        assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "checkpoint.json is damaged" in err[0] and "start over" in err[0], err  # before loading
+        assert _snapshot(out) == before
+
+
+def test_missing_or_damaged_learned_block_file_is_refused_on_resume(tmp_path, tiny_model_dir, capsys):
+    config, out = _finished_run(tmp_path, tiny_model_dir)
+    block = out / "learned" / "block_001.safetensors"
+    block.write_bytes(block.read_bytes()[:40])  # truncated
+    capsys.readouterr()
+    assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1", "--resume", "true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "block_001.safetensors is damaged" in err[0]
+    block.unlink()
+    assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1", "--resume", "true"]) == 2
+    assert "block_001.safetensors is missing" in capsys.readouterr().err
+
+
+def test_checkpoint_from_before_per_block_files_still_resumes(tmp_path, tiny_model_dir):
+    """Older runs kept every block in learned_params.safetensors: cut one back to 1 finished block and resume."""
+    config, clean = _finished_run(tmp_path, tiny_model_dir, "clean")
+    old = tmp_path / "old"
+    old.mkdir()
+    state = json.loads((clean / "checkpoint.json").read_text())
+    state["finished_blocks"], state["results"]["blocks"] = 1, state["results"]["blocks"][:1]
+    (old / "checkpoint.json").write_text(json.dumps(state))
+    block0 = load_file(clean / "learned" / "block_000.safetensors")
+    from safetensors.torch import save_file
+
+    save_file({f"layers.0.{k}": v for k, v in block0.items()}, old / "learned_params.safetensors")
+    assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1", "--resume", "true",
+                     "--output_dir", str(old)]) == 0
+    resumed, expected = load_file(old / "learned_params.safetensors"), load_file(clean / "learned_params.safetensors")
+    assert resumed.keys() == expected.keys() and all(torch.equal(resumed[k], expected[k]) for k in expected)
