@@ -67,6 +67,39 @@ def test_gradients_reach_every_let_parameter():
             assert param.grad is not None and param.grad.abs().sum() > 0, (family, name)
 
 
+def test_guarded_scale_floors_magnitude_keeps_sign_and_passes_gradients():
+    from omniquant_pl.let.transforms import guarded_scale
+
+    raw = torch.tensor([1e-5, -1e-5, 0.0, 0.5, -2.0, 1e-2], requires_grad=True)
+    guarded = guarded_scale(raw)
+    assert guarded.tolist() == pytest.approx([1e-2, -1e-2, 1e-2, 0.5, -2.0, 1e-2])
+    (guarded * torch.arange(1.0, 7.0)).sum().backward()
+    assert raw.grad.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]  # straight through, also below the floor
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_let_scales_near_zero_are_floored_in_training_and_fusing_alike(family):
+    """A scale trained toward 0 must not blow up norm/s (the official code clamps |s| >= 1e-2)."""
+    block, spec, captured = _block_and_inputs(family)
+    let = LETParams(block, spec).double()
+    _random_let(let)
+    norm = f"{spec.qkv.norm}.weight"
+    original = dict(block.named_parameters())[norm].detach().clone()
+    with torch.no_grad():
+        let.qkv_scale[0] = 1e-6
+        let.out_scale[1] = -1e-7
+    transformed = let.transformed(block)
+    torch.testing.assert_close(transformed[norm][0], original[0] / 1e-2)
+    assert torch.isfinite(torch.stack([v.abs().max() for v in transformed.values()])).all()
+    assert max(v.abs().max() for v in transformed.values()) < 1e4
+    with torch.no_grad():  # still the original function with quantization off
+        reference = run_block(block, captured.hidden_states, captured.block_kwargs)
+        out = functional_call(block, transformed, (captured.hidden_states,), captured.block_kwargs)
+        torch.testing.assert_close(out[0] if isinstance(out, tuple) else out, reference, rtol=1e-9, atol=1e-9)
+    transformed[norm].sum().backward()
+    assert let.qkv_scale.grad[0] != 0
+
+
 def test_qk_scale_must_respect_rotary_pairs():
     """Only a scale equal on the two channels of a rotary pair commutes with RoPE: a free
     per-channel scale breaks equivalence, the paired one keeps it."""

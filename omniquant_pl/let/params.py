@@ -79,11 +79,12 @@ class LETParams(nn.Module):
                 out[name] = value
                 current[name] = value
 
+        guarded = transforms.guarded_scale
         for group, scale, shift in ((spec.qkv, self.qkv_scale, self.qkv_shift), (spec.fc1, self.fc1_scale, self.fc1_shift)):
             norm_w, norm_b, weights, biases = transforms.norm_into_linears(
                 get(f"{group.norm}.weight"), get(f"{group.norm}.bias"),
                 [get(f"{n}.weight") for n in group.linears], [get(f"{n}.bias") for n in group.linears],
-                scale, shift,
+                guarded(scale), shift,
             )
             put(f"{group.norm}.weight", norm_w)
             put(f"{group.norm}.bias", norm_b)
@@ -94,7 +95,7 @@ class LETParams(nn.Module):
         src, dst = spec.out.source, spec.out.target
         sw, sb, tw, tb = transforms.linear_into_linear(
             get(f"{src}.weight"), get(f"{src}.bias"), get(f"{dst}.weight"), get(f"{dst}.bias"),
-            self.out_scale, self.out_shift, geo.kv_heads, geo.groups,
+            guarded(self.out_scale), self.out_shift, geo.kv_heads, geo.groups,
         )
         put(f"{src}.weight", sw)
         put(f"{src}.bias", sb)
@@ -103,7 +104,7 @@ class LETParams(nn.Module):
 
         if self.qk_param is not None:
             q, k = spec.qkv.linears[0], spec.qkv.linears[1]
-            channel_scale = transforms.qk_channel_scale(self.qk_param, spec.rotary_pairs)
+            channel_scale = transforms.qk_channel_scale(guarded(self.qk_param), spec.rotary_pairs)
             qw, qb, kw, kb = transforms.qk_scale(
                 get(f"{q}.weight"), get(f"{q}.bias"), get(f"{k}.weight"), get(f"{k}.bias"), channel_scale, geo.groups
             )

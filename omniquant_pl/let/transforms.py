@@ -8,10 +8,25 @@ function unchanged when nothing is quantized:
                     passes through attention unchanged)
   q·kᵀ              q' = q / s, k' = k·s per head channel; with rotary embeddings s must be equal
                     on the two channels that rotate together, so it commutes with the rotation
+
+Every scale goes through `guarded_scale` first (|s| >= 1e-2), in training and fusing alike.
 """
 from __future__ import annotations
 
 import torch
+
+# Smallest |scale| a LET transform uses (the official code's threshold): norm/s and W/s stay finite
+# in fp16/bf16 however far training pushes a scale toward 0.
+MIN_SCALE_MAGNITUDE = 1e-2
+
+
+def guarded_scale(scale: torch.Tensor, minimum: float = MIN_SCALE_MAGNITUDE) -> torch.Tensor:
+    """`scale` with every |value| below `minimum` raised to ±minimum (its sign kept, 0 counts as
+    +). Straight-through: the gradient passes to the raw scale unchanged, so a guarded channel can
+    still learn its way back (the official code clamps the parameter in place each step instead)."""
+    magnitude_floor = torch.where(scale < 0, -minimum, minimum).to(scale.dtype)
+    floored = torch.where(scale.abs() < minimum, magnitude_floor, scale)
+    return scale + (floored - scale).detach()
 
 
 def absorb_shift(bias: torch.Tensor | None, weight: torch.Tensor, shift: torch.Tensor | None) -> torch.Tensor | None:
