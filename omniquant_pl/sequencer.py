@@ -172,6 +172,11 @@ class BlockSequencer:
             return self.cuda_graph_possible() and self.compile_mode() == "block"
         return bool(choice) and self.cuda_graph_possible()
 
+    def block_dtype(self) -> torch.dtype:
+        """The dtype a block calibrates in: fp32 under 32-true (a half-precision model's block is
+        upcast for its turn and cast back after fusing), else the model's own."""
+        return torch.float32 if self.precision == "32-true" else self.model_dtype
+
     def compile_mode(self) -> str:
         """train.compile with ``auto`` resolved: ``block`` on CUDA, ``off`` elsewhere."""
         choice = self.config.train.compile
@@ -288,8 +293,8 @@ class BlockSequencer:
         )
         self.results["calibration_source"] = source
         captured = capture_block_inputs(self.model, self.spec, windows)
-        cache_dtype = self.model_dtype if self.device.type == "cuda" else torch.float32
-        self.block_kwargs = kwargs_to(captured.block_kwargs, self.device)
+        cache_dtype = self.block_dtype() if self.device.type == "cuda" else torch.float32
+        self.block_kwargs = kwargs_to(captured.block_kwargs, self.device, self.block_dtype())
         fp_inputs = self.cache_inputs(captured.hidden_states, cache_dtype)  # (N, T, hidden)
         self.results["cache_device"] = str(fp_inputs.device)
         quant_inputs = fp_inputs
@@ -331,7 +336,7 @@ class BlockSequencer:
         self, index: int, fp_inputs: torch.Tensor, quant_inputs: torch.Tensor, learned: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Re-apply a finished block's learned parameters (no training) and propagate both chains."""
-        block = self.blocks[index].to(self.device)
+        block = self.blocks[index].to(self.device, self.block_dtype())
         targets = self._propagate(block, fp_inputs)
         del fp_inputs
         module = self._build_module(index, block)
@@ -340,7 +345,7 @@ class BlockSequencer:
         # the codes of this replay: the model saved at the end comes from the same fuse
         save_block_codes(self.output_dir, index, module.quantized_weights)
         next_quant_inputs = self._propagate(block, quant_inputs)
-        self.blocks[index] = block.to("cpu")
+        self.blocks[index] = block.to("cpu", self.model_dtype)
         return targets, next_quant_inputs
 
     def calibrate_block(
@@ -348,7 +353,7 @@ class BlockSequencer:
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]:
         cfg, started = self.config, time.perf_counter()
         torch.manual_seed(cfg.calib.seed * 100_003 + index)
-        block = self.blocks[index].to(self.device)
+        block = self.blocks[index].to(self.device, self.block_dtype())
         names = self.spec.linear_names if cfg.quant.let else ()
         with input_ranges(block, names) as ranges:  # LET init statistics, from the targets pass
             targets = self._propagate(block, fp_inputs)
@@ -393,7 +398,7 @@ class BlockSequencer:
         save_block_codes(self.output_dir, index, module.quantized_weights)  # before the checkpoint counts it
         next_quant_inputs = self._propagate(block, quant_inputs)
         del module, loader, eval_loader, caches, aug_targets, quant_inputs
-        self.blocks[index] = block.to("cpu")
+        self.blocks[index] = block.to("cpu", self.model_dtype)
         metrics["seconds"] = time.perf_counter() - started
         return targets, next_quant_inputs, metrics, learned_state
 

@@ -7,6 +7,7 @@ from conftest import TINY_BUILDERS
 from torch.func import functional_call
 
 from omniquant_pl.arch import get_arch
+from omniquant_pl.arch.attention_hooks import use_quantized_attention
 from omniquant_pl.arch.registry import get_blocks
 from omniquant_pl.calib.capture import capture_block_inputs, run_block
 from omniquant_pl.let.params import LETParams
@@ -25,8 +26,10 @@ def _random_let(let: LETParams, seed: int = 0) -> None:
                 param.copy_(torch.exp(torch.randn(param.shape, generator=generator) * 0.8))
 
 
-def _block_and_inputs(family):
+def _block_and_inputs(family, quantized_attention=False):
     model = TINY_BUILDERS[family](layers=1).double()
+    if quantized_attention:  # what the sequencer does for activation quantization
+        use_quantized_attention(model)
     spec = get_arch(model)
     windows = torch.randint(0, 384, (2, 24), generator=torch.Generator().manual_seed(1))
     captured = capture_block_inputs(model, spec, windows)
@@ -126,7 +129,7 @@ def test_folded_block_equals_unfolded_fake_quant_with_activation_quant():
     from omniquant_pl.config import QuantConfig, TrainConfig
 
     for family in FAMILIES:
-        block, spec, captured = _block_and_inputs(family)
+        block, spec, captured = _block_and_inputs(family, quantized_attention=True)
         block.float()
         hidden = captured.hidden_states.float()
         kwargs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else
@@ -175,6 +178,38 @@ def test_fp16_amp_is_replaced_for_8bit_activations():
     assert overflow_safe_precision("16-mixed", 4, bf16_supported=True) == "16-mixed"
     assert overflow_safe_precision("16-mixed", 16, bf16_supported=True) == "16-mixed"
     assert overflow_safe_precision("bf16-mixed", 8, bf16_supported=True) == "bf16-mixed"
+
+
+@pytest.mark.parametrize("let", [True, False])
+def test_32_true_on_a_half_precision_model_trains_in_fp32_and_gives_the_model_back_in_its_dtype(tmp_path, tokenizer, let):
+    """32-true (what the fp16-overflow guard picks without bf16, and what the non-finite-loss error
+    recommends) on an fp16 model: the block trains in fp32 (LET's transformed weights and the
+    untouched down_proj alike), then the fused block returns to fp16."""
+    from conftest import tiny_llama
+    from safetensors.torch import load_file
+
+    from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig, calibrate
+    from omniquant_pl.quant.codes import load_block_codes
+
+    model = tiny_llama(layers=2).half()
+    config = RunConfig(
+        model=ModelConfig("in-memory"), quant=QuantConfig(wbits=4, abits=8, let=let),
+        calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32),
+        train=TrainConfig(epochs=2, batch_size=2, precision="32-true"),
+        eval=EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=1, baselines=[]),
+        output_dir=str(tmp_path / "out"), save_model=False,
+    )
+    results = calibrate(config, model=model, tokenizer=tokenizer)
+    assert results["precision"] == "32-true"
+    assert all(0 < b["final_loss"] <= b["rtn_loss"] for b in results["blocks"]), results["blocks"]
+    assert {p.dtype for p in model.parameters()} == {torch.float16}
+    import math
+
+    assert math.isfinite(results["perplexity"]["omniquant"]["pydoc"]["ppl"])
+    codes = load_block_codes(tmp_path / "out", 1)
+    q_proj = model.model.layers[1].self_attn.q_proj.weight
+    assert torch.equal(codes["self_attn.q_proj"].dequantize().to(torch.float16), q_proj.data)
+    assert load_file(tmp_path / "out" / "learned_params.safetensors")
 
 
 def test_nonfinite_loss_restores_and_retries_at_lower_lr(tmp_path, tokenizer):

@@ -56,12 +56,13 @@ def capture_block_inputs(model: nn.Module, spec: ArchSpec, windows: torch.Tensor
     return BlockInputs(hidden, recorder.block_kwargs or {})
 
 
-def kwargs_to(block_kwargs: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    """Move the tensors of captured block kwargs (nested in tuples too) to a device."""
+def kwargs_to(block_kwargs: dict[str, Any], device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """Move the tensors of captured block kwargs (nested in tuples too) to a device, floating ones
+    to `dtype` too when given."""
 
     def move(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return value.to(device)
+            return value.to(device, dtype=dtype if dtype is not None and value.is_floating_point() else None)
         if isinstance(value, tuple):
             return tuple(move(v) for v in value)
         return value
