@@ -7,6 +7,7 @@ activation caches live on the accelerator.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import resource
@@ -276,6 +277,20 @@ class BlockSequencer:
         self.results = self._fresh_results()
         return {}
 
+    def _check_calibration_ids(self, windows: torch.Tensor, source: str) -> None:
+        """Record the calibration token ids' hash; a resumed run must see the same ids (the text
+        found, e.g. through a relative path, and the tokenizer both decide them)."""
+        digest = hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()[:16]
+        recorded = self.results.get("calibration_ids_sha256")
+        if recorded is not None and recorded != digest:
+            raise OmniQuantError(
+                f"cannot resume {self.output_dir}: this run's calibration token ids differ from the checkpoint's "
+                f"(text now {source!r}, was {self.results.get('calibration_source')!r}): the calibration text or "
+                "the tokenizer changed; use the original ones, or a new output_dir"
+            )
+        self.results["calibration_source"] = source
+        self.results["calibration_ids_sha256"] = digest
+
     def run(self) -> dict[str, Any]:
         cfg = self.config
         started = time.perf_counter()
@@ -291,7 +306,7 @@ class BlockSequencer:
         windows, source = calibration_windows(
             self.tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed
         )
-        self.results["calibration_source"] = source
+        self._check_calibration_ids(windows, source)
         captured = capture_block_inputs(self.model, self.spec, windows)
         cache_dtype = self.block_dtype() if self.device.type == "cuda" else torch.float32
         self.block_kwargs = kwargs_to(captured.block_kwargs, self.device, self.block_dtype())
@@ -340,8 +355,12 @@ class BlockSequencer:
         targets = self._propagate(block, fp_inputs)
         del fp_inputs
         module = self._build_module(index, block)
-        module.load_learned_state(block_state(learned, index))
-        module.fuse()
+        try:
+            module.load_learned_state(block_state(learned, index))
+            module.fuse()
+        except BaseException:
+            self.blocks[index] = module.abandon().to("cpu", self.model_dtype)
+            raise
         # the codes of this replay: the model saved at the end comes from the same fuse
         save_block_codes(self.output_dir, index, module.quantized_weights)
         next_quant_inputs = self._propagate(block, quant_inputs)
@@ -354,12 +373,25 @@ class BlockSequencer:
         cfg, started = self.config, time.perf_counter()
         torch.manual_seed(cfg.calib.seed * 100_003 + index)
         block = self.blocks[index].to(self.device, self.block_dtype())
-        names = self.spec.linear_names if cfg.quant.let else ()
-        with input_ranges(block, names) as ranges:  # LET init statistics, from the targets pass
-            targets = self._propagate(block, fp_inputs)
-        del fp_inputs
-        aug_targets = self._propagate(block, quant_inputs) if cfg.train.aug_loss else None
-        module = self._build_module(index, block, ranges if cfg.quant.let else None)
+        module = None
+        try:
+            names = self.spec.linear_names if cfg.quant.let else ()
+            with input_ranges(block, names) as ranges:  # LET init statistics, from the targets pass
+                targets = self._propagate(block, fp_inputs)
+            del fp_inputs
+            aug_targets = self._propagate(block, quant_inputs) if cfg.train.aug_loss else None
+            module = self._build_module(index, block, ranges if cfg.quant.let else None)
+            return self._train_block(index, block, module, quant_inputs, targets, aug_targets, started)
+        except BaseException:  # the caller's model stays whole: original linears, no hooks, on the CPU
+            self.blocks[index] = (module.abandon() if module is not None else block).to("cpu", self.model_dtype)
+            raise
+
+    def _train_block(
+        self, index: int, block: nn.Module, module: BlockModule, quant_inputs: torch.Tensor, targets: torch.Tensor,
+        aug_targets: torch.Tensor | None, started: float,
+    ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]:
+        """Train, fuse and propagate one block whose BlockModule is built."""
+        cfg = self.config
         caches = [quant_inputs, targets] + ([aug_targets] if aug_targets is not None else [])
         loader = cached_batch_loader(*caches, batch_size=cfg.train.batch_size, shuffle=cfg.train.shuffle,
                                      seed=cfg.calib.seed + index, steps_per_call=cfg.train.steps_per_call)

@@ -101,3 +101,24 @@ def test_c4_evaluation_follows_the_paper_protocol(monkeypatch, tokenizer):
     expected, _ = evaluate_perplexity(model, ids[: 256 * seqlen], seqlen=seqlen, batch_size=64)
     assert result["windows"] == 256 and result["ppl"] == pytest.approx(expected, rel=1e-6)
     assert perplexity_on_source(model, tokenizer, "c4", seqlen=seqlen, max_windows=5)["windows"] == 5
+
+
+def test_token_cache_tells_apart_tokenizers_with_the_same_vocabulary(tmp_path, monkeypatch, tokenizer):
+    """Two tokenizers with one vocabulary but another normalizer give other ids: the cache must not mix them."""
+    import copy
+
+    from tokenizers import normalizers
+
+    from omniquant_pl.calib.data import TextSource, tokenizer_fingerprint
+
+    monkeypatch.setenv("OMNIQUANT_CACHE", str(tmp_path))
+    lowercasing = copy.deepcopy(tokenizer)
+    lowercasing.backend_tokenizer.normalizer = normalizers.Lowercase()
+    assert lowercasing.get_vocab() == tokenizer.get_vocab()
+    assert tokenizer_fingerprint(lowercasing) != tokenizer_fingerprint(tokenizer)
+    assert tokenizer_fingerprint(copy.deepcopy(tokenizer)) == tokenizer_fingerprint(tokenizer)
+    source = TextSource("The Python Language Reference DEFINES Syntax", "test")
+    plain_ids = tokenize_cached(tokenizer, source)
+    lower_ids = tokenize_cached(lowercasing, source)
+    assert torch.equal(lower_ids, lowercasing(source.text, return_tensors="pt").input_ids[0])
+    assert not torch.equal(plain_ids, lower_ids)

@@ -204,3 +204,20 @@ def test_checkpoint_from_before_per_block_files_still_resumes(tmp_path, tiny_mod
                      "--output_dir", str(old)]) == 0
     resumed, expected = load_file(old / "learned_params.safetensors"), load_file(clean / "learned_params.safetensors")
     assert resumed.keys() == expected.keys() and all(torch.equal(resumed[k], expected[k]) for k in expected)
+
+
+def test_resume_refuses_other_calibration_ids(tmp_path, tiny_model_dir, capsys):
+    """The calibration text at the configured (relative or absolute) path changed since the checkpoint."""
+    text = tmp_path / "calib.txt"
+    from pydoc_data import topics
+
+    text.write_text("\n\n".join(list(topics.topics.values())[:40]), encoding="utf-8")
+    config = _config(tmp_path / "run.yaml", tiny_model_dir, tmp_path / "out")
+    args = ["calibrate", "--config", str(config), "--train.epochs", "1", "--calib.source", str(text)]
+    assert cli.main(args) == 0
+    assert cli.main(args + ["--resume", "true"]) == 0  # same text: resumes (nothing left but evaluation)
+    text.write_text("\n\n".join(list(topics.topics.values())[40:80]), encoding="utf-8")
+    capsys.readouterr()
+    assert cli.main(args + ["--resume", "true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "calibration token ids differ from the checkpoint's" in err

@@ -238,3 +238,39 @@ def test_learned_state_is_a_snapshot_and_loads_back():
     module.load_learned_state(snapshot)
     for key, value in module.learned_state().items():
         torch.testing.assert_close(value, snapshot[key], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("abits", [16, 6])
+def test_an_exception_mid_block_gives_the_callers_block_back_unconverted(tmp_path, tokenizer, abits):
+    """A failure while block 1 trains (a callback's error here; Ctrl-C alike) leaves block 1 with its
+    original nn.Linear modules and weights, no activation hooks, on the CPU; block 0 stays fused."""
+    import copy
+
+    from lightning.pytorch.callbacks import Callback
+
+    from omniquant_pl.quant.linear import QuantLinear
+
+    class FailInBlock1(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            if pl_module.index == 1:
+                raise RuntimeError("stop here")
+
+    model = TINY_BUILDERS["llama"](layers=2)
+    original = copy.deepcopy(model.model.layers[1].state_dict())
+    cfg = RunConfig(
+        model=ModelConfig("in-memory"), quant=QuantConfig(wbits=3, abits=abits, let=abits < 16),
+        calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32),
+        train=TrainConfig(epochs=1, batch_size=2), eval=EvalConfig(datasets=[], baselines=[]),
+        output_dir=str(tmp_path / "out"), save_model=False,
+    )
+    with pytest.raises(RuntimeError, match="stop here"):
+        calibrate(cfg, callbacks=[FailInBlock1()], model=model, tokenizer=tokenizer)
+    block = model.model.layers[1]
+    assert not any(isinstance(m, QuantLinear) for m in block.modules())
+    assert all(type(block.get_submodule(name)) is torch.nn.Linear for name in ("self_attn.q_proj", "mlp.down_proj"))
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in block.modules())
+    state = block.state_dict()
+    assert state.keys() == original.keys() and all(torch.equal(state[k], original[k]) for k in original)
+    assert {p.device.type for p in block.parameters()} == {"cpu"}
+    # block 0 finished: fused (quantized weights, plain linears)
+    assert not any(isinstance(m, QuantLinear) for m in model.model.layers[0].modules())

@@ -158,11 +158,28 @@ def _cache_dir() -> Path:
     return Path(os.environ.get("OMNIQUANT_CACHE", Path.home() / ".cache" / "omniquant_pl"))
 
 
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides a tokenizer's ids: the fast tokenizer's full definition
+    (vocabulary, merges, normalizer, pre-tokenizer, post-processor) or a slow one's whole
+    vocabulary, plus its class and special-token settings."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    definition = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
+    settings = {
+        "class": type(tokenizer).__name__,
+        "special_tokens": getattr(tokenizer, "special_tokens_map", {}),
+        "add_bos_token": getattr(tokenizer, "add_bos_token", None),
+        "add_eos_token": getattr(tokenizer, "add_eos_token", None),
+        "size": len(tokenizer),
+    }
+    payload = definition + "\0" + json.dumps(settings, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
 def tokenize_cached(tokenizer, source: TextSource) -> torch.Tensor:
-    """1-D token ids of the whole text (``tokenizer(text).input_ids``), cached on disk."""
-    vocab = json.dumps(sorted(tokenizer.get_vocab().items())[:64]) + str(len(tokenizer))
+    """1-D token ids of the whole text (``tokenizer(text).input_ids``), cached on disk under the
+    text and the tokenizer's full fingerprint."""
     key = hashlib.sha256(
-        (source.text + "\0" + type(tokenizer).__name__ + vocab).encode("utf-8")
+        (source.text + "\0" + tokenizer_fingerprint(tokenizer)).encode("utf-8")
     ).hexdigest()[:24]
     path = _cache_dir() / "tokens" / f"{key}.pt"
     if path.is_file():

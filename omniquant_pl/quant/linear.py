@@ -39,6 +39,12 @@ class QuantLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
 
+    def original_linear(self) -> nn.Linear:
+        """The wrapped nn.Linear again, on the same (untouched) weight and bias tensors."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        linear.weight, linear.bias = self.weight, self.bias
+        return linear
+
     @torch.no_grad()
     def to_linear(self, quantized: QuantizedWeight | None = None) -> nn.Linear:
         """A plain nn.Linear holding the fake-quantized weight (no extra parameters): the
@@ -58,7 +64,7 @@ class QuantLinear(nn.Module):
         return linear
 
 
-def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = root.get_submodule(parent_name) if parent_name else root
     setattr(parent, child, module)
@@ -76,7 +82,7 @@ def quantize_block_linears(
         if isinstance(linear, QuantLinear):
             raise RuntimeError(f"{name} is already quantized")
         quant_linear = QuantLinear(linear, make_weight_quantizer(linear))
-        _set_submodule(block, name, quant_linear)
+        set_submodule(block, name, quant_linear)
         replaced[name] = quant_linear
     return replaced
 
@@ -87,5 +93,5 @@ def restore_block_linears(block: nn.Module, quantized: dict[str, QuantizedWeight
     quantized = quantized or {}
     names = [name for name, m in block.named_modules() if isinstance(m, QuantLinear)]
     for name in names:
-        _set_submodule(block, name, block.get_submodule(name).to_linear(quantized.get(name)))
+        set_submodule(block, name, block.get_submodule(name).to_linear(quantized.get(name)))
     return names
