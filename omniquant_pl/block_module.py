@@ -28,7 +28,7 @@ from omniquant_pl.graph_step import GraphedTrainStep
 from omniquant_pl.let.init import init_let_from_ranges
 from omniquant_pl.let.params import LETParams
 from omniquant_pl.quant.codes import QuantizedWeight
-from omniquant_pl.quant.linear import QuantLinear, quantize_block_linears, restore_block_linears
+from omniquant_pl.quant.linear import QuantLinear, quantize_block_linears, restore_block_linears, set_submodule
 from omniquant_pl.quant.lwc import WeightQuantizer, clipping_disabled
 
 log = logging.getLogger(__name__)
@@ -219,6 +219,19 @@ class BlockModule(L.LightningModule):
                 linear.weight_quantizer.disable_clipping()
         if self.let is not None:
             self.let.reset_to_identity()
+
+    def abandon(self) -> nn.Module:
+        """Give the block back as it was when calibration stops early (an exception, Ctrl-C): the
+        original nn.Linear modules on their untouched weights (LET only changes weights when
+        fuse() folds it) and no activation-quantizer hooks. A block already fused keeps its fused
+        weights. Returns the block."""
+        if self.act_quantizers is not None:
+            self.act_quantizers.remove()
+            self.act_quantizers = None
+        for name, quant_linear in self.quant_linears.items():
+            set_submodule(self.block, name, quant_linear.original_linear())
+        self.quant_linears = {}
+        return self.block
 
     # -- Lightning --------------------------------------------------------------------------
     def train(self, mode: bool = True) -> BlockModule:
