@@ -250,6 +250,13 @@ class BlockModule(L.LightningModule):
             self.let = let
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        # eager forwards check that q/k/v were quantized (compiled ones: warm_up checks eagerly first)
+        if torch.compiler.is_compiling() or self.act_quantizers is None:
+            return self._block_forward(hidden_states)
+        with self.act_quantizers.expect_qkv_quantized(f"block {self.index}"):
+            return self._block_forward(hidden_states)
+
+    def _block_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if self.let is None:
             return run_block(self.block, hidden_states, self.block_kwargs)
         # the frozen norm/linear parameters are swapped for their LET-transformed versions
@@ -271,6 +278,10 @@ class BlockModule(L.LightningModule):
         self.compile_block = True
         self.train()
         batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
+        if self.act_quantizers is not None:  # the compiled step skips forward's q/k/v check
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=autocast_dtype,
+                                                 enabled=autocast_dtype is not None):
+                self(batch[0][:1])
         try:
             with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
                 loss = self.loss(batch)

@@ -15,3 +15,8 @@ class UnsupportedArchitectureError(OmniQuantError):
 
 class NonFiniteLossError(OmniQuantError):
     """Calibration of a block produced a NaN/inf loss that retries could not recover from."""
+
+
+class AttentionNotQuantizedError(OmniQuantError):
+    """Activation quantization was asked for, but the model's attention never ran the q/k/v
+    quantizer (its attention is not routed through the quantized attention function)."""

@@ -7,6 +7,7 @@ from conftest import TINY_BUILDERS
 
 from omniquant_pl import QuantConfig, TrainConfig
 from omniquant_pl.arch import get_arch
+from omniquant_pl.arch.attention_hooks import use_quantized_attention
 from omniquant_pl.arch.registry import get_blocks
 from omniquant_pl.block_module import BlockModule
 from omniquant_pl.calib.capture import capture_block_inputs, run_block
@@ -79,6 +80,8 @@ def test_codes_round_trip_through_the_block_file(tmp_path):
 
 def _block_module(family, quant, dtype=torch.float32):
     model = TINY_BUILDERS[family]().to(dtype)
+    if quant.abits < 16:  # what the sequencer does for activation quantization
+        use_quantized_attention(model)
     spec = get_arch(model)
     windows = torch.randint(0, 384, (3, 32), generator=torch.Generator().manual_seed(0))
     captured = capture_block_inputs(model, spec, windows)
