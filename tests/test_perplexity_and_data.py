@@ -76,13 +76,9 @@ def test_batched_windows_give_the_same_perplexity():
         assert batched == pytest.approx(one, rel=1e-5)
 
 
-def test_c4_evaluation_follows_the_paper_protocol(monkeypatch, tokenizer):
-    """Validation shard 00000-of-00008, first 1100 documents joined with ' ', first 256 windows."""
+def _fake_c4(monkeypatch, docs):
     import datasets
 
-    from omniquant_pl.calib import data
-
-    docs = [f"document {i} says the value of item {i} is {i * 7} units." for i in range(1200)]
     calls = []
 
     def fake_load_dataset(path, data_files=None, split=None, **kwargs):
@@ -90,17 +86,80 @@ def test_c4_evaluation_follows_the_paper_protocol(monkeypatch, tokenizer):
         return datasets.Dataset.from_dict({"text": docs, "timestamp": ["t"] * len(docs)})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    return calls
+
+
+def _official_c4_eval_windows(tokenizer, docs, seqlen):
+    """The official code's get_c4 validation loop, as the reference (seed 0, 256 windows)."""
+    import random
+
+    random.seed(0)
+    windows = []
+    for _ in range(256):
+        while True:
+            i = random.randint(0, len(docs) - 1)
+            ids = tokenizer(docs[i], return_tensors="pt").input_ids
+            if ids.shape[1] >= seqlen:
+                break
+        i = random.randint(0, ids.shape[1] - seqlen - 1)
+        windows.append(ids[:, i : i + seqlen])
+    return torch.hstack(windows)[0]
+
+
+def test_c4_evaluation_follows_the_paper_protocol(monkeypatch, tmp_path, tokenizer):
+    """`c4`: validation shard 00000-of-00008, 256 windows drawn document by document (seed 0) exactly as
+    the official get_c4; `c4_new`: the first 1100 documents joined with ' ', first 256 windows."""
+    from omniquant_pl.calib import data
+
+    monkeypatch.setenv("OMNIQUANT_CACHE", str(tmp_path))
+    # short documents (never long enough) between long ones: rejection sampling matters
+    docs = [f"document {i} says the value of item {i} is {i * 7} units." * (1 + 3 * (i % 3 == 0)) for i in range(1200)]
+    calls = _fake_c4(monkeypatch, docs)
     source = data.load_text("c4", "eval")
     assert calls == [("allenai/c4", {"validation": "en/c4-validation.00000-of-00008.json.gz"}, "validation")]
-    assert source.text == " ".join(docs[:1100]) and source.max_windows == 256
-    seqlen = 8
-    ids = tokenize_cached(tokenizer, source)
-    assert ids.numel() // seqlen > 256  # the cap, not the text length, decides the window count
+    assert source.documents == tuple(docs) and source.document_windows == 256 and "paper protocol" in source.description
+    seqlen = 40
+    assert sum(tokenizer(d, return_tensors="pt").input_ids.shape[1] > seqlen for d in docs) < len(docs)
+    reference = _official_c4_eval_windows(tokenizer, docs, seqlen)
     model = tiny_llama()
     result = perplexity_on_source(model, tokenizer, "c4", seqlen=seqlen, batch_size=64)
-    expected, _ = evaluate_perplexity(model, ids[: 256 * seqlen], seqlen=seqlen, batch_size=64)
+    expected, _ = evaluate_perplexity(model, reference, seqlen=seqlen, batch_size=64)
     assert result["windows"] == 256 and result["ppl"] == pytest.approx(expected, rel=1e-6)
+    assert "paper protocol" in result["source"]
     assert perplexity_on_source(model, tokenizer, "c4", seqlen=seqlen, max_windows=5)["windows"] == 5
+
+    joined = data.load_text("c4_new", "eval")
+    assert joined.text == " ".join(docs[:1100]) and joined.max_windows == 256 and not joined.documents
+    ids = tokenize_cached(tokenizer, joined)
+    short = 8
+    assert ids.numel() // short > 256  # the cap, not the text length, decides the window count
+    result = perplexity_on_source(model, tokenizer, "c4_new", seqlen=short, batch_size=64)
+    expected, _ = evaluate_perplexity(model, ids[: 256 * short], seqlen=short, batch_size=64)
+    assert result["windows"] == 256 and result["ppl"] == pytest.approx(expected, rel=1e-6)
+
+
+def test_c4_calibration_draws_one_window_per_random_training_document(monkeypatch, tmp_path, tokenizer):
+    from omniquant_pl.calib import data
+
+    monkeypatch.setenv("OMNIQUANT_CACHE", str(tmp_path))
+    docs = [("word " * (5 + 30 * (i % 2))) + str(i) for i in range(50)]
+    calls = _fake_c4(monkeypatch, docs)
+    windows, description = data.calibration_windows(tokenizer, "c4", nsamples=6, seqlen=16, seed=2)
+    assert calls[0] == ("allenai/c4", {"train": "en/c4-train.00000-of-01024.json.gz"}, "train")
+    assert windows.shape == (6, 16) and "paper protocol" in description
+    import random
+
+    rng, expected = random.Random(2), []
+    for _ in range(6):
+        while True:
+            ids = tokenizer(docs[rng.randint(0, len(docs) - 1)], return_tensors="pt").input_ids[0]
+            if ids.numel() > 16:
+                break
+        start = rng.randint(0, ids.numel() - 16 - 1)
+        expected.append(ids[start : start + 16])
+    assert torch.equal(windows, torch.stack(expected))
+    with pytest.raises(ConfigError, match="no document of the text source with more than 4096 tokens"):
+        data.sample_document_windows(tokenizer, tuple(docs), 1, 4096, 0)
 
 
 def test_token_cache_tells_apart_tokenizers_with_the_same_vocabulary(tmp_path, monkeypatch, tokenizer):

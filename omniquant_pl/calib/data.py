@@ -27,7 +27,12 @@ LOCAL_FILE_SUFFIXES = (".txt", ".raw", ".tokens", ".jsonl", ".json")
 class TextSource:
     text: str
     description: str  # recorded in results.json: where the text came from
-    max_windows: int = 0  # evaluation protocol's cap on windows (C4: 256), 0 = none
+    max_windows: int = 0  # evaluation protocol's cap on windows (c4_new: 256), 0 = none
+    # Sources whose windows are drawn document by document (the paper's C4): the documents, the
+    # number of windows and the seed; `text` is then empty.
+    documents: tuple[str, ...] = ()
+    document_windows: int = 0
+    document_seed: int = 0
 
 
 def _data_dirs() -> list[Path]:
@@ -76,28 +81,82 @@ def _wikitext2(split: Split) -> TextSource:
     return TextSource(_hub(load, "wikitext2"), f"wikitext2 {split}: hub wikitext-2-raw-v1")
 
 
-# The paper's C4 evaluation: the first 1100 documents of this validation shard joined with " ",
-# tokenized, and only the first 256 * seqlen tokens used (256 windows).
+# C4 (allenai/c4 on the hub). `c4` is the paper's protocol (the official code's `get_c4`):
+# calibration windows from random training documents, evaluation on 256 random windows of seqlen
+# tokens from the validation shard (seed 0), each from a random document at least that long.
+# `c4_new` is the official code's other loader: the first 1100 validation documents joined with
+# " ", tokenized, and the first 256 windows.
+C4_TRAIN_SHARD = "en/c4-train.00000-of-01024.json.gz"
 C4_VALIDATION_SHARD = "en/c4-validation.00000-of-00008.json.gz"
 C4_EVAL_DOCS = 1100
 C4_EVAL_WINDOWS = 256
+C4_EVAL_SEED = 0
+
+
+def _c4_documents(split: Split) -> list[str]:
+    from datasets import load_dataset
+
+    if split == "calib":
+        return load_dataset("allenai/c4", data_files={"train": C4_TRAIN_SHARD}, split="train")["text"]
+    return load_dataset("allenai/c4", data_files={"validation": C4_VALIDATION_SHARD}, split="validation")["text"]
 
 
 def _c4(split: Split) -> TextSource:
-    def load() -> str:
-        from datasets import load_dataset
+    documents = tuple(_hub(lambda: _c4_documents(split), "c4"))
+    if split == "calib":  # windows per document, seeded by calib.seed (see calibration_windows)
+        return TextSource("", f"c4 calib: hub allenai/c4 {C4_TRAIN_SHARD}, one random window per random document "
+                          "(paper protocol)", documents=documents)
+    return TextSource("", f"c4 eval: hub allenai/c4 {C4_VALIDATION_SHARD}, {C4_EVAL_WINDOWS} random windows "
+                      f"from documents at least one window long, seed {C4_EVAL_SEED} (paper protocol)",
+                      documents=documents, document_windows=C4_EVAL_WINDOWS, document_seed=C4_EVAL_SEED)
 
-        if split == "calib":
-            files = {"train": "en/c4-train.00000-of-01024.json.gz"}
-            rows = load_dataset("allenai/c4", data_files=files, split="train")
-            return "\n\n".join(rows["text"][:20000])
-        rows = load_dataset("allenai/c4", data_files={"validation": C4_VALIDATION_SHARD}, split="validation")
-        return " ".join(rows[:C4_EVAL_DOCS]["text"])
+
+def _c4_new(split: Split) -> TextSource:
+    def load() -> str:
+        documents = _c4_documents(split)
+        return "\n\n".join(documents[:20000]) if split == "calib" else " ".join(documents[:C4_EVAL_DOCS])
 
     if split == "calib":
-        return TextSource(_hub(load, "c4"), "c4 calib: hub allenai/c4 (paper shard)")
-    return TextSource(_hub(load, "c4"), f"c4 eval: hub allenai/c4 {C4_VALIDATION_SHARD}, first {C4_EVAL_DOCS} documents",
-                      max_windows=C4_EVAL_WINDOWS)
+        return TextSource(_hub(load, "c4_new"), f"c4_new calib: hub allenai/c4 {C4_TRAIN_SHARD}, first 20000 documents")
+    return TextSource(_hub(load, "c4_new"), f"c4_new eval: hub allenai/c4 {C4_VALIDATION_SHARD}, first "
+                      f"{C4_EVAL_DOCS} documents joined, first {C4_EVAL_WINDOWS} windows", max_windows=C4_EVAL_WINDOWS)
+
+
+def sample_document_windows(tokenizer, documents: tuple[str, ...], count: int, seqlen: int, seed: int) -> torch.Tensor:
+    """`count` windows of `seqlen` tokens, each from a random document long enough, drawn as the
+    official code draws them (random.seed(seed); a document index until one has enough tokens,
+    then a start). A document of exactly `seqlen` tokens is passed over (the official code would
+    fail on it: its start is drawn from an empty range)."""
+    rng = random.Random(seed)
+    windows = []
+    for _ in range(count):
+        for _attempt in range(10_000):  # C4: about 1 in 20 validation documents has 2048+ tokens
+            ids = tokenizer(documents[rng.randint(0, len(documents) - 1)], return_tensors="pt").input_ids[0]
+            if ids.numel() > seqlen:
+                break
+        else:
+            raise ConfigError(f"no document of the text source with more than {seqlen} tokens in 10000 draws; "
+                              "use a smaller seqlen")
+        start = rng.randint(0, ids.numel() - seqlen - 1)
+        windows.append(ids[start : start + seqlen])
+    return torch.stack(windows)  # (count, seqlen)
+
+
+def document_windows_cached(tokenizer, source: TextSource, count: int, seqlen: int, seed: int) -> torch.Tensor:
+    """sample_document_windows, cached on disk like tokenize_cached."""
+    digest = hashlib.sha256()
+    for document in source.documents:
+        digest.update(document.encode("utf-8") + b"\0")
+    digest.update(f"{tokenizer_fingerprint(tokenizer)} {count} {seqlen} {seed}".encode())
+    path = _cache_dir() / "windows" / f"{digest.hexdigest()[:24]}.pt"
+    if path.is_file():
+        try:
+            return torch.load(path)
+        except Exception:  # a damaged cache entry is rebuilt
+            path.unlink(missing_ok=True)
+    windows = sample_document_windows(tokenizer, source.documents, count, seqlen, seed)
+    atomic_save_torch(windows, path)
+    return windows
 
 
 def _ptb(split: Split) -> TextSource:
@@ -137,6 +196,7 @@ def _local_file(path_str: str, split: Split) -> TextSource:
 NAMED_SOURCES: dict[str, Callable[[Split], TextSource]] = {
     "wikitext2": _wikitext2,
     "c4": _c4,
+    "c4_new": _c4_new,
     "ptb": _ptb,
     "pydoc": _pydoc,
 }
@@ -206,4 +266,6 @@ def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> 
 
 def calibration_windows(tokenizer, source: str, nsamples: int, seqlen: int, seed: int) -> tuple[torch.Tensor, str]:
     text = load_text(source, "calib")
+    if text.documents:
+        return document_windows_cached(tokenizer, text, nsamples, seqlen, seed), text.description
     return sample_windows(tokenize_cached(tokenizer, text), nsamples, seqlen, seed), text.description

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchmetrics import Metric
 
-from omniquant_pl.calib.data import load_text, tokenize_cached
+from omniquant_pl.calib.data import document_windows_cached, load_text, tokenize_cached
 
 
 class WindowPerplexity(Metric):
@@ -85,9 +85,13 @@ def perplexity_on_source(
     device: torch.device | str | None = None,
 ) -> dict:
     """Perplexity on the evaluation split of a text source (see calib.data.load_text); a source's
-    protocol cap on windows (C4: 256) applies on top of `max_windows`."""
+    protocol cap on windows (c4_new: 256) applies on top of `max_windows`; the paper's C4 draws
+    its 256 windows document by document."""
     text = load_text(source, "eval")
-    ids = tokenize_cached(tokenizer, text)
+    if text.documents:  # windows drawn document by document (the paper's C4), already (n, seqlen)
+        ids = document_windows_cached(tokenizer, text, text.document_windows, seqlen, text.document_seed).reshape(-1)
+    else:
+        ids = tokenize_cached(tokenizer, text)
     caps = [n for n in (max_windows, text.max_windows) if n]
     ppl, windows = evaluate_perplexity(model, ids, seqlen, min(caps, default=0), batch_size, device)
     return {"ppl": ppl, "windows": windows, "seqlen": seqlen, "source": text.description}
