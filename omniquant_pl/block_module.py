@@ -7,7 +7,6 @@ the full-precision block (plus, with `aug_loss`, the FP block's output on the qu
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 from typing import Any
@@ -143,13 +142,14 @@ class BlockModule(L.LightningModule):
         self.block = block
         self.block.requires_grad_(False)
         self.block_kwargs = block_kwargs
-        # LET scales/shifts (shifts only where biases absorb them, and only with activation quant)
+        # LET scales, and shifts where biases absorb them (OPT). Weight-only too, as the official
+        # OPT scripts: the shift folds into the bias with the unquantized weight, b + W·δ, so the
+        # block computes Wq·x + (W − Wq)·δ + b, a learned correction of the rounding's mean error.
         self.let: LETParams | None = None
         if quant.let:
-            let_spec = spec if quant.abits < 16 else dataclasses.replace(spec, let_shifts=False)
-            self.let = LETParams(block, let_spec).to(next(block.parameters()).device)
+            self.let = LETParams(block, spec).to(next(block.parameters()).device)
             if input_ranges is not None:
-                init_let_from_ranges(self.let, block, let_spec, input_ranges, quant.let_alpha)
+                init_let_from_ranges(self.let, block, spec, input_ranges, quant.let_alpha)
         self.quant_linears: dict[str, QuantLinear] = quantize_block_linears(
             block,
             spec.linear_names,

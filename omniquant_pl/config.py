@@ -51,7 +51,7 @@ class QuantConfig:
         lwc: learn the weight clipping (LWC); False = round-to-nearest weights.
         lwc_init: initial value of the clipping logits γ and β (σ(4.0) ≈ 0.98).
         let: learn the equivalent transformation (LET) scales (and, for models whose biases can
-            absorb them and weight-activation runs, shifts).
+            absorb them, such as OPT, shifts; weight-only runs too, as the official OPT scripts).
         let_alpha: SmoothQuant migration strength of the LET scale initialisation,
             s = max|x|^alpha / max|W|^(1-alpha) (paper: 0.5; 0.75 for W4A4).
     """

@@ -181,3 +181,43 @@ def test_token_cache_tells_apart_tokenizers_with_the_same_vocabulary(tmp_path, m
     lower_ids = tokenize_cached(lowercasing, source)
     assert torch.equal(lower_ids, lowercasing(source.text, return_tensors="pt").input_ids[0])
     assert not torch.equal(plain_ids, lower_ids)
+
+
+@requires_shared_data()
+def test_wikitext2_from_the_hub_is_the_same_text_as_the_local_raw_file(monkeypatch):
+    """One WikiText-2 text for both paths: the hub's rows (the raw file's lines, blank ones as '')
+    joined with '' are the raw text the local path reads whole."""
+    import datasets
+
+    from omniquant_pl.calib import data
+
+    local = data.load_text("wikitext2", "eval").text
+    rows = []
+    for line in local.splitlines(keepends=True):
+        rows += [line, ""]  # the hub keeps blank lines as empty rows
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        assert (path, name, split) == ("wikitext", "wikitext-2-raw-v1", "test")
+        return datasets.Dataset.from_dict({"text": rows})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(data, "_data_dirs", lambda: [])
+    hub = data.load_text("wikitext2", "eval")
+    assert hub.text == local and "hub" in hub.description
+
+
+def test_ptb_follows_the_official_loaders(monkeypatch):
+    import datasets
+
+    from omniquant_pl.calib import data
+
+    calls = []
+
+    def fake_load_dataset(path, name=None, split=None, **kwargs):
+        calls.append(split)
+        return datasets.Dataset.from_dict({"sentence": [f"{split} one", f"{split} two"]})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    assert data.load_text("ptb", "eval").text == "validation one\n\nvalidation two"
+    assert data.load_text("ptb_new", "eval").text == "test one test two"
+    assert data.load_text("ptb", "calib").text == "train one\n\ntrain two"

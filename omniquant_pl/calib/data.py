@@ -76,9 +76,13 @@ def _wikitext2(split: Split) -> TextSource:
 
         hf_split = "train" if split == "calib" else "test"
         rows = load_dataset("wikitext", "wikitext-2-raw-v1", split=hf_split)
-        return "\n\n".join(rows["text"])
+        # the rows are the raw file's lines (each ending in "\n", blank lines as ""): joined with ""
+        # they are the raw text itself, as the local path reads it (the official code joins them
+        # with "\n\n", which adds blank lines between all of them)
+        return "".join(rows["text"])
 
-    return TextSource(_hub(load, "wikitext2"), f"wikitext2 {split}: hub wikitext-2-raw-v1")
+    hf_split = "train" if split == "calib" else "test"
+    return TextSource(_hub(load, "wikitext2"), f"wikitext2 {split}: hub wikitext-2-raw-v1 {hf_split}, raw text")
 
 
 # C4 (allenai/c4 on the hub). `c4` is the paper's protocol (the official code's `get_c4`):
@@ -160,13 +164,27 @@ def document_windows_cached(tokenizer, source: TextSource, count: int, seqlen: i
 
 
 def _ptb(split: Split) -> TextSource:
+    """The official code's `get_ptb`: sentences joined with "\n\n", evaluated on the validation split."""
+    hf_split = "train" if split == "calib" else "validation"
+
     def load() -> str:
         from datasets import load_dataset
 
-        rows = load_dataset("ptb_text_only", "penn_treebank", split="train" if split == "calib" else "test")
-        return " ".join(rows["sentence"])
+        return "\n\n".join(load_dataset("ptb_text_only", "penn_treebank", split=hf_split)["sentence"])
 
-    return TextSource(_hub(load, "ptb"), f"ptb {split}: hub ptb_text_only")
+    return TextSource(_hub(load, "ptb"), f"ptb {split}: hub ptb_text_only {hf_split}, joined with blank lines")
+
+
+def _ptb_new(split: Split) -> TextSource:
+    """The official code's `get_ptb_new`: sentences joined with " ", evaluated on the test split."""
+    hf_split = "train" if split == "calib" else "test"
+
+    def load() -> str:
+        from datasets import load_dataset
+
+        return " ".join(load_dataset("ptb_text_only", "penn_treebank", split=hf_split)["sentence"])
+
+    return TextSource(_hub(load, "ptb_new"), f"ptb_new {split}: hub ptb_text_only {hf_split}, joined with spaces")
 
 
 def _pydoc(split: Split) -> TextSource:
@@ -198,6 +216,7 @@ NAMED_SOURCES: dict[str, Callable[[Split], TextSource]] = {
     "c4": _c4,
     "c4_new": _c4_new,
     "ptb": _ptb,
+    "ptb_new": _ptb_new,
     "pydoc": _pydoc,
 }
 
