@@ -1,6 +1,7 @@
 """Progress over blocks × epochs with the current loss: rich on a terminal, plain lines elsewhere."""
 from __future__ import annotations
 
+import sys
 import time
 
 from rich.console import Console
@@ -27,6 +28,7 @@ class ProgressCallback(CalibrationCallback):
                 TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                 console=self.console,
             )
+            self._route_logging_through(self.console)  # before start(): rich then redirects sys.stderr
             self.progress.start()
             self.blocks_task = self.progress.add_task("blocks", total=self.n_blocks, info="")
             self.epochs_task = self.progress.add_task("epochs", total=max(self.epochs, 1), info="")
@@ -47,7 +49,8 @@ class ProgressCallback(CalibrationCallback):
         losses = ""
         if "final_loss" in metrics:
             losses = f" rtn {metrics['rtn_loss']:.5g} -> init {metrics['init_loss']:.5g} -> final {metrics['final_loss']:.5g}"
-        line = f"block {index + 1}/{self.n_blocks}:{losses} ({seconds:.1f} s)"
+        # blocks are numbered from 0 everywhere (results.json, warnings, logs/block_XXX, plots)
+        line = f"block {index} ({index + 1} of {self.n_blocks}):{losses} ({seconds:.1f} s)"
         if self.progress:
             self.progress.update(self.blocks_task, advance=1, info=f"last {seconds:.1f} s")
             self.progress.console.print(line)
@@ -58,3 +61,31 @@ class ProgressCallback(CalibrationCallback):
         if self.progress:
             self.progress.stop()
             self.progress = None
+        self._restore_logging()
+
+    def _route_logging_through(self, console: Console) -> None:
+        """While the bar is live, log records print above it (rich) instead of gluing onto it."""
+        import logging
+
+        from rich.logging import RichHandler
+
+        root = logging.getLogger()
+        self._replaced = [h for h in root.handlers if isinstance(h, logging.StreamHandler)
+                          and getattr(h, "stream", None) in (sys.stderr, sys.stdout)]
+        if not self._replaced:
+            return
+        self._rich_handler = RichHandler(console=console, show_path=False, markup=False, rich_tracebacks=False)
+        self._rich_handler.setLevel(min(h.level for h in self._replaced))
+        for handler in self._replaced:
+            root.removeHandler(handler)
+        root.addHandler(self._rich_handler)
+
+    def _restore_logging(self) -> None:
+        import logging
+
+        root = logging.getLogger()
+        if getattr(self, "_rich_handler", None) is not None:
+            root.removeHandler(self._rich_handler)
+            for handler in self._replaced:
+                root.addHandler(handler)
+            self._rich_handler = None

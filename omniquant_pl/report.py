@@ -43,8 +43,18 @@ def print_summary(results: dict[str, Any], console: Console | None = None) -> No
     console = console or Console()
     for table in summary_tables(results):
         console.print(table)
-    if "calibration_seconds" in results:
-        console.print(f"calibration: {results['calibration_seconds']:.1f} s; total {results.get('total_seconds', 0):.1f} s")
+    console.print(timing_line(results))
+
+
+def timing_line(results: dict[str, Any]) -> str:
+    """Calibration and wall time; after a resume, which numbers span all sessions and which this one."""
+    calibration = results.get("calibration_seconds", 0.0)
+    total = results.get("total_seconds", 0.0)
+    if "resumed_at_block" not in results:
+        return f"calibration: {calibration:.1f} s; total (load, calibration, evaluation, save): {total:.1f} s"
+    return (f"calibration: {calibration:.1f} s over all sessions (this session resumed at block "
+            f"{results['resumed_at_block']} and calibrated for {results.get('session_seconds', 0.0):.1f} s); "
+            f"this session's total: {total:.1f} s")
 
 
 def export_table(report: dict[str, Any]) -> Table:

@@ -219,7 +219,56 @@ def test_progress_without_terminal_has_no_control_codes(tmp_path, tokenizer):
     calibrate(cfg, callbacks=[progress], model=model, tokenizer=tokenizer)
     text = buffer.getvalue()
     assert "\x1b" not in text and "\r" not in text
-    assert text.count("block ") == 2 and "block 2/2: rtn" in text
+    assert text.count("block ") == 2 and "block 1 (2 of 2): rtn" in text  # numbered from 0, as everywhere
+
+
+def test_log_records_print_above_the_live_progress_bar_not_onto_it(tmp_path, tokenizer):
+    """On a terminal, a warning logged mid-run goes through the bar's console on its own line."""
+    import io
+    import logging
+    import sys
+
+    from rich.console import Console
+
+    from callbacks.progress import ProgressCallback
+
+    buffer = io.StringIO()
+    progress = ProgressCallback(console=Console(file=buffer, force_terminal=True, width=120))
+    root = logging.getLogger()
+    plain = logging.StreamHandler(sys.stderr)
+    root.addHandler(plain)
+    seen = []
+
+    class WarnMidRun(ProgressCallback.__mro__[1]):  # a CalibrationCallback
+        def on_block_start(self, sequencer, index, module):
+            seen.append([type(h).__name__ for h in root.handlers])
+            logging.getLogger("omniquant_pl.test").warning("a warning in block %d", index)
+
+    try:
+        model = TINY_BUILDERS["opt"](layers=1)
+        cfg = RunConfig(model=ModelConfig("in-memory"), quant=QuantConfig(wbits=4),
+                        calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32), train=TrainConfig(epochs=1),
+                        eval=EvalConfig(datasets=[], baselines=[]), output_dir=str(tmp_path / "p"), save_model=False)
+        calibrate(cfg, callbacks=[progress, WarnMidRun()], model=model, tokenizer=tokenizer)
+        after = [type(h).__name__ for h in root.handlers]
+    finally:
+        root.removeHandler(plain)
+    assert "RichHandler" in seen[0] and plain not in seen[0]
+    assert "RichHandler" not in after and "StreamHandler" in after  # put back when the bar stops
+    import re
+
+    assert "a warning in block 0" in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", buffer.getvalue())
+
+
+def test_summary_timing_says_what_spans_sessions_after_a_resume():
+    from omniquant_pl.report import timing_line
+
+    fresh = timing_line({"calibration_seconds": 10.0, "total_seconds": 12.5})
+    assert fresh.startswith("calibration: 10.0 s; total") and "12.5 s" in fresh
+    resumed = timing_line({"calibration_seconds": 107.7, "session_seconds": 30.1, "total_seconds": 40.7,
+                           "resumed_at_block": 8})
+    assert "107.7 s over all sessions" in resumed and "resumed at block 8" in resumed
+    assert "30.1 s" in resumed and "this session's total: 40.7 s" in resumed
 
 
 def test_learned_state_is_a_snapshot_and_loads_back():
