@@ -135,6 +135,23 @@ def run_export(args) -> dict:
     return report
 
 
+def interrupted_message(command: str | None, sub) -> str:
+    """What Ctrl-C left behind and, for calibrate, the command that continues the run."""
+    if command != "calibrate" or sub is None:
+        return "interrupted"
+    from omniquant_pl.checkpoint import existing_progress
+
+    output_dir = Path(sub.output_dir)
+    try:
+        finished = existing_progress(output_dir)
+    except OmniQuantError:
+        finished = 0
+    if not finished:
+        return f"interrupted before any block finished; nothing to resume in {output_dir}"
+    return (f"interrupted; {finished} finished blocks are saved in {output_dir}; continue with: "
+            f"omniquant calibrate --config {output_dir / 'config.yaml'} --resume true")
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_lightning()
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="jsonargparse")
@@ -157,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted; finished blocks are saved in the output directory", file=sys.stderr)
+        print(interrupted_message(locals().get("command"), locals().get("sub")), file=sys.stderr)
         return 130
     return 0
 

@@ -221,3 +221,18 @@ def test_resume_refuses_other_calibration_ids(tmp_path, tiny_model_dir, capsys):
     assert cli.main(args + ["--resume", "true"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert "calibration token ids differ from the checkpoint's" in err
+
+
+def test_ctrl_c_message_says_how_to_resume(tmp_path):
+    from types import SimpleNamespace
+
+    out = tmp_path / "run"
+    sub = SimpleNamespace(output_dir=str(out))
+    assert "nothing to resume" in cli.interrupted_message("calibrate", sub)
+    out.mkdir()
+    (out / "checkpoint.json").write_text(json.dumps(
+        {"finished_blocks": 3, "config_hash": "x", "results": {"blocks": [{}, {}, {}]}}))
+    message = cli.interrupted_message("calibrate", sub)
+    assert "3 finished blocks are saved" in message
+    assert f"omniquant calibrate --config {out / 'config.yaml'} --resume true" in message
+    assert cli.interrupted_message("evaluate", None) == "interrupted"
