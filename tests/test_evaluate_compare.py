@@ -97,6 +97,21 @@ def test_compare_writes_markdown_and_chart(run_dir, fp_dir, tmp_path, capsys):
     assert len(json.loads((out / "comparison.json").read_text())) == 5
 
 
+def test_compare_keeps_calibrates_baselines_beside_eval_json_and_splits_window_shapes(run_dir, tmp_path):
+    """A run evaluated later (eval.json: omniquant on 8 windows) keeps calibrate's FP/RTN rows
+    (results.json, 3 windows); perplexities over other windows land in other columns."""
+    from omniquant_pl.eval.compare import collect, columns
+
+    (run_dir / "eval.json").write_text(json.dumps({
+        "quant_tag": "W4A16",
+        "perplexity": {"omniquant": {"pydoc": {"ppl": 480.0, "windows": 8, "seqlen": 64}}}}))
+    rows = collect([str(run_dir)])
+    assert [r.method for r in rows] == ["omniquant", "fp", "rtn"]  # eval.json's omniquant replaces calibrate's
+    header, body = columns(rows)
+    assert header[3:5] == ["pydoc ppl (8×64)", "pydoc ppl (3×64)"]
+    assert [cells[3:5] for cells in body] == [["480.00", "-"], ["-", "400.00"], ["-", "900.00"]]
+
+
 def test_evaluate_and_compare_errors_are_one_line(run_dir, tmp_path, capsys):
     def error(argv: list[str]) -> str:
         capsys.readouterr()

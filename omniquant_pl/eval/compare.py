@@ -27,25 +27,31 @@ class Row:
     packed_bytes: int | None = None
 
 
-def load_report(run: str) -> tuple[str, dict]:
-    """(run name, report) of a run directory or a report .json file."""
+def _read_report(path: Path) -> dict:
+    try:
+        report = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"'{path}' is not valid JSON ({err})") from err
+    if not isinstance(report, dict) or "perplexity" not in report:
+        raise ConfigError(f"'{path}' is not an omniquant report (no 'perplexity' key)")
+    return report
+
+
+def load_reports(run: str) -> tuple[str, list[dict]]:
+    """(run name, reports) of a run directory (its eval.json and results.json, in that order) or
+    of one report .json file."""
     path = Path(run)
     if path.is_dir():
         found = [path / name for name in REPORT_FILES if (path / name).is_file()]
         if not found:
             raise ConfigError(f"run '{run}' has neither {' nor '.join(REPORT_FILES)}; give an omniquant output "
                               "directory or an eval.json written by omniquant evaluate --output")
-        path = found[0]
-    elif not path.is_file():
+        return path.name, [_read_report(p) for p in found]
+    if not path.is_file():
         raise ConfigError(f"run '{run}' does not exist; give an omniquant output directory or an eval.json file")
-    try:
-        report = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise ConfigError(f"'{path}' is not valid JSON ({err})") from err
-    if not isinstance(report, dict) or "perplexity" not in report:
-        raise ConfigError(f"'{path}' is not an omniquant report (no 'perplexity' key)")
     name = path.parent.name if path.name in REPORT_FILES else path.stem
-    return name, report
+    return name, [_read_report(path)]
+
 
 
 def rows_of(name: str, report: dict) -> list[Row]:
@@ -72,15 +78,37 @@ def collect(runs: list[str]) -> list[Row]:
     names: dict[str, int] = {}
     rows = []
     for run in runs:
-        name, report = load_report(run)
+        name, reports = load_reports(run)
         names[name] = names.get(name, 0) + 1
-        rows += rows_of(name if names[name] == 1 else f"{name}#{names[name]}", report)
+        label = name if names[name] == 1 else f"{name}#{names[name]}"
+        # a method evaluated by `omniquant evaluate` (eval.json) replaces calibrate's row of it;
+        # calibrate's other rows (its FP and RTN baselines) stay
+        seen: set[str] = set()
+        for report in reports:
+            fresh = [row for row in rows_of(label, report) if row.method not in seen]
+            seen |= {row.method for row in fresh}
+            rows += fresh
     return rows
 
 
-def _windows(rows: list[Row], dataset: str) -> str:
-    shapes = {(r.perplexity[dataset]["windows"], r.perplexity[dataset]["seqlen"]) for r in rows if dataset in r.perplexity}
-    return " ({}×{})".format(*shapes.pop()) if len(shapes) == 1 else ""
+def _shape(result: dict) -> tuple[int | None, int | None]:
+    return result.get("windows"), result.get("seqlen")
+
+
+def perplexity_columns(rows: list[Row]) -> list[tuple[str, tuple[int | None, int | None]]]:
+    """(dataset, (windows, seqlen)) per column: perplexities over other windows are other numbers,
+    so each evaluation shape of a dataset gets its own column."""
+    return list(dict.fromkeys((d, _shape(r.perplexity[d])) for r in rows for d in r.perplexity))
+
+
+def _column_name(dataset: str, shape: tuple[int | None, int | None]) -> str:
+    windows, seqlen = shape
+    return f"{dataset} ppl" + (f" ({windows}×{seqlen})" if windows is not None else "")
+
+
+def _ppl(row: Row, dataset: str, shape: tuple) -> float | None:
+    result = row.perplexity.get(dataset)
+    return result["ppl"] if result is not None and _shape(result) == shape else None
 
 
 def _samples(rows: list[Row], task: str) -> str:
@@ -90,17 +118,17 @@ def _samples(rows: list[Row], task: str) -> str:
 
 def columns(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
     """Header and cells: run, bits, method, each dataset's ppl, each task's acc/acc_norm (%), sizes (MB)."""
-    datasets = list(dict.fromkeys(d for r in rows for d in r.perplexity))
+    ppl_columns = perplexity_columns(rows)
     tasks = list(dict.fromkeys(t for r in rows for t in r.zeroshot))
     header = ["run", "bits", "method"]
-    header += [f"{d} ppl{_windows(rows, d)}" for d in datasets]
+    header += [_column_name(d, shape) for d, shape in ppl_columns]
     for task in tasks:
         header += [f"{task} acc %{_samples(rows, task)}", f"{task} acc_norm %"]
     header += ["disk MB", "packed MB (est.)"]
     body = []
     for r in rows:
         cells = [r.run, r.bits, r.method]
-        cells += [f"{r.perplexity[d]['ppl']:.2f}" if d in r.perplexity else "-" for d in datasets]
+        cells += ["-" if (v := _ppl(r, d, shape)) is None else f"{v:.2f}" for d, shape in ppl_columns]
         for task in tasks:
             result = r.zeroshot.get(task, {})
             for metric in ("acc", "acc_norm"):
@@ -140,10 +168,9 @@ def bar_chart(rows: list[Row], path: Path) -> bool:
     except ImportError:
         log.warning("matplotlib is not installed: skipping %s (pip install matplotlib)", path)
         return False
-    datasets = list(dict.fromkeys(d for r in rows for d in r.perplexity))
     tasks = list(dict.fromkeys(t for r in rows for t in r.zeroshot))
-    panels = [(f"{d} perplexity (lower is better)", [r.perplexity.get(d, {}).get("ppl") for r in rows], True)
-              for d in datasets]
+    panels = [(f"{_column_name(d, shape)} (lower is better)", [_ppl(r, d, shape) for r in rows], True)
+              for d, shape in perplexity_columns(rows)]
     panels += [(f"{t} {m} (higher is better)", [r.zeroshot.get(t, {}).get(m) for r in rows], False)
                for t in tasks for m in ("acc", "acc_norm")]
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.2 * len(rows) + 2), 3.2 * len(panels)), squeeze=False)
