@@ -7,6 +7,7 @@ the full-precision block (plus, with `aug_loss`, the FP block's output on the qu
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 from typing import Any
@@ -147,9 +148,10 @@ class BlockModule(L.LightningModule):
         # block computes Wq·x + (W − Wq)·δ + b, a learned correction of the rounding's mean error.
         self.let: LETParams | None = None
         if quant.let:
-            self.let = LETParams(block, spec).to(next(block.parameters()).device)
+            let_spec = spec if quant.let_up_down else dataclasses.replace(spec, up_down=None)
+            self.let = LETParams(block, let_spec).to(next(block.parameters()).device)
             if input_ranges is not None:
-                init_let_from_ranges(self.let, block, spec, input_ranges, quant.let_alpha)
+                init_let_from_ranges(self.let, block, let_spec, input_ranges, quant.let_alpha)
         self.quant_linears: dict[str, QuantLinear] = quantize_block_linears(
             block,
             spec.linear_names,

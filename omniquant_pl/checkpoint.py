@@ -33,7 +33,7 @@ HASHED_SECTIONS = ("model", "quant", "calib", "train")
 UNHASHED_TRAIN = ("compile", "cache_device", "cuda_graph", "steps_per_call", "logger")
 # Options added after checkpoints existed: left out of the identity at their default, so a run
 # checkpointed before an option existed still resumes.
-LATER_DEFAULTS = {"quant": {"grid": "minmax"}}
+LATER_DEFAULTS = {"quant": {"grid": "minmax", "let_up_down": False}}
 
 
 def config_identity(config: RunConfig) -> dict[str, Any]:

@@ -55,6 +55,9 @@ class QuantConfig:
         let_alpha: SmoothQuant migration strength of the LET scale initialisation,
             s = max|x|^alpha / max|W|^(1-alpha) (paper: 0.5; 0.75 for W4A4).
     """
+        let_up_down: with LET on gated MLPs (Llama family), also learn a scale between up_proj
+            and down_proj (beyond the paper; an exact equivalence, since the gate's activation
+            multiplies up's output elementwise): it smooths down_proj's input.
 
     wbits: int = 4
     abits: int = 16
@@ -66,6 +69,7 @@ class QuantConfig:
     let: bool = False
     let_alpha: float = 0.5
 
+    let_up_down: bool = False
     def __post_init__(self) -> None:
         check_bits("quant.wbits", self.wbits)
         check_bits("quant.abits", self.abits)

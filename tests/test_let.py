@@ -146,6 +146,34 @@ def test_folded_block_equals_unfolded_fake_quant_with_activation_quant():
         torch.testing.assert_close(folded, fake_quant, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "opt"])
+def test_up_down_scale_is_exact_and_folds_into_up_and_down(family):
+    """quant.let_up_down: a scale on up_proj's outputs / down_proj's inputs (gated MLPs), folded
+    into both: fused == fake-quant (exactness with quantization off: the test above, whose random
+    LET includes this scale for these families)."""
+    from omniquant_pl.block_module import BlockModule
+    from omniquant_pl.config import QuantConfig, TrainConfig
+
+    block, spec, captured = _block_and_inputs(family, quantized_attention=True)
+    block.float()
+    hidden = captured.hidden_states.float()
+    kwargs = {k: (v.float() if torch.is_tensor(v) and v.is_floating_point() else
+                  tuple(t.float() for t in v) if isinstance(v, tuple) else v) for k, v in captured.block_kwargs.items()}
+    module = BlockModule(block, 0, spec, kwargs, QuantConfig(wbits=4, abits=6, let=True, let_up_down=True), TrainConfig())
+    assert module.let.down_scale is not None and module.let.down_scale.shape == (block.mlp.up_proj.out_features,)
+    _random_let(module.let, seed=7)
+    down = f"{spec.up_down.target}.weight"
+    transformed = module.let.transformed(block)
+    assert not torch.allclose(transformed[down], dict(block.named_parameters())[down])
+    with torch.no_grad():
+        for p in module.lwc_parameters():
+            p.uniform_(0, 5)
+        fake_quant = module(hidden)
+        folded = run_block(module.fuse(), hidden, kwargs)
+    torch.testing.assert_close(folded, fake_quant, rtol=1e-5, atol=1e-5)
+    assert BlockModule(block, 0, spec, kwargs, QuantConfig(wbits=4, abits=6, let=True), TrainConfig()).let.down_scale is None
+
+
 def _tiny_run(tmp_path, tokenizer, family, quant, epochs=20):
     import test_sequencer
 

@@ -4,7 +4,10 @@ Groups (paper notation):
   qkv  norm before attention  -> q/k/v projections
   fc1  norm before the MLP    -> up/gate projections (or fc1)
   out  v projection           -> output projection (v->o)
-  fc2  MLP down projection (or fc2), quantized but not transformed
+  fc2  MLP down projection (or fc2)
+  up_down  gated MLPs only: up projection -> down projection (beyond the paper; exact because the
+       gate's activation multiplies up's output elementwise, so a scale on up's output channels
+       passes to down's input columns unchanged)
 """
 from __future__ import annotations
 
@@ -50,6 +53,7 @@ class ArchSpec:
     rotary_pairs: str | None = "half"
     let_qk: bool = True
     let_shifts: bool = False
+    up_down: LinearGroup | None = None  # gated MLPs: the LET scale on down_proj's input (quant.let_up_down)
 
     @property
     def linear_names(self) -> tuple[str, ...]:

@@ -16,6 +16,7 @@ LLAMA_LIKE = ArchSpec(
     fc1=NormGroup("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
     out=LinearGroup("self_attn.v_proj", "self_attn.o_proj"),
     fc2=("mlp.down_proj",),
+    up_down=LinearGroup("mlp.up_proj", "mlp.down_proj"),
 )
 
 # Qwen3 normalises q and k per head after the projection, which undoes a q/k scale.

@@ -70,3 +70,9 @@ def init_let_from_ranges(
     let.out_scale.copy_(_smooth_scale(act_absmax, w_absmax, alpha).to(let.out_scale))
     if let.out_shift is not None:
         let.out_shift.copy_(center.to(let.out_shift))
+
+    if let.down_scale is not None:  # gated MLP: down_proj's input is up's output times the gate
+        lo, hi = ranges[spec.up_down.target]
+        down_weight = block.get_submodule(spec.up_down.target).weight.float()  # (hidden, intermediate)
+        act_absmax = torch.maximum(hi.abs(), lo.abs())
+        let.down_scale.copy_(_smooth_scale(act_absmax, down_weight.abs().amax(0), alpha).to(let.down_scale))

@@ -33,7 +33,8 @@ class LETParams(nn.Module):
     """Scales (and, where biases absorb them, shifts) of one block, initialised to identity.
 
     qkv_scale/fc1_scale: (hidden,) on the norm outputs; out_scale: (kv_heads·head_dim,) on v's
-    outputs; qk_param: (kv_heads, head_dim/2) with rotary embeddings, else (kv_heads, head_dim).
+    outputs; qk_param: (kv_heads, head_dim/2) with rotary embeddings, else (kv_heads, head_dim);
+    down_scale: (intermediate,) on up's outputs = down's inputs, for gated MLPs (spec.up_down).
     """
 
     def __init__(self, block: nn.Module, spec: ArchSpec) -> None:
@@ -47,6 +48,9 @@ class LETParams(nn.Module):
         self.out_scale = nn.Parameter(torch.ones(kv_channels))
         qk_width = geometry.head_dim // 2 if spec.rotary_pairs else geometry.head_dim
         self.qk_param = nn.Parameter(torch.ones(geometry.kv_heads, qk_width)) if spec.let_qk else None
+        self.down_scale = None
+        if spec.up_down is not None:
+            self.down_scale = nn.Parameter(torch.ones(block.get_submodule(spec.up_down.source).out_features))
         if spec.let_shifts:
             self.qkv_shift = nn.Parameter(torch.zeros(hidden))
             self.fc1_shift = nn.Parameter(torch.zeros(hidden))
@@ -57,7 +61,7 @@ class LETParams(nn.Module):
     @torch.no_grad()
     def reset_to_identity(self) -> None:
         """Scales 1 and shifts 0: every transform leaves the block's parameters exactly as they are."""
-        for scale in (self.qkv_scale, self.fc1_scale, self.out_scale, self.qk_param):
+        for scale in (self.qkv_scale, self.fc1_scale, self.out_scale, self.qk_param, self.down_scale):
             if scale is not None:
                 scale.fill_(1.0)
         for shift in (self.qkv_shift, self.fc1_shift, self.out_shift):
@@ -101,6 +105,17 @@ class LETParams(nn.Module):
         put(f"{src}.bias", sb)
         put(f"{dst}.weight", tw)
         put(f"{dst}.bias", tb)
+
+        if self.down_scale is not None:  # up -> down: the same transform with one "head"
+            src, dst = spec.up_down.source, spec.up_down.target
+            sw, sb, tw, tb = transforms.linear_into_linear(
+                get(f"{src}.weight"), get(f"{src}.bias"), get(f"{dst}.weight"), get(f"{dst}.bias"),
+                guarded(self.down_scale), None, 1, 1,
+            )
+            put(f"{src}.weight", sw)
+            put(f"{src}.bias", sb)
+            put(f"{dst}.weight", tw)
+            put(f"{dst}.bias", tb)
 
         if self.qk_param is not None:
             q, k = spec.qkv.linears[0], spec.qkv.linears[1]
