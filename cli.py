@@ -26,10 +26,12 @@ from omniquant_pl.sequencer import quiet_lightning
 
 
 def build_parser() -> LightningArgumentParser:
-    parser = LightningArgumentParser(prog="omniquant", description="OmniQuant calibration for Hugging Face causal LMs")
+    # allow_abbrev=False everywhere: `--quant.w 5` is refused like a YAML typo, not read as --quant.wbits
+    parser = LightningArgumentParser(prog="omniquant", description="OmniQuant calibration for Hugging Face causal LMs",
+                                     allow_abbrev=False)
     commands = parser.add_subcommands(dest="command")
 
-    calibrate = LightningArgumentParser(description="Quantize a model block by block with OmniQuant.")
+    calibrate = LightningArgumentParser(description="Quantize a model block by block with OmniQuant.", allow_abbrev=False)
     calibrate.add_argument("--config", action="config", help="YAML config (see configs/)")
     calibrate.add_class_arguments(RunConfig, None)
     calibrate.add_argument(
@@ -40,7 +42,7 @@ def build_parser() -> LightningArgumentParser:
 
     evaluate = LightningArgumentParser(
         description="Perplexity and zero-shot tasks of a model (hub id, folder, saved OmniQuant model or output "
-                    "directory), optionally with its FP/RTN baselines.")
+                    "directory), optionally with its FP/RTN baselines.", allow_abbrev=False)
     evaluate.add_argument("--config", action="config")
     evaluate.add_class_arguments(ModelConfig, "model")
     evaluate.add_class_arguments(EvalConfig, "eval", skip={"baselines"})
@@ -53,7 +55,8 @@ def build_parser() -> LightningArgumentParser:
                           help="eval.json path (or folder for it); default: <run dir>/eval.json for an output directory")
     commands.add_subcommand("evaluate", evaluate, help="perplexity and zero-shot tasks of a model")
 
-    compare = LightningArgumentParser(description="One table across runs: bits, method, perplexities, tasks, size.")
+    compare = LightningArgumentParser(description="One table across runs: bits, method, perplexities, tasks, size.",
+                                      allow_abbrev=False)
     compare.add_argument("runs", type=str, nargs="+",
                          help="output directories (eval.json, else results.json) or eval.json files")
     compare.add_argument("--output", type=str, default="outputs/comparison",
@@ -62,7 +65,7 @@ def build_parser() -> LightningArgumentParser:
 
     export = LightningArgumentParser(
         description="Write a calibrated run as a real quantized model: compressed-tensors (vLLM, transformers) "
-                    "or GGUF (llama.cpp, Ollama).")
+                    "or GGUF (llama.cpp, Ollama).", allow_abbrev=False)
     export.add_argument("run_dir", type=str, help="output directory of a finished calibrate run")
     export.add_argument("--format", type=str, default="compressed-tensors",
                         help="compressed-tensors (vLLM, transformers) or gguf (llama.cpp, Ollama)")
@@ -97,10 +100,12 @@ def run_evaluate(args) -> dict:
     from omniquant_pl.eval.compare import rich_table, rows_of
     from omniquant_pl.eval.runner import check_writable, evaluate_target, report_path, resolve_target
     from omniquant_pl.io import atomic_write_json
+    from omniquant_pl.preflight import check_evaluation
     from omniquant_pl.sequencer import resolve_device
 
     target = resolve_target(args.model)
     path = report_path(target.run_dir, args.output)
+    check_evaluation(target.model, args.eval, args.accelerator)  # before the model loads
     check_writable(path)  # before the evaluation, not after it
     report = evaluate_target(target, args.eval, args.baselines, args.quant, resolve_device(args.accelerator))
     console = Console()
@@ -152,12 +157,34 @@ def interrupted_message(command: str | None, sub) -> str:
             f"omniquant calibrate --config {output_dir / 'config.yaml'} --resume true")
 
 
+def check_yaml_files(argv: list[str]) -> None:
+    """Each --config file parses as YAML; else one line naming the file, the line and the problem."""
+    import yaml
+
+    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    paths += [arg.removeprefix("--config=") for arg in argv if arg.startswith("--config=")]
+    for path in paths:
+        if not Path(path).is_file():
+            continue  # the parser reports a missing file
+        try:
+            yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = ": ".join(filter(None, [getattr(err, "context", None), getattr(err, "problem", None)])) or str(err)
+            raise OmniQuantError(f"config file '{path}' is not valid YAML{where}: {problem}; fix it there "
+                                 "(indentation, a missing ':' or an unclosed bracket), see configs/ for examples") from None
+        except UnicodeDecodeError:
+            raise OmniQuantError(f"config file '{path}' is not UTF-8 text; give a YAML file") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_lightning()
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="jsonargparse")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     try:
+        check_yaml_files(sys.argv[1:] if argv is None else argv)
         cfg = parser.parse_args(argv)
         init = parser.instantiate_classes(cfg)
         command = init.command

@@ -10,8 +10,10 @@ __version__ = "0.1.0"
 
 def calibrate(config: RunConfig, callbacks: list | None = None, model=None, tokenizer=None) -> dict:
     """Run OmniQuant calibration; returns the results dict also written to results.json."""
+    from omniquant_pl.preflight import check_run
     from omniquant_pl.sequencer import BlockSequencer
 
+    check_run(config, model)  # everything that can be refused before the model loads
     return BlockSequencer(config, callbacks=callbacks, model=model, tokenizer=tokenizer).run()
 
 

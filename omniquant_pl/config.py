@@ -38,7 +38,8 @@ class QuantConfig:
     """Quantization settings.
 
     Args:
-        wbits: weight bits, 2..8 (16 = weights stay in floating point).
+        wbits: weight bits, 2..8 (weights are always quantized; the unquantized model's numbers
+            come from ``omniquant evaluate --baselines [fp]``).
         abits: activation bits, 2..8 (16 = weight-only quantization).
         group_size: quantize weights per group of this many input columns; 0 = per output channel.
         symmetric: symmetric weight grid (no zero point) instead of asymmetric.
@@ -54,10 +55,10 @@ class QuantConfig:
             absorb them, such as OPT, shifts; weight-only runs too, as the official OPT scripts).
         let_alpha: SmoothQuant migration strength of the LET scale initialisation,
             s = max|x|^alpha / max|W|^(1-alpha) (paper: 0.5; 0.75 for W4A4).
-    """
         let_up_down: with LET on gated MLPs (Llama family), also learn a scale between up_proj
             and down_proj (beyond the paper; an exact equivalence, since the gate's activation
             multiplies up's output elementwise): it smooths down_proj's input.
+    """
 
     wbits: int = 4
     abits: int = 16
@@ -68,10 +69,10 @@ class QuantConfig:
     lwc_init: float = 4.0
     let: bool = False
     let_alpha: float = 0.5
-
     let_up_down: bool = False
+
     def __post_init__(self) -> None:
-        check_bits("quant.wbits", self.wbits)
+        check_bits("quant.wbits", self.wbits, unquantized=False)
         check_bits("quant.abits", self.abits)
         if not isinstance(self.group_size, int) or self.group_size < 0:
             raise ConfigError(f"quant.group_size must be 0 (per channel) or a positive integer, got {self.group_size!r}")
@@ -110,6 +111,13 @@ class CalibConfig:
             raise ConfigError(f"calib.nsamples must be >= 1 and calib.seqlen >= 2, got {self.nsamples}, {self.seqlen}")
 
 
+# Lightning precisions a block calibrates in (the -true half precisions would cast the block but
+# not its fp32 caches), and Lightning's aliases of them.
+PRECISIONS = ("auto", "32-true", "bf16-mixed", "16-mixed")
+PRECISION_ALIASES = {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}
+ACCELERATORS = ("auto", "gpu", "cuda", "cpu")
+
+
 @dataclass
 class TrainConfig:
     """Per-block training.
@@ -121,9 +129,10 @@ class TrainConfig:
         let_lr: AdamW learning rate of the LET parameters.
         weight_decay: AdamW weight decay.
         aug_loss: also match the FP block run on the quantized inputs (paper's W2 setting).
-        precision: Lightning precision; ``auto`` = mixed precision in the model's half dtype on
-            GPU (bf16-mixed or 16-mixed), 32-true on CPU.
-        accelerator: Lightning accelerator (``auto``, ``gpu``, ``cpu``).
+        precision: Lightning precision: ``32-true``, ``bf16-mixed``, ``16-mixed`` (or their
+            aliases 32, bf16, 16); ``auto`` = mixed precision in the model's half dtype on GPU
+            (bf16-mixed or 16-mixed), 32-true on CPU.
+        accelerator: ``auto`` (a CUDA GPU if there is one, else the CPU), ``gpu`` (or ``cuda``), ``cpu``.
         shuffle: shuffle the order of batches every epoch.
         report_losses: measure each block's RTN, initial and final loss with extra no-grad passes.
         logger: Lightning logger of each block's Trainer: ``csv`` (``logs/block_XXX/metrics.csv``),
@@ -169,8 +178,10 @@ class TrainConfig:
     steps_per_call: int = 16
 
     def __post_init__(self) -> None:
+        self.precision = PRECISION_ALIASES.get(str(self.precision), str(self.precision))
         for name, allowed in (("lr_batch_scaling", ("none", "sqrt", "linear")), ("compile", ("auto", "block", "quantizers", "off")),
-                              ("cache_device", ("auto", "accelerator", "cpu"))):
+                              ("cache_device", ("auto", "accelerator", "cpu")), ("precision", PRECISIONS),
+                              ("accelerator", ACCELERATORS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.cuda_graph not in (True, False, "auto"):

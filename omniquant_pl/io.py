@@ -17,6 +17,28 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
+def check_writable_dir(folder: Path | str, option: str) -> None:
+    """Fail before any work when `folder` could not be created or written (a file in the way, a
+    read-only or virtual file system); creates nothing."""
+    from omniquant_pl.errors import OmniQuantError
+
+    folder = Path(folder).expanduser()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing.exists() and not existing.is_dir():
+        where = "is a file" if existing == folder else f"is under '{existing}', which is a file"
+        raise OmniQuantError(f"{option} '{folder}' {where}, not a folder; give a folder path (or move the file)")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise OmniQuantError(
+            f"{option} '{folder}' is not writable: cannot create files in '{existing}' ({err.strerror}); "
+            "give a folder on a writable disk"
+        ) from None
+
+
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

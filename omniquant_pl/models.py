@@ -39,10 +39,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_model_and_tokenizer(config: ModelConfig, device: torch.device) -> tuple[nn.Module, object]:
-    """Load the causal LM (on CPU, in eval mode) and its tokenizer."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def check_model_location(config: ModelConfig) -> str:
+    """The model's path (see resolve_model_path); a missing folder or GGUF file is refused."""
     path = resolve_model_path(config.name_or_path)
     local = Path(path)
     if config.gguf_file and not (local / config.gguf_file).is_file():
@@ -52,6 +50,15 @@ def load_model_and_tokenizer(config: ModelConfig, device: torch.device) -> tuple
         )
     if (path.startswith((".", "/", "~")) or local.suffix) and not local.exists():
         raise ConfigError(f"model folder '{path}' does not exist; check model.name_or_path")
+    return path
+
+
+def load_model_and_tokenizer(config: ModelConfig, device: torch.device) -> tuple[nn.Module, object]:
+    """Load the causal LM (on CPU, in eval mode) and its tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = check_model_location(config)
+    local = Path(path)
     kwargs: dict = {"trust_remote_code": config.trust_remote_code}
     if config.gguf_file:
         kwargs["gguf_file"] = config.gguf_file

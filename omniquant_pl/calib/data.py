@@ -204,11 +204,42 @@ def _local_file(path_str: str, split: Split) -> TextSource:
     if not path.is_file():
         raise ConfigError(f"text file '{path_str}' not found; give an existing .txt/.raw/.jsonl path")
     if path.suffix in (".jsonl", ".json"):
-        lines = path.read_text(encoding="utf-8").splitlines()
-        text = "\n\n".join(json.loads(line)["text"] for line in lines if line.strip())
+        text = _jsonl_text(path, _read_text(path, "utf-8"))
     else:
-        text = path.read_text(encoding="utf-8-sig")
+        text = _read_text(path, "utf-8-sig")
     return TextSource(text, f"file {path.resolve()} ({split})")
+
+
+TEXT_FILE_HINT = 'give a UTF-8 text file (.txt/.raw/.tokens) or a .jsonl file with one {"text": "..."} object per line'
+
+
+def _read_text(path: Path, encoding: str) -> str:
+    """A text file's content; a binary file is refused in one line."""
+    try:
+        text = path.read_text(encoding=encoding)
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"text file '{path}' is not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset "
+                          f"{err.start}); {TEXT_FILE_HINT}") from None
+    if "\0" in text:
+        raise ConfigError(f"text file '{path}' is not text (it holds NUL bytes); {TEXT_FILE_HINT}")
+    return text
+
+
+def _jsonl_text(path: Path, content: str) -> str:
+    """The "text" fields of a JSON Lines file's rows, joined by blank lines."""
+    texts = []
+    for number, line in enumerate(content.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"'{path}' line {number} is not JSON ({err.msg}); {TEXT_FILE_HINT}") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            found = f"keys {', '.join(list(row)[:6])}" if isinstance(row, dict) else f"a JSON {type(row).__name__}"
+            raise ConfigError(f"'{path}' line {number} has no string 'text' field (found {found}); {TEXT_FILE_HINT}")
+        texts.append(row["text"])
+    return "\n\n".join(texts)
 
 
 NAMED_SOURCES: dict[str, Callable[[Split], TextSource]] = {

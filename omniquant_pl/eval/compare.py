@@ -194,6 +194,10 @@ def bar_chart(rows: list[Row], path: Path) -> bool:
 
 def compare(runs: list[str], output: str | Path | None = None) -> tuple[list[Row], dict[str, Path]]:
     """Rows of all runs; with `output`, writes comparison.md, comparison.json and comparison.png there."""
+    if output is not None:
+        from omniquant_pl.io import check_writable_dir
+
+        check_writable_dir(output, "--output")
     rows = collect(runs)
     written: dict[str, Path] = {}
     if output is not None:

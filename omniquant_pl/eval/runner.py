@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -169,10 +168,10 @@ def report_path(run_dir: Path | None, output: str | None) -> Path | None:
 
 def check_writable(path: Path | None) -> None:
     """Fail before the (long) evaluation when the report could not be written."""
+    from omniquant_pl.io import check_writable_dir
+
     if path is None:
         return
-    folder = path.parent
-    while not folder.exists():
-        folder = folder.parent
-    if not os.access(folder, os.W_OK):
-        raise OmniQuantError(f"cannot write {path}: '{folder}' is not writable; give --output DIR")
+    if path.is_dir():
+        raise OmniQuantError(f"cannot write {path}: it is a folder; give --output DIR or --output FILE.json")
+    check_writable_dir(path.parent, "--output")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 
 import torch
@@ -14,6 +15,17 @@ from omniquant_pl.quant.primitives import QuantGrid, quantize_codes
 
 # σ(30) = 1 - 9e-14, which is 1.0 in fp32 (and in bf16): x · σ(30) == x exactly
 NO_CLIPPING_LOGIT = 30.0
+
+
+def suggest_group_size(requested: int, in_features: list[int]) -> int:
+    """A group size for a `requested` one that does not divide every input dimension: the largest
+    power of two of at least 8, and at most `requested`, that divides them all; 0 (per channel)
+    where there is none."""
+    common = math.gcd(*in_features)
+    size = 1 << (common & -common).bit_length() - 1  # the largest power of two dividing all dims
+    while size > max(requested, 8):
+        size //= 2
+    return size if size >= 8 else 0
 
 
 class WeightQuantizer(nn.Module):
@@ -42,10 +54,11 @@ class WeightQuantizer(nn.Module):
         out_features, in_features = weight_shape
         if group_size is not None and group_size > 0:
             if in_features % group_size != 0:
+                suggestion = suggest_group_size(group_size, [in_features])
                 raise ConfigError(
                     f"group_size {group_size} does not divide in_features {in_features}; "
-                    f"pick a divisor of {in_features} (e.g. 64 or 128 where they divide) or "
-                    "0 for per-channel"
+                    f"use {suggestion} ({'a power of two that divides it' if suggestion else 'per channel'})"
+                    + (" or 0 for per-channel" if suggestion else "")
                 )
             self.row_size = group_size
         else:

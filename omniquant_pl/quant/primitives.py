@@ -69,7 +69,7 @@ class QuantGrid:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise ConfigError(
                 f"quantizer bits must be an integer in 2..8, got {self.bits!r} "
-                "(use 16 in the config to leave a tensor unquantized)"
+                "(quant.abits 16 leaves activations unquantized; weights are always quantized)"
             )
 
     @property
@@ -153,9 +153,15 @@ def fake_quantize(x: torch.Tensor, grid: RowGrid, qmin: int, qmax: int, rule: st
     return dequantize_codes(quantize_codes(x, grid, qmin, qmax, rule), grid.scale, grid.offset, rule)
 
 
-def check_bits(name: str, bits: int) -> None:
-    """Bits of a config field: 2..8 quantizes, 16 means "leave in floating point"."""
-    if not isinstance(bits, int) or not (2 <= bits <= 8 or bits == 16):
-        raise ConfigError(
-            f"{name} must be an integer in 2..8, or 16 for no quantization; got {bits!r}"
-        )
+def check_bits(name: str, bits: int, unquantized: bool = True) -> None:
+    """Bits of a config field: 2..8 quantizes; 16 means "leave in floating point" where
+    `unquantized` allows it (activations; weights are always quantized)."""
+    if isinstance(bits, int) and (2 <= bits <= 8 or (bits == 16 and unquantized)):
+        return
+    if unquantized:
+        raise ConfigError(f"{name} must be an integer in 2..8, or 16 for no quantization; got {bits!r}")
+    raise ConfigError(
+        f"{name} must be an integer in 2..8 (weights are always quantized; 16 = floating point is for "
+        f"quant.abits only); got {bits!r}. For the unquantized model's numbers run: omniquant evaluate "
+        "--model.name_or_path MODEL --baselines [fp]"
+    )
