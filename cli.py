@@ -11,32 +11,57 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import warnings
 from pathlib import Path
 from typing import Literal
 
-from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.cli import LightningArgumentParser
+# Heavy imports (torch, Lightning, transformers) happen inside the functions that need them, so that
+# `omniquant` and `omniquant --help` answer at once.
+OVERVIEW = """usage: omniquant [-h] {calibrate,evaluate,compare,export} ...
 
-from omniquant_pl.config import EvalConfig, ModelConfig, QuantConfig, RunConfig
-from omniquant_pl.errors import OmniQuantError
-from omniquant_pl.export import ExportConfig
-from omniquant_pl.sequencer import quiet_lightning
+OmniQuant calibration for Hugging Face causal LMs
+
+commands:
+  calibrate   calibrate and evaluate a quantized model
+  evaluate    perplexity and zero-shot tasks of a model
+  compare     compare evaluated runs side by side
+  export      write a calibrated run as a real quantized model (compressed-tensors, GGUF)
+
+`omniquant COMMAND --help` lists a command's options (all of a config's keys for calibrate)."""
 
 
-def build_parser() -> LightningArgumentParser:
+def _help_formatter():
+    """jsonargparse's help without its list of every known Callback subclass (~30 of Lightning's)."""
+    from jsonargparse import DefaultHelpFormatter
+
+    class HelpFormatter(DefaultHelpFormatter):
+        def _get_help_string(self, action) -> str:
+            return re.sub(r", known subclasses: [^)]*", "", super()._get_help_string(action))
+
+    return HelpFormatter
+
+
+def build_parser():
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.cli import LightningArgumentParser
+
+    from omniquant_pl.config import EvalConfig, ModelConfig, QuantConfig, RunConfig
+
     # allow_abbrev=False everywhere: `--quant.w 5` is refused like a YAML typo, not read as --quant.wbits
     parser = LightningArgumentParser(prog="omniquant", description="OmniQuant calibration for Hugging Face causal LMs",
-                                     allow_abbrev=False)
+                                     allow_abbrev=False, formatter_class=_help_formatter())
     commands = parser.add_subcommands(dest="command")
 
-    calibrate = LightningArgumentParser(description="Quantize a model block by block with OmniQuant.", allow_abbrev=False)
+    calibrate = LightningArgumentParser(description="Quantize a model block by block with OmniQuant.", allow_abbrev=False,
+                                        formatter_class=_help_formatter())
     calibrate.add_argument("--config", action="config", help="YAML config (see configs/)")
     calibrate.add_class_arguments(RunConfig, None)
     calibrate.add_argument(
         "--trainer.callbacks", type=list[Callback] | None, default=None,
-        help="extra Lightning/Calibration callbacks, run on every block's Trainer (class_path + init_args)",
+        help="extra Lightning/Calibration callbacks, run on every block's Trainer (class_path + init_args; "
+             "any lightning.pytorch.callbacks.Callback subclass, e.g. callbacks.fuse.FuseCallback)",
     )
     commands.add_subcommand("calibrate", calibrate, help="calibrate and evaluate a quantized model")
 
@@ -83,7 +108,7 @@ def build_parser() -> LightningArgumentParser:
 
 
 def run_calibrate(args) -> dict:
-    from omniquant_pl import calibrate
+    from omniquant_pl import RunConfig, calibrate
     from omniquant_pl.report import print_summary
 
     config = RunConfig(model=args.model, quant=args.quant, calib=args.calib, train=args.train,
@@ -130,7 +155,7 @@ def run_compare(args) -> None:
 
 
 def run_export(args) -> dict:
-    from omniquant_pl.export import export_run
+    from omniquant_pl.export import ExportConfig, export_run
     from omniquant_pl.report import print_export
 
     options = ExportConfig(format=args.format, output=args.output, gguf_type=args.gguf_type,
@@ -145,6 +170,7 @@ def interrupted_message(command: str | None, sub) -> str:
     if command != "calibrate" or sub is None:
         return "interrupted"
     from omniquant_pl.checkpoint import existing_progress
+    from omniquant_pl.errors import OmniQuantError
 
     output_dir = Path(sub.output_dir)
     try:
@@ -160,6 +186,8 @@ def interrupted_message(command: str | None, sub) -> str:
 def check_yaml_files(argv: list[str]) -> None:
     """Each --config file parses as YAML; else one line naming the file, the line and the problem."""
     import yaml
+
+    from omniquant_pl.errors import OmniQuantError
 
     paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
     paths += [arg.removeprefix("--config=") for arg in argv if arg.startswith("--config=")]
@@ -179,6 +207,12 @@ def check_yaml_files(argv: list[str]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if (sys.argv[1:] if argv is None else argv) in ([], ["-h"], ["--help"]):
+        print(OVERVIEW)
+        return 0
+    from omniquant_pl.errors import OmniQuantError
+    from omniquant_pl.sequencer import quiet_lightning
+
     quiet_lightning()
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="jsonargparse")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
