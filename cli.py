@@ -10,7 +10,9 @@
 """
 from __future__ import annotations
 
+import errno
 import logging
+import os
 import re
 import sys
 import warnings
@@ -165,6 +167,19 @@ def run_export(args) -> dict:
     return report
 
 
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+
+
+def disk_error_message(err: OSError, command: str | None, sub) -> str:
+    """One line for a full or read-only disk; for calibrate, what is kept and how to go on."""
+    where = f" writing {err.filename}" if err.filename else ""
+    message = f"the disk is full or read-only ({os.strerror(err.errno)}{where}); free space"
+    if command == "calibrate" and sub is not None:
+        message += (f", then continue with: omniquant calibrate --config {Path(sub.output_dir) / 'config.yaml'} "
+                    "--resume true (finished blocks and results are kept)")
+    return message
+
+
 def interrupted_message(command: str | None, sub) -> str:
     """What Ctrl-C left behind and, for calibrate, the command that continues the run."""
     if command != "calibrate" or sub is None:
@@ -233,6 +248,11 @@ def main(argv: list[str] | None = None) -> int:
             run_export(sub)
     except OmniQuantError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in DISK_ERRORS:
+            raise
+        print(f"error: {disk_error_message(err, locals().get('command'), locals().get('sub'))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(interrupted_message(locals().get("command"), locals().get("sub")), file=sys.stderr)

@@ -9,10 +9,16 @@
 #      they end in time (capped at the paper's 20); the JSON says how many ran. Their times are
 #      not speed results (they share the GPU).
 # Smaller for a CPU smoke run: NSAMPLES=2 SEQLEN=64 EPOCHS=1 EVAL_WINDOWS=1 COMPILE=off ...
+# On the lent GPU machine (no network; its image lacks gguf): the 98 MB GGUF travels in two calls
+# (`split -b 50M` into two git-ignored folders; the first call copies its half to /root, the second,
+# sent within 30 s, joins them), the gguf wheel is installed with `pip install --no-index --target`,
+# and a copy of ../shared/data/wikitext2 travels too, read through OMNIQUANT_DATA_DIR.
+# LET_EXTRA=--let-up-down adds quant.let_up_down to the W6A6/W4A4 runs.
 set -u
 MODEL=$1; GGUF=$2; OUT=$3; BUDGET=$4
 NSAMPLES=${NSAMPLES:-128}; SEQLEN=${SEQLEN:-2048}; EPOCHS=${EPOCHS:-20}; EVAL_WINDOWS=${EVAL_WINDOWS:-0}
 COMPILE=${COMPILE:-block+graph}; SLOWDOWN=${SLOWDOWN:-4}  # assumed cost of LET + shared GPU vs part 1
+LET_EXTRA=${LET_EXTRA:-}  # e.g. LET_EXTRA=--let-up-down
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"
@@ -34,8 +40,8 @@ ms=$(python -c "import json;print(json.load(open('$OUT/w3a16.json'))['rows'][0][
 fit=$(python -c "print(max(1, min($EPOCHS, int(($left - 45) * 1000 / (30 * $NSAMPLES * $ms * $SLOWDOWN)))))")
 echo "== side by side: $left s left, part 1 $ms ms/step -> $fit epochs (LET), $((fit * 2 > EPOCHS ? EPOCHS : fit * 2)) (LWC)"
 if [ "$left" -gt 90 ]; then
-    speed w6a6 "$left" --wbits 6 --abits 6 --let --epochs "$fit" --compile "$COMPILE" &
-    speed w4a4 "$left" --wbits 4 --abits 4 --let --epochs "$fit" --compile "$COMPILE" &
+    speed w6a6 "$left" --wbits 6 --abits 6 --let $LET_EXTRA --epochs "$fit" --compile "$COMPILE" &
+    speed w4a4 "$left" --wbits 4 --abits 4 --let $LET_EXTRA --epochs "$fit" --compile "$COMPILE" &
     speed w3a16g64 "$left" --wbits 3 --group-size 64 --epochs $((fit * 2 > EPOCHS ? EPOCHS : fit * 2)) \
         --compile "$COMPILE" &
     wait

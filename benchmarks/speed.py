@@ -152,7 +152,8 @@ def prepare(args, compile_mode: str, device: torch.device, callbacks: list,
     model = random_block_model(args.shape, dtype)
     config = RunConfig(
         model=ModelConfig(f"random:{args.shape}"),
-        quant=QuantConfig(wbits=args.wbits, abits=args.abits, group_size=args.group_size, lwc=True, let=args.let),
+        quant=QuantConfig(wbits=args.wbits, abits=args.abits, group_size=args.group_size, lwc=True, let=args.let,
+                         let_up_down=args.let_up_down),
         calib=CalibConfig(source="random", nsamples=args.nsamples, seqlen=args.seqlen),
         train=TrainConfig(
             epochs=args.epochs, aug_loss=args.aug_loss, batch_size=args.batch_size, lr_batch_scaling=args.lr_batch_scaling,
@@ -247,7 +248,8 @@ def run_model_path(args, compile_mode: str, device: torch.device, baselines: lis
 
     config = RunConfig(
         model=ModelConfig(args.model, gguf_file=args.gguf_file),
-        quant=QuantConfig(wbits=args.wbits, abits=args.abits, group_size=args.group_size, lwc=True, let=args.let),
+        quant=QuantConfig(wbits=args.wbits, abits=args.abits, group_size=args.group_size, lwc=True, let=args.let,
+                         let_up_down=args.let_up_down),
         calib=CalibConfig(source=args.calib_source, nsamples=args.nsamples, seqlen=args.seqlen, seed=args.calib_seed),
         train=TrainConfig(
             epochs=args.epochs, aug_loss=args.aug_loss, batch_size=args.batch_size, lr_batch_scaling=args.lr_batch_scaling,
@@ -298,7 +300,7 @@ def main_model(args, device: torch.device) -> dict:
             row["speedup_vs_reference"] = rows[0]["calibration_seconds"] / row["calibration_seconds"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     setting = f"W{args.wbits}A{args.abits}" + (f"g{args.group_size}" if args.group_size else "")
-    setting += (" LWC+LET" if args.let else " LWC") + (" aug" if args.aug_loss else "")
+    setting += (" LWC+LET" if args.let else " LWC") + (" up-down" if args.let_up_down else "") + (" aug" if args.aug_loss else "")
     report = {"model": args.model, "gguf_file": args.gguf_file, "setting": setting, "device": name,
               "calib_seed": args.calib_seed, "nsamples": args.nsamples, "seqlen": args.seqlen, "epochs": args.epochs,
               "batch_size": args.batch_size, "torch": torch.__version__, "rows": rows}
@@ -321,6 +323,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--abits", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=0)
     parser.add_argument("--let", action="store_true", help="learn LET too (the paper's weight-activation setting)")
+    parser.add_argument("--let-up-down", action="store_true", help="with --let: also the up->down scale (quant.let_up_down)")
     parser.add_argument("--epochs", type=int, default=3, help=">= 2: the first epoch is reported apart")
     parser.add_argument("--aug-loss", action="store_true", help="whole-model mode: the paper's W2 aug loss")
     parser.add_argument("--nsamples", type=int, default=128)

@@ -57,9 +57,10 @@ class PerplexityCallback(CalibrationCallback):
             with torch.no_grad():
                 table = run_tasks(sequencer.model, sequencer.tokenizer, cfg.tasks, cfg.num_fewshot, cfg.task_limit,
                                   cfg.task_include_path, max(cfg.batch_size, 8), sequencer.device)
-        except OmniQuantError as err:
-            log.warning("skipping zero-shot tasks %s: %s", cfg.tasks, err)
-            sequencer.results.setdefault("skipped_eval", {})["tasks"] = str(err)
+        except Exception as err:  # noqa: BLE001 - a task that cannot load (no network, ...) never costs the calibration
+            message = str(err) if isinstance(err, OmniQuantError) else f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"
+            log.warning("skipping zero-shot tasks %s: %s", cfg.tasks, message)
+            sequencer.results.setdefault("skipped_eval", {})["tasks"] = message
             return
         sequencer.results.setdefault("zeroshot", {})[method] = table
         for task, result in table.items():

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -50,7 +51,37 @@ def check_model_location(config: ModelConfig) -> str:
         )
     if (path.startswith((".", "/", "~")) or local.suffix) and not local.exists():
         raise ConfigError(f"model folder '{path}' does not exist; check model.name_or_path")
+    if not local.exists():
+        check_hub_model(path)
     return path
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    import socket
+
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_hub_model(repo_id: str) -> None:
+    """A hub id with no network: use the local Hugging Face cache when it holds the model (offline
+    mode, no retries), else refuse at once instead of retrying for about a minute."""
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes") or _hub_reachable():
+        return
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        log.info("huggingface.co cannot be reached: using %s from the local cache (HF_HUB_OFFLINE=1)", repo_id)
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        return
+    raise ConfigError(
+        f"model '{repo_id}' is neither a local folder nor in the Hugging Face cache, and huggingface.co cannot be "
+        f"reached from here; give a local folder (model.name_or_path: path/to/model), or download it where there "
+        f"is network (huggingface-cli download {repo_id}) and copy the cache or folder here"
+    )
 
 
 def load_model_and_tokenizer(config: ModelConfig, device: torch.device) -> tuple[nn.Module, object]:
@@ -75,8 +106,8 @@ def load_model_and_tokenizer(config: ModelConfig, device: torch.device) -> tuple
         model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
     except OSError as err:
         raise OmniQuantError(
-            f"could not load model '{config.name_or_path}': {str(err).splitlines()[0]} "
-            "(offline? give a local folder, or set HF_HUB_OFFLINE=0 with network access)"
+            f"could not load model '{config.name_or_path}': {str(err).splitlines()[0]}; give a local folder "
+            "that holds it, or check the name"
         ) from err
     if config.gguf_file:
         _forget_gguf_quantizer(model)

@@ -10,7 +10,10 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import resource
+import shutil
+import tempfile
 import time
 import warnings
 from pathlib import Path
@@ -337,6 +340,7 @@ class BlockSequencer:
             self.results["peak_accelerator_memory_bytes"] = torch.cuda.max_memory_allocated()
         self.results["peak_host_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self._emit("on_calibration_end", self.results)
+        atomic_write_json(self.results, self.output_dir / "results.json")  # the evaluation is kept even if saving fails
         if cfg.save_model:
             self.save_model()
         self.results["total_seconds"] = time.perf_counter() - started
@@ -477,12 +481,19 @@ class BlockSequencer:
         attention = self.model.config._attn_implementation
         if attention == ATTENTION_NAME:  # save a config that plain transformers loads
             self.model.set_attn_implementation("sdpa")
+        # written beside model/ and renamed into place when complete: a full disk never leaves a
+        # model/ without weights behind
+        staging = Path(tempfile.mkdtemp(prefix=".model.", dir=self.output_dir))
         try:
-            self.model.save_pretrained(path)
+            self.model.save_pretrained(staging)
+            if self.tokenizer is not None:
+                self.tokenizer.save_pretrained(staging)
+            if path.exists():
+                shutil.rmtree(path)
+            os.replace(staging, path)
         finally:
+            shutil.rmtree(staging, ignore_errors=True)
             if attention == ATTENTION_NAME:
                 self.model.set_attn_implementation(ATTENTION_NAME)
-        if self.tokenizer is not None:
-            self.tokenizer.save_pretrained(path)
         self.results["saved_model"] = str(path)
         return path

@@ -262,3 +262,38 @@ def test_float16_model_on_cpu_calibrates(tmp_path, tiny_model_dir, monkeypatch):
     ))
     assert results["precision"] == "32-true"
     assert all(torch.isfinite(torch.tensor(b["final_loss"])) for b in results["blocks"])
+
+
+def test_hub_id_without_network_is_refused_at_once_or_read_from_the_cache(monkeypatch, tmp_path, capsys):
+    """No ~1 minute of retries: an unreachable hub with the model not cached is one line at once; a
+    cached model is used offline."""
+    import huggingface_hub
+
+    from omniquant_pl import models
+    from omniquant_pl.config import ModelConfig
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(models, "_hub_reachable", lambda timeout=3.0: False)
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo_id, filename, **kw: None)
+    with pytest.raises(ConfigError, match="neither a local folder nor in the Hugging Face cache"):
+        models.check_model_location(ModelConfig("meta-llama/Llama-2-7b-hf"))
+    config = _config(tmp_path, tmp_path / "unused")
+    code, err = _main(capsys, "calibrate", "--config", config, "--model.name_or_path", "meta-llama/Llama-2-7b-hf")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "huggingface-cli download" in err
+    assert not (tmp_path / "out").exists()
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo_id, filename, **kw: "/cache/config.json")
+    assert models.check_model_location(ModelConfig("meta-llama/Llama-2-7b-hf")) == "meta-llama/Llama-2-7b-hf"
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_unwritable_token_cache_warns_and_goes_on(monkeypatch, tmp_path, tokenizer, caplog):
+    from omniquant_pl.calib.data import TextSource, tokenize_cached
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("OMNIQUANT_CACHE", str(blocker))
+    source = TextSource("some text to tokenize", "test")
+    with caplog.at_level(logging.WARNING):
+        ids = tokenize_cached(tokenizer, source)
+    assert torch.equal(ids, tokenizer(source.text, return_tensors="pt").input_ids[0])
+    assert "is not writable" in caplog.text and "OMNIQUANT_CACHE" in caplog.text

@@ -236,3 +236,75 @@ def test_ctrl_c_message_says_how_to_resume(tmp_path):
     assert "3 finished blocks are saved" in message
     assert f"omniquant calibrate --config {out / 'config.yaml'} --resume true" in message
     assert cli.interrupted_message("evaluate", None) == "interrupted"
+
+
+def test_disk_full_at_model_save_keeps_the_results_and_leaves_no_half_model(tmp_path, tiny_model_dir, capsys,
+                                                                           monkeypatch):
+    import errno
+
+    from transformers import PreTrainedModel
+
+    def full_disk(self, path, *args, **kwargs):
+        (Path(path) / "config.json").write_text("{}")  # something was written before the disk filled up
+        raise OSError(errno.ENOSPC, "No space left on device", str(Path(path) / "model.safetensors"))
+
+    config = _config(tmp_path / "run.yaml", tiny_model_dir, tmp_path / "out")
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
+    capsys.readouterr()
+    assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the disk is full") and "--resume true" in last, last
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "omniquant" in results["perplexity"] and len(results["blocks"]) == 2
+    assert not (tmp_path / "out" / "model").exists() and not list((tmp_path / "out").glob(".model.*"))
+    monkeypatch.undo()
+    assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1", "--resume", "true"]) == 0
+    assert (tmp_path / "out" / "model" / "config.json").is_file()
+
+
+def test_disk_full_mid_run_is_one_line_and_resumes(tmp_path, tiny_model_dir, capsys, monkeypatch):
+    import errno
+
+    from omniquant_pl import checkpoint
+
+    real_save = checkpoint.atomic_save_safetensors
+    calls = []
+
+    def fill_up_at_block_1(tensors, path, metadata=None):
+        calls.append(path)
+        if "block_001" in str(path):
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_save(tensors, path, metadata)
+
+    config = _config(tmp_path / "run.yaml", tiny_model_dir, tmp_path / "out")
+    monkeypatch.setattr(checkpoint, "atomic_save_safetensors", fill_up_at_block_1)
+    capsys.readouterr()
+    assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: the disk is full") and "No space left on device" in last and "--resume true" in last
+    assert json.loads((tmp_path / "out" / "checkpoint.json").read_text())["finished_blocks"] == 1
+    monkeypatch.undo()
+    assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1", "--resume", "true"]) == 0
+
+
+def test_zero_shot_tasks_that_cannot_load_are_a_warning_not_a_lost_run(tmp_path, tiny_model_dir, monkeypatch, caplog):
+    """eval.tasks without network: the calibration and the model are kept, the tasks are skipped and recorded."""
+    import logging
+
+    from omniquant_pl.eval import zeroshot
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("Couldn't reach 'piqa' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(zeroshot, "run_tasks", no_network)
+    config = _config(tmp_path / "run.yaml", tiny_model_dir, tmp_path / "out")
+    with caplog.at_level(logging.WARNING):
+        assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1", "--eval.tasks", "[piqa]"]) == 0
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert "ConnectionError" in results["skipped_eval"]["tasks"] and "omniquant" in results["perplexity"]
+    assert (tmp_path / "out" / "model" / "config.json").is_file()
+    assert "skipping zero-shot tasks" in caplog.text

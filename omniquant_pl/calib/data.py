@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import random
 from collections.abc import Callable
@@ -18,6 +19,8 @@ import torch
 
 from omniquant_pl.errors import ConfigError, OmniQuantError
 from omniquant_pl.io import atomic_save_torch
+
+log = logging.getLogger(__name__)
 
 Split = str  # "calib" or "eval"
 LOCAL_FILE_SUFFIXES = (".txt", ".raw", ".tokens", ".jsonl", ".json")
@@ -159,7 +162,7 @@ def document_windows_cached(tokenizer, source: TextSource, count: int, seqlen: i
         except Exception:  # a damaged cache entry is rebuilt
             path.unlink(missing_ok=True)
     windows = sample_document_windows(tokenizer, source.documents, count, seqlen, seed)
-    atomic_save_torch(windows, path)
+    _save_in_cache(windows, path)
     return windows
 
 
@@ -298,8 +301,17 @@ def tokenize_cached(tokenizer, source: TextSource) -> torch.Tensor:
         except Exception:  # a damaged cache entry is rebuilt
             path.unlink(missing_ok=True)
     ids = tokenizer(source.text, return_tensors="pt").input_ids[0]
-    atomic_save_torch(ids, path)
+    _save_in_cache(ids, path)
     return ids
+
+
+def _save_in_cache(value: torch.Tensor, path: Path) -> None:
+    """Cache on disk when possible: an unwritable cache folder costs speed, never the run."""
+    try:
+        atomic_save_torch(value, path)
+    except OSError as err:
+        log.warning("token cache %s is not writable (%s); continuing without it (set OMNIQUANT_CACHE to a "
+                    "writable folder)", path.parent, err.strerror or err)
 
 
 def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
