@@ -31,18 +31,24 @@ LEARNED_DIR = "learned"  # learned/block_XXX.safetensors, one per finished block
 HASHED_SECTIONS = ("model", "quant", "calib", "train")
 # Settings that change speed or logging, not results: a resumed run may change them.
 UNHASHED_TRAIN = ("compile", "cache_device", "cuda_graph", "steps_per_call", "logger")
-# Options added after checkpoints existed: left out of the identity at their default, so a run
-# checkpointed before an option existed still resumes.
+# Options added after checkpoints existed, with the value that older runs used: left out of the
+# identity at that value, so a run checkpointed before the option existed still resumes.
 LATER_DEFAULTS = {"quant": {"grid": "minmax", "let_up_down": False}}
+# Options that change nothing unless another one is on: left out of the identity then.
+ONLY_WITH = {"quant": {"let_up_down": "let"}}
 
 
 def config_identity(config: RunConfig) -> dict[str, Any]:
     identity = {section: asdict(getattr(config, section)) for section in HASHED_SECTIONS}
     for name in UNHASHED_TRAIN:
         identity["train"].pop(name, None)
+    for section, options in ONLY_WITH.items():
+        for name, needed in options.items():
+            if not identity[section].get(needed):
+                identity[section].pop(name, None)
     for section, defaults in LATER_DEFAULTS.items():
         for name, default in defaults.items():
-            if identity[section].get(name) == default:
+            if name in identity[section] and identity[section][name] == default:
                 identity[section].pop(name)
     return identity
 

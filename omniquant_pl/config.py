@@ -56,8 +56,9 @@ class QuantConfig:
         let_alpha: SmoothQuant migration strength of the LET scale initialisation,
             s = max|x|^alpha / max|W|^(1-alpha) (paper: 0.5; 0.75 for W4A4).
         let_up_down: with LET on gated MLPs (Llama family), also learn a scale between up_proj
-            and down_proj (beyond the paper; an exact equivalence, since the gate's activation
-            multiplies up's output elementwise): it smooths down_proj's input.
+            and down_proj, starting at identity (beyond the paper; an exact equivalence, since the
+            gate's activation multiplies up's output elementwise): it smooths down_proj's input.
+            A run checkpointed before this option resumes with ``let_up_down: false``.
     """
 
     wbits: int = 4
@@ -69,7 +70,7 @@ class QuantConfig:
     lwc_init: float = 4.0
     let: bool = False
     let_alpha: float = 0.5
-    let_up_down: bool = False
+    let_up_down: bool = True
 
     def __post_init__(self) -> None:
         check_bits("quant.wbits", self.wbits, unquantized=False)

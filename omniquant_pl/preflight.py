@@ -133,7 +133,7 @@ def model_skeleton(model: ModelConfig) -> nn.Module | None:
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=model.trust_remote_code)
-    except Exception as err:  # remote code and exotic configs: the same checks run after loading
+    except Exception as err:  # noqa: BLE001 - remote code and exotic configs: the same checks run after loading
         log.info("shape checks wait for the model to load (a weightless %s could not be built: %s)",
                  config.model_type, str(err).splitlines()[0][:120])
         return None

@@ -171,7 +171,8 @@ def test_up_down_scale_is_exact_and_folds_into_up_and_down(family):
         fake_quant = module(hidden)
         folded = run_block(module.fuse(), hidden, kwargs)
     torch.testing.assert_close(folded, fake_quant, rtol=1e-5, atol=1e-5)
-    assert BlockModule(block, 0, spec, kwargs, QuantConfig(wbits=4, abits=6, let=True), TrainConfig()).let.down_scale is None
+    off = QuantConfig(wbits=4, abits=6, let=True, let_up_down=False)
+    assert BlockModule(block, 0, spec, kwargs, off, TrainConfig()).let.down_scale is None
 
 
 def _tiny_run(tmp_path, tokenizer, family, quant, epochs=20):
@@ -204,7 +205,7 @@ def test_opt_weight_only_let_learns_shifts_and_beats_lwc_alone(tmp_path, tokeniz
     from omniquant_pl.block_module import BlockModule
     from omniquant_pl.config import QuantConfig, TrainConfig
 
-    block, spec, captured = _block_and_inputs("opt")
+    block, spec, _ = _block_and_inputs("opt")
     module = BlockModule(block.float(), 0, spec, {}, QuantConfig(wbits=3, let=True), TrainConfig())
     assert module.let.qkv_shift is not None and module.let.fc1_shift is not None
     with_let = _tiny_run(tmp_path, tokenizer, "opt", QuantConfig(wbits=3, let=True), epochs=10)

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from conftest import SHARED_DATA, requires_shared_data, tiny_llama, tiny_opt
+from conftest import requires_shared_data, tiny_llama, tiny_opt
 
 from omniquant_pl.calib.data import load_text, sample_windows, tokenize_cached
 from omniquant_pl.errors import ConfigError
@@ -201,7 +201,7 @@ def test_wikitext2_from_the_hub_is_the_same_text_as_the_local_raw_file(monkeypat
         return datasets.Dataset.from_dict({"text": rows})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
-    monkeypatch.setattr(data, "_data_dirs", lambda: [])
+    monkeypatch.setattr(data, "_data_dirs", list)
     hub = data.load_text("wikitext2", "eval")
     assert hub.text == local and "hub" in hub.description
 

@@ -141,6 +141,13 @@ def test_options_added_later_leave_older_checkpoints_resumable():
     assert "grid" not in config_identity(default)["quant"]
     assert config_identity(gguf)["quant"]["grid"] == "gguf"
     assert config_hash(default) != config_hash(gguf)
+    # quant.let_up_down (default on) only matters with LET: a weight-only run's identity is unchanged, and
+    # an older LET run (no such scale) resumes with --quant.let_up_down false
+    assert "let_up_down" not in config_identity(default)["quant"]
+    let_now = RunConfig(model=ModelConfig("m"), quant=QuantConfig(wbits=4, abits=4, let=True))
+    let_before = RunConfig(model=ModelConfig("m"), quant=QuantConfig(wbits=4, abits=4, let=True, let_up_down=False))
+    assert config_identity(let_now)["quant"]["let_up_down"] is True
+    assert "let_up_down" not in config_identity(let_before)["quant"]
 
 
 def _finished_run(tmp_path, tiny_model_dir, name="out"):

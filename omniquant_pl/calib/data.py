@@ -159,7 +159,7 @@ def document_windows_cached(tokenizer, source: TextSource, count: int, seqlen: i
     if path.is_file():
         try:
             return torch.load(path)
-        except Exception:  # a damaged cache entry is rebuilt
+        except Exception:  # noqa: BLE001 - a damaged cache entry (any unpickling error) is rebuilt
             path.unlink(missing_ok=True)
     windows = sample_document_windows(tokenizer, source.documents, count, seqlen, seed)
     _save_in_cache(windows, path)
@@ -298,7 +298,7 @@ def tokenize_cached(tokenizer, source: TextSource) -> torch.Tensor:
     if path.is_file():
         try:
             return torch.load(path)
-        except Exception:  # a damaged cache entry is rebuilt
+        except Exception:  # noqa: BLE001 - a damaged cache entry (any unpickling error) is rebuilt
             path.unlink(missing_ok=True)
     ids = tokenizer(source.text, return_tensors="pt").input_ids[0]
     _save_in_cache(ids, path)

@@ -71,8 +71,6 @@ def init_let_from_ranges(
     if let.out_shift is not None:
         let.out_shift.copy_(center.to(let.out_shift))
 
-    if let.down_scale is not None:  # gated MLP: down_proj's input is up's output times the gate
-        lo, hi = ranges[spec.up_down.target]
-        down_weight = block.get_submodule(spec.up_down.target).weight.float()  # (hidden, intermediate)
-        act_absmax = torch.maximum(hi.abs(), lo.abs())
-        let.down_scale.copy_(_smooth_scale(act_absmax, down_weight.abs().amax(0), alpha).to(let.down_scale))
+    # let.down_scale (quant.let_up_down) starts at identity: a SmoothQuant start moves the massive
+    # activations of down_proj's input into its weights (SmolLM2 W4A4: ppl 355 at α 0.75, 209 at
+    # 0.5, 188 from identity, against 197 without the scale)
