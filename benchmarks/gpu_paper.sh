@@ -13,12 +13,12 @@
 # (`split -b 50M` into two git-ignored folders; the first call copies its half to /root, the second,
 # sent within 30 s, joins them), the gguf wheel is installed with `pip install --no-index --target`,
 # and a copy of ../shared/data/wikitext2 travels too, read through OMNIQUANT_DATA_DIR.
-# LET_EXTRA=--let-up-down adds quant.let_up_down to the W6A6/W4A4 runs.
+# LET_EXTRA=--no-let-up-down runs W6A6/W4A4 with the paper's LET alone (quant.let_up_down off).
 set -u
 MODEL=$1; GGUF=$2; OUT=$3; BUDGET=$4
 NSAMPLES=${NSAMPLES:-128}; SEQLEN=${SEQLEN:-2048}; EPOCHS=${EPOCHS:-20}; EVAL_WINDOWS=${EVAL_WINDOWS:-0}
 COMPILE=${COMPILE:-block+graph}; SLOWDOWN=${SLOWDOWN:-4}  # assumed cost of LET + shared GPU vs part 1
-LET_EXTRA=${LET_EXTRA:-}  # e.g. LET_EXTRA=--let-up-down
+LET_EXTRA=${LET_EXTRA:-}  # e.g. LET_EXTRA=--no-let-up-down for the paper's LET alone
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.."
 mkdir -p "$OUT"

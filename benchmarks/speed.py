@@ -300,7 +300,7 @@ def main_model(args, device: torch.device) -> dict:
             row["speedup_vs_reference"] = rows[0]["calibration_seconds"] / row["calibration_seconds"]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     setting = f"W{args.wbits}A{args.abits}" + (f"g{args.group_size}" if args.group_size else "")
-    setting += (" LWC+LET" if args.let else " LWC") + (" up-down" if args.let_up_down else "") + (" aug" if args.aug_loss else "")
+    setting += (" LWC+LET" if args.let else " LWC") + (" up-down" if args.let and args.let_up_down else "") + (" aug" if args.aug_loss else "")
     report = {"model": args.model, "gguf_file": args.gguf_file, "setting": setting, "device": name,
               "calib_seed": args.calib_seed, "nsamples": args.nsamples, "seqlen": args.seqlen, "epochs": args.epochs,
               "batch_size": args.batch_size, "torch": torch.__version__, "rows": rows}
@@ -323,7 +323,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--abits", type=int, default=16)
     parser.add_argument("--group-size", type=int, default=0)
     parser.add_argument("--let", action="store_true", help="learn LET too (the paper's weight-activation setting)")
-    parser.add_argument("--let-up-down", action="store_true", help="with --let: also the up->down scale (quant.let_up_down)")
+    parser.add_argument("--let-up-down", action=argparse.BooleanOptionalAction, default=QuantConfig.let_up_down,
+                        help="with --let: the up->down scale (quant.let_up_down, on by default)")
     parser.add_argument("--epochs", type=int, default=3, help=">= 2: the first epoch is reported apart")
     parser.add_argument("--aug-loss", action="store_true", help="whole-model mode: the paper's W2 aug loss")
     parser.add_argument("--nsamples", type=int, default=128)
