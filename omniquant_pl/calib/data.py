@@ -155,15 +155,8 @@ def document_windows_cached(tokenizer, source: TextSource, count: int, seqlen: i
     for document in source.documents:
         digest.update(document.encode("utf-8") + b"\0")
     digest.update(f"{tokenizer_fingerprint(tokenizer)} {count} {seqlen} {seed}".encode())
-    path = _cache_dir() / "windows" / f"{digest.hexdigest()[:24]}.pt"
-    if path.is_file():
-        try:
-            return torch.load(path)
-        except Exception:  # noqa: BLE001 - a damaged cache entry (any unpickling error) is rebuilt
-            path.unlink(missing_ok=True)
-    windows = sample_document_windows(tokenizer, source.documents, count, seqlen, seed)
-    _save_in_cache(windows, path)
-    return windows
+    return _cached(_cache_dir() / "windows" / f"{digest.hexdigest()[:24]}.pt",
+                   lambda: sample_document_windows(tokenizer, source.documents, count, seqlen, seed))
 
 
 def _ptb(split: Split) -> TextSource:
@@ -294,24 +287,24 @@ def tokenize_cached(tokenizer, source: TextSource) -> torch.Tensor:
     key = hashlib.sha256(
         (source.text + "\0" + tokenizer_fingerprint(tokenizer)).encode("utf-8")
     ).hexdigest()[:24]
-    path = _cache_dir() / "tokens" / f"{key}.pt"
+    return _cached(_cache_dir() / "tokens" / f"{key}.pt", lambda: tokenizer(source.text, return_tensors="pt").input_ids[0])
+
+
+def _cached(path: Path, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """The tensor cached at `path`, else `compute()` stored there when possible: a damaged entry is
+    rebuilt, and an unwritable cache folder costs speed, never the run."""
     if path.is_file():
         try:
             return torch.load(path)
         except Exception:  # noqa: BLE001 - a damaged cache entry (any unpickling error) is rebuilt
             path.unlink(missing_ok=True)
-    ids = tokenizer(source.text, return_tensors="pt").input_ids[0]
-    _save_in_cache(ids, path)
-    return ids
-
-
-def _save_in_cache(value: torch.Tensor, path: Path) -> None:
-    """Cache on disk when possible: an unwritable cache folder costs speed, never the run."""
+    value = compute()
     try:
         atomic_save_torch(value, path)
     except OSError as err:
         log.warning("token cache %s is not writable (%s); continuing without it (set OMNIQUANT_CACHE to a "
                     "writable folder)", path.parent, err.strerror or err)
+    return value
 
 
 def sample_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int) -> torch.Tensor:
