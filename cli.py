@@ -175,9 +175,13 @@ def disk_error_message(err: OSError, command: str | None, sub) -> str:
     where = f" writing {err.filename}" if err.filename else ""
     message = f"the disk is full or read-only ({os.strerror(err.errno)}{where}); free space"
     if command == "calibrate" and sub is not None:
-        message += (f", then continue with: omniquant calibrate --config {Path(sub.output_dir) / 'config.yaml'} "
-                    "--resume true (finished blocks and results are kept)")
+        message += f", then continue with: {resume_command(sub.output_dir)} (finished blocks and results are kept)"
     return message
+
+
+def resume_command(output_dir: str | Path) -> str:
+    """The command that continues the calibration run in `output_dir`."""
+    return f"omniquant calibrate --config {Path(output_dir) / 'config.yaml'} --resume true"
 
 
 def interrupted_message(command: str | None, sub) -> str:
@@ -194,8 +198,7 @@ def interrupted_message(command: str | None, sub) -> str:
         finished = 0
     if not finished:
         return f"interrupted before any block finished; nothing to resume in {output_dir}"
-    return (f"interrupted; {finished} finished blocks are saved in {output_dir}; continue with: "
-            f"omniquant calibrate --config {output_dir / 'config.yaml'} --resume true")
+    return f"interrupted; {finished} finished blocks are saved in {output_dir}; continue with: {resume_command(output_dir)}"
 
 
 def check_yaml_files(argv: list[str]) -> None:

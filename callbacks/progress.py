@@ -14,6 +14,8 @@ class ProgressCallback(CalibrationCallback):
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
         self.progress: Progress | None = None
+        self._rich_handler = None  # routes log records above the live bar (see _route_logging_through)
+        self._replaced: list = []  # the stream handlers it stands in for
 
     @property
     def interactive(self) -> bool:
@@ -84,7 +86,7 @@ class ProgressCallback(CalibrationCallback):
         import logging
 
         root = logging.getLogger()
-        if getattr(self, "_rich_handler", None) is not None:
+        if self._rich_handler is not None:
             root.removeHandler(self._rich_handler)
             for handler in self._replaced:
                 root.addHandler(handler)

@@ -1,6 +1,7 @@
 """Loading models and tokenizers: hub ids, local folders, GGUF files, package-shipped folders."""
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import os
@@ -56,7 +57,9 @@ def check_model_location(config: ModelConfig) -> str:
     return path
 
 
+@functools.lru_cache(maxsize=1)
 def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers (asked once per process: preflight and loading both need it)."""
     import socket
 
     try:

@@ -245,6 +245,13 @@ def test_ctrl_c_message_says_how_to_resume(tmp_path):
     assert cli.interrupted_message("evaluate", None) == "interrupted"
 
 
+def _only_error_line(capsys) -> str:
+    """The one `error:` line a failed command printed last (no traceback before it)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error:") == 1
+    return err.strip().splitlines()[-1]
+
+
 def test_disk_full_at_model_save_keeps_the_results_and_leaves_no_half_model(tmp_path, tiny_model_dir, capsys,
                                                                            monkeypatch):
     import errno
@@ -259,9 +266,7 @@ def test_disk_full_at_model_save_keeps_the_results_and_leaves_no_half_model(tmp_
     monkeypatch.setattr(PreTrainedModel, "save_pretrained", full_disk)
     capsys.readouterr()
     assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.count("error:") == 1
-    last = err.strip().splitlines()[-1]
+    last = _only_error_line(capsys)
     assert last.startswith("error: the disk is full") and "--resume true" in last, last
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert "omniquant" in results["perplexity"] and len(results["blocks"]) == 2
@@ -289,9 +294,7 @@ def test_disk_full_mid_run_is_one_line_and_resumes(tmp_path, tiny_model_dir, cap
     monkeypatch.setattr(checkpoint, "atomic_save_safetensors", fill_up_at_block_1)
     capsys.readouterr()
     assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1"]) == 2
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.count("error:") == 1
-    last = err.strip().splitlines()[-1]
+    last = _only_error_line(capsys)
     assert last.startswith("error: the disk is full") and "No space left on device" in last and "--resume true" in last
     assert json.loads((tmp_path / "out" / "checkpoint.json").read_text())["finished_blocks"] == 1
     monkeypatch.undo()
