@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from omniquant_pl.arch.attention_hooks import BlockActivationQuantizers
 from omniquant_pl.arch.base import ArchSpec
+from omniquant_pl.arch.registry import check_supported
 from omniquant_pl.calib.capture import run_block
 from omniquant_pl.calib.prefetch import on_device
 from omniquant_pl.config import QuantConfig, TrainConfig
@@ -135,6 +136,7 @@ class BlockModule(L.LightningModule):
         input_ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
         super().__init__()
+        check_supported(spec, quant.let, quant.abits)  # a weight-only spec never reaches the LET or activation code
         self.index = index
         self.spec = spec
         self.lr_scale = 1.0

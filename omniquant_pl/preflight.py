@@ -118,7 +118,8 @@ def check_causal_lm(config, model: ModelConfig) -> None:
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
         raise ConfigError(
             f"model '{model.name_or_path}' holds a '{config.model_type}' model ({type(config).__name__}), not a causal "
-            f"language model; give a causal LM (OmniQuant calibrates {', '.join(supported_model_types())})"
+            "language model; give a causal LM (OmniQuant calibrates any, weight-only; with LET and activation "
+            f"quantization: {', '.join(supported_model_types())})"
         )
 
 
@@ -140,12 +141,13 @@ def model_skeleton(model: ModelConfig) -> nn.Module | None:
 
 
 def check_quantizable(model: nn.Module, quant: QuantConfig) -> None:
-    """A supported architecture whose blocks have the adapter's linears, and a group size that
-    divides every quantized linear's input features."""
-    from omniquant_pl.arch.registry import get_arch, get_blocks
+    """A supported architecture whose blocks have the adapter's linears (and, for LET or activation
+    quantization, a table entry), and a group size that divides every quantized linear's input features."""
+    from omniquant_pl.arch.registry import check_supported, get_arch, get_blocks
     from omniquant_pl.quant.lwc import suggest_group_size
 
     spec = get_arch(model)
+    check_supported(spec, quant.let, quant.abits)
     in_features: dict[int, list[str]] = {}
     for index, block in enumerate(get_blocks(model, spec)):
         spec.check_block(block, index)

@@ -27,7 +27,7 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 
 from omniquant_pl.arch.attention_hooks import ATTENTION_NAME, use_quantized_attention
-from omniquant_pl.arch.registry import get_arch, get_blocks
+from omniquant_pl.arch.registry import check_supported, get_arch, get_blocks, warn_if_weight_only
 from omniquant_pl.block_module import BlockModule, cached_batch_loader
 from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to, run_block
 from omniquant_pl.calib.data import calibration_windows
@@ -230,7 +230,9 @@ class BlockSequencer:
             self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, self.device)
         self.model.eval()
         self.spec = get_arch(self.model)
+        check_supported(self.spec, cfg.quant.let, cfg.quant.abits)
         self.blocks = get_blocks(self.model, self.spec)
+        warn_if_weight_only(self.spec, len(self.blocks))
         self._check_shapes()
         self.model_dtype = next(self.model.parameters()).dtype
         self.precision = resolve_precision(cfg.train.precision, self.device, self.model_dtype)

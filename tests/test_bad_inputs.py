@@ -41,6 +41,8 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the bad input was refused")
 
+    import omniquant_pl.sequencer  # noqa: F401 - imported first, so it does not keep the stub after the test
+
     monkeypatch.setattr("omniquant_pl.models.load_model_and_tokenizer", refuse)
     monkeypatch.setattr("omniquant_pl.sequencer.load_model_and_tokenizer", refuse)
 

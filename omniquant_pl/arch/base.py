@@ -8,6 +8,9 @@ Groups (paper notation):
   up_down  gated MLPs only: up projection -> down projection (beyond the paper; exact because the
        gate's activation multiplies up's output elementwise, so a scale on up's output channels
        passes to down's input columns unchanged)
+
+A weight-only spec (a model with no table entry, described generically by arch/generic.py) has no
+attention module and no groups: its linears are all `extra_linears`, quantized with LWC alone.
 """
 from __future__ import annotations
 
@@ -40,13 +43,14 @@ class ArchSpec:
     model_types: tuple[str, ...]
     backbone: str  # module whose forward(input_ids=...) embeds tokens and runs `layers`
     layers: str  # attribute of the backbone holding the nn.ModuleList of blocks
-    attention: str  # attention module inside a block
-    qkv: NormGroup
-    fc1: NormGroup
-    out: LinearGroup
-    fc2: tuple[str, ...]
+    # LET and activation quantization: all four, or (weight-only) none of them
+    attention: str | None = None  # attention module inside a block
+    qkv: NormGroup | None = None
+    fc1: NormGroup | None = None
+    out: LinearGroup | None = None
+    fc2: tuple[str, ...] = ()
     norm_has_bias: bool = False
-    extra_linears: tuple[str, ...] = field(default=())
+    extra_linears: tuple[str, ...] = field(default=())  # linears in no group (weight-only specs: all)
     # LET: which channels rotate together in the rotary embedding ("half": d with d + head_dim/2,
     # "interleaved": 2i with 2i+1, None: no rotary), whether a q/k scale is valid at all (not with
     # per-head q/k norms), and whether biases can absorb shifts (OPT).
@@ -55,11 +59,24 @@ class ArchSpec:
     let_shifts: bool = False
     up_down: LinearGroup | None = None  # gated MLPs: the LET scale on down_proj's input (quant.let_up_down)
 
+    def __post_init__(self) -> None:
+        given = [name for name in ("attention", "qkv", "fc1", "out") if getattr(self, name) is not None]
+        if given and len(given) < 4:
+            raise ValueError(f"ArchSpec '{self.name}' gives {', '.join(given)} but not all of attention, qkv, fc1, "
+                             "out: give all four (LET and activation quantization) or none (weight-only)")
+        if not self.linear_names:
+            raise ValueError(f"ArchSpec '{self.name}' names no linears: give the groups or extra_linears")
+
+    @property
+    def weight_only(self) -> bool:
+        """No LET groups and no attention module: LWC only (quant.let and abits < 16 are refused)."""
+        return self.qkv is None
+
     @property
     def linear_names(self) -> tuple[str, ...]:
         """Every linear of a block, in execution order, each once."""
-        names = [*self.qkv.linears, self.out.target, *self.fc1.linears, *self.fc2, *self.extra_linears]
-        return tuple(dict.fromkeys(names))
+        grouped = [] if self.weight_only else [*self.qkv.linears, self.out.target, *self.fc1.linears]
+        return tuple(dict.fromkeys([*grouped, *self.fc2, *self.extra_linears]))
 
     def check_block(self, block: nn.Module, index: int = 0) -> None:
         """Fail early if a block does not have the modules this table names (or has more)."""

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from omniquant_pl.arch.base import ArchSpec
-from omniquant_pl.arch.registry import get_arch
+from omniquant_pl.arch.registry import get_arch_for_config
 from omniquant_pl.config import QuantConfig
 from omniquant_pl.errors import OmniQuantError
 from omniquant_pl.quant.codes import QuantizedWeight, load_block_codes
@@ -84,7 +84,7 @@ class CalibratedRun:
             raise OmniQuantError(f"'{run_dir}' finished {finished} of {layers} blocks; finish it with calibrate "
                                  "--resume true before exporting")
         quant = QuantConfig(**results["config"]["quant"])
-        return cls(run_dir, results, quant, get_arch(hf_config.model_type), model_dir, hf_config,
+        return cls(run_dir, results, quant, get_arch_for_config(hf_config), model_dir, hf_config,
                    SafetensorsFolder(model_dir))
 
     # -- the run's settings --------------------------------------------------------------------

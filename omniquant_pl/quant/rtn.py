@@ -9,7 +9,7 @@ from torch import nn
 
 from omniquant_pl.arch.attention_hooks import activation_quantization, use_quantized_attention
 from omniquant_pl.arch.base import ArchSpec
-from omniquant_pl.arch.registry import get_blocks
+from omniquant_pl.arch.registry import check_supported, get_blocks
 from omniquant_pl.config import QuantConfig
 from omniquant_pl.quant.lwc import WeightQuantizer
 
@@ -42,6 +42,7 @@ def rtn_weights(model: nn.Module, spec: ArchSpec, quant: QuantConfig) -> Iterato
 def rtn_model(model: nn.Module, spec: ArchSpec, quant: QuantConfig) -> Iterator[nn.Module]:
     """The RTN baseline of `quant` for the context's duration: RTN weights and, below 16 bits,
     per-token activation quantization (linear inputs and attention q/k/v)."""
+    check_supported(spec, let=False, abits=quant.abits)  # RTN has no LET
     with rtn_weights(model, spec, quant), contextlib.ExitStack() as stack:
         if quant.abits < 16:
             use_quantized_attention(model)
