@@ -55,7 +55,7 @@ class QuantConfig:
             absorb them, such as OPT, shifts; weight-only runs too, as the official OPT scripts).
         let_alpha: SmoothQuant migration strength of the LET scale initialisation,
             s = max|x|^alpha / max|W|^(1-alpha) (paper: 0.5; 0.75 for W4A4).
-        let_up_down: with LET on gated MLPs (Llama family), also learn a scale between up_proj
+        let_up_down: with LET on gated MLPs (Llama family, Phi-3), also learn a scale between up_proj
             and down_proj, starting at identity (beyond the paper; an exact equivalence, since the
             gate's activation multiplies up's output elementwise): it smooths down_proj's input.
             A run checkpointed before this option resumes with ``let_up_down: false``.

@@ -9,6 +9,10 @@ Groups (paper notation):
        gate's activation multiplies up's output elementwise, so a scale on up's output channels
        passes to down's input columns unchanged)
 
+Fused linears (Phi-3's qkv_proj and gate_up_proj) are described by a `FusedRows` layout of their
+output rows; a group then names the part it acts on (`LinearGroup(..., source_rows="v")`), and the
+q·k scale finds q and k as the parts named "q" and "k".
+
 A weight-only spec (a model with no table entry, described generically by arch/generic.py) has no
 attention module and no groups: its linears are all `extra_linears`, quantized with LWC alone.
 """
@@ -29,10 +33,57 @@ class NormGroup:
 
 @dataclass(frozen=True)
 class LinearGroup:
-    """A linear (`source`, e.g. v_proj) whose output feeds `target` (e.g. o_proj)."""
+    """A linear (`source`, e.g. v_proj) whose output feeds `target` (e.g. o_proj); with
+    `source_rows`, only that part of a fused source's rows does (e.g. the "v" rows of qkv_proj)."""
 
     source: str
     target: str
+    source_rows: str | None = None  # a part of the source's FusedRows layout; None: all its rows
+
+
+# Sizes of a FusedRows part, in rows: query heads, key/value heads, the query heads of one kv head,
+# one head (each times head_dim); "share": an equal share of the rows the sized parts leave.
+ROW_SIZES = ("heads", "kv_heads", "group", "head", "share")
+ROW_REPEATS = (1, "heads", "kv_heads")
+
+
+@dataclass(frozen=True)
+class FusedRows:
+    """The output rows of one fused linear as named parts, in order, repeated `repeat` times.
+
+    Phi-3's qkv_proj is q|k|v once: parts (("q", "heads"), ("k", "kv_heads"), ("v", "kv_heads"));
+    its gate_up_proj is two equal halves: (("gate", "share"), ("up", "share")). A per-head
+    interleaving such as (kv_heads, groups + 2, head_dim) is repeat "kv_heads" with parts
+    (("q", "group"), ("k", "head"), ("v", "head")). A part's rows, gathered over the repetitions,
+    are in head order. The parts of a fused attention projection are named "q", "k" and "v".
+    """
+
+    linear: str
+    parts: tuple[tuple[str, str], ...]  # (name, size: one of ROW_SIZES)
+    repeat: int | str = 1  # one of ROW_REPEATS
+
+    def __post_init__(self) -> None:
+        names = [name for name, _ in self.parts]
+        bad = [size for _, size in self.parts if size not in ROW_SIZES]
+        if len(names) < 2 or len(set(names)) != len(names) or bad or self.repeat not in ROW_REPEATS:
+            raise ValueError(f"FusedRows '{self.linear}': parts {self.parts} repeat {self.repeat!r}; give two or more "
+                             f"uniquely named parts sized {', '.join(ROW_SIZES)} and a repeat of {ROW_REPEATS}")
+
+    @property
+    def part_names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.parts)
+
+    def sizes(self, out_features: int, heads: int, kv_heads: int, head_dim: int) -> tuple[int, tuple[int, ...]]:
+        """(repeat, rows of each part in one repetition) for a linear with `out_features` rows."""
+        repeat = self.repeat if isinstance(self.repeat, int) else {"heads": heads, "kv_heads": kv_heads}[self.repeat]
+        unit = {"heads": heads * head_dim, "kv_heads": kv_heads * head_dim,
+                "group": heads // kv_heads * head_dim, "head": head_dim}
+        shares = sum(size == "share" for _, size in self.parts)
+        left = out_features // repeat - sum(unit.get(size, 0) for _, size in self.parts)
+        if out_features % repeat or left < 0 or (left % shares if shares else left):
+            raise ValueError(f"FusedRows '{self.linear}': {out_features} rows do not split as {self.parts} x {repeat} "
+                             f"with {heads} heads, {kv_heads} kv heads of {head_dim}; check the table entry")
+        return repeat, tuple(unit.get(size, left // max(shares, 1)) for _, size in self.parts)
 
 
 @dataclass(frozen=True)
@@ -58,6 +109,7 @@ class ArchSpec:
     let_qk: bool = True
     let_shifts: bool = False
     up_down: LinearGroup | None = None  # gated MLPs: the LET scale on down_proj's input (quant.let_up_down)
+    fused: tuple[FusedRows, ...] = ()  # layouts of the fused linears' output rows
 
     def __post_init__(self) -> None:
         given = [name for name in ("attention", "qkv", "fc1", "out") if getattr(self, name) is not None]
@@ -66,6 +118,15 @@ class ArchSpec:
                              "out: give all four (LET and activation quantization) or none (weight-only)")
         if not self.linear_names:
             raise ValueError(f"ArchSpec '{self.name}' names no linears: give the groups or extra_linears")
+        layouts = {fused.linear: fused.part_names for fused in self.fused}
+        for group in (self.out, self.up_down):
+            if group is not None and group.source_rows is not None and group.source_rows not in layouts.get(group.source, ()):
+                raise ValueError(f"ArchSpec '{self.name}': {group.source} has no part '{group.source_rows}' (its "
+                                 f"FusedRows parts: {layouts.get(group.source, 'none')}); add it to `fused`")
+        unknown = sorted(set(layouts) - set(self.linear_names))
+        if unknown:
+            raise ValueError(f"ArchSpec '{self.name}': FusedRows for {unknown}, which are not among its linears "
+                             f"{list(self.linear_names)}")
 
     @property
     def weight_only(self) -> bool:
@@ -77,6 +138,18 @@ class ArchSpec:
         """Every linear of a block, in execution order, each once."""
         grouped = [] if self.weight_only else [*self.qkv.linears, self.out.target, *self.fc1.linears]
         return tuple(dict.fromkeys([*grouped, *self.fc2, *self.extra_linears]))
+
+    def fused_rows(self, linear: str) -> FusedRows | None:
+        """The row layout of `linear`, if it is fused."""
+        return next((fused for fused in self.fused if fused.linear == linear), None)
+
+    def attention_rows(self, which: str) -> tuple[str, str | None]:
+        """Where q ("q") or k ("k") come from: (fused linear, part) where a layout names the part,
+        else (qkv.linears[0] for q, [1] for k, None: all of its rows)."""
+        for fused in self.fused:
+            if which in fused.part_names:
+                return fused.linear, which
+        return self.qkv.linears["qk".index(which)], None
 
     def check_block(self, block: nn.Module, index: int = 0) -> None:
         """Fail early if a block does not have the modules this table names (or has more)."""

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from omniquant_pl.arch.base import ArchSpec, LinearGroup, NormGroup
+from omniquant_pl.arch.base import ArchSpec, FusedRows, LinearGroup, NormGroup
 
 # Llama 1/2/3, Mistral, Qwen2/3 and SmolLM2 share this block: RMSNorm, q/k/v/o, gated MLP.
 LLAMA_LIKE = ArchSpec(
@@ -38,4 +38,23 @@ OPT = ArchSpec(
     let_shifts=True,
 )
 
-BUILTIN_ARCHS = (LLAMA_LIKE, QWEN3, OPT)
+# Phi-3 (and Phi-4-mini, partial rotary): the Llama block with q|k|v fused in qkv_proj and gate|up in
+# gate_up_proj (Phi3MLP: gate, up = chunk(2); down(up · act(gate))).
+PHI3 = ArchSpec(
+    name="phi3",
+    model_types=("phi3",),
+    backbone="model",
+    layers="layers",
+    attention="self_attn",
+    qkv=NormGroup("input_layernorm", ("self_attn.qkv_proj",)),
+    fc1=NormGroup("post_attention_layernorm", ("mlp.gate_up_proj",)),
+    out=LinearGroup("self_attn.qkv_proj", "self_attn.o_proj", source_rows="v"),
+    fc2=("mlp.down_proj",),
+    up_down=LinearGroup("mlp.gate_up_proj", "mlp.down_proj", source_rows="up"),
+    fused=(
+        FusedRows("self_attn.qkv_proj", (("q", "heads"), ("k", "kv_heads"), ("v", "kv_heads"))),
+        FusedRows("mlp.gate_up_proj", (("gate", "share"), ("up", "share"))),
+    ),
+)
+
+BUILTIN_ARCHS = (LLAMA_LIKE, QWEN3, OPT, PHI3)

@@ -6,8 +6,29 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from omniquant_pl.arch.base import ArchSpec
+from omniquant_pl.arch.base import ArchSpec, LinearGroup
 from omniquant_pl.let import transforms
+from omniquant_pl.let.rows import replace_rows, take_rows
+
+
+def _rotary_dim(config, head_dim: int) -> int:
+    """Channels per head that rotary embeddings rotate: the first head_dim·partial_rotary_factor
+    (Phi-4-mini: 0.75); the rest pass through unrotated."""
+    rope = getattr(config, "rope_parameters", None)
+    factor = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+    if factor is None:
+        factor = getattr(config, "partial_rotary_factor", None) or 1.0
+    return int(head_dim * factor)
+
+
+def _first_attribute(objects, names: tuple[str, ...]):
+    """The first of `names` set (not None) on the first of `objects` that has one; None if none."""
+    for obj in objects:
+        for name in names:
+            value = getattr(obj, name, None)
+            if value is not None:
+                return value
+    return None
 
 
 @dataclass(frozen=True)
@@ -15,6 +36,7 @@ class AttentionGeometry:
     heads: int
     kv_heads: int
     head_dim: int
+    rotary_dim: int = 0  # leading channels of each head that rotate (0: no rotary embedding)
 
     @property
     def groups(self) -> int:
@@ -22,19 +44,64 @@ class AttentionGeometry:
 
     @classmethod
     def of(cls, block: nn.Module, spec: ArchSpec) -> AttentionGeometry:
+        """Heads from q's and k's widths (separate projections), else from the attention module or
+        its config (fused ones; FusedRows.sizes then checks they split the rows)."""
         attention = block.get_submodule(spec.attention)
+        config = getattr(attention, "config", None)
         head_dim = int(attention.head_dim)
-        q_out = block.get_submodule(spec.qkv.linears[0]).out_features
-        k_out = block.get_submodule(spec.qkv.linears[1]).out_features
-        return cls(q_out // head_dim, k_out // head_dim, head_dim)
+        (q, q_part), (k, k_part) = spec.attention_rows("q"), spec.attention_rows("k")
+        if q_part is None and k_part is None:
+            heads = block.get_submodule(q).out_features // head_dim
+            kv_heads = block.get_submodule(k).out_features // head_dim
+        else:  # the attention module's own counts first (Falcon-7B's config misstates its kv heads)
+            heads = int(_first_attribute((attention, config), ("num_heads", "num_attention_heads")))
+            kv_heads = int(_first_attribute((attention, config), ("num_key_value_heads", "num_kv_heads")) or heads)
+        rotary_dim = _rotary_dim(config, head_dim) if spec.rotary_pairs else 0
+        return cls(heads, kv_heads, head_dim, rotary_dim)
+
+
+class _BlockParams:
+    """The block's parameters as the transforms rewrite them (the latest value of each, and which
+    changed); a part of a fused linear's rows is read and written through its FusedRows layout."""
+
+    def __init__(self, block: nn.Module, spec: ArchSpec, geometry: AttentionGeometry) -> None:
+        self.current = dict(block.named_parameters())
+        self.changed: dict[str, torch.Tensor] = {}
+        self.spec, self.geometry = spec, geometry
+
+    def get(self, name: str) -> torch.Tensor | None:
+        return self.current.get(name)
+
+    def put(self, name: str, value: torch.Tensor | None) -> None:
+        if value is not None:
+            self.changed[name] = self.current[name] = value
+
+    def rows(self, linear: str, part: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(weight, bias) of `linear`, or of the rows of one `part` of it."""
+        weight, bias = self.get(f"{linear}.weight"), self.get(f"{linear}.bias")
+        if part is None:
+            return weight, bias
+        layout = self.spec.fused_rows(linear)
+        return (take_rows(weight, layout, part, self.geometry),
+                None if bias is None else take_rows(bias, layout, part, self.geometry))
+
+    def put_rows(self, linear: str, part: str | None, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        if part is not None:
+            layout = self.spec.fused_rows(linear)
+            weight = replace_rows(self.get(f"{linear}.weight"), layout, part, weight, self.geometry)
+            if bias is not None:
+                bias = replace_rows(self.get(f"{linear}.bias"), layout, part, bias, self.geometry)
+        self.put(f"{linear}.weight", weight)
+        self.put(f"{linear}.bias", bias)
 
 
 class LETParams(nn.Module):
     """Scales (and, where biases absorb them, shifts) of one block, initialised to identity.
 
     qkv_scale/fc1_scale: (hidden,) on the norm outputs; out_scale: (kv_heads·head_dim,) on v's
-    outputs; qk_param: (kv_heads, head_dim/2) with rotary embeddings, else (kv_heads, head_dim);
-    down_scale: (intermediate,) on up's outputs = down's inputs, for gated MLPs (spec.up_down).
+    outputs; qk_param: (kv_heads, rotary_dim/2 + head_dim - rotary_dim) with rotary embeddings (one
+    value per rotating pair, one per unrotated channel), else (kv_heads, head_dim); down_scale:
+    (intermediate,) on up's outputs = down's inputs, for gated MLPs (spec.up_down).
     """
 
     def __init__(self, block: nn.Module, spec: ArchSpec) -> None:
@@ -46,11 +113,11 @@ class LETParams(nn.Module):
         self.qkv_scale = nn.Parameter(torch.ones(hidden))
         self.fc1_scale = nn.Parameter(torch.ones(hidden))
         self.out_scale = nn.Parameter(torch.ones(kv_channels))
-        qk_width = geometry.head_dim // 2 if spec.rotary_pairs else geometry.head_dim
+        qk_width = geometry.head_dim - geometry.rotary_dim // 2
         self.qk_param = nn.Parameter(torch.ones(geometry.kv_heads, qk_width)) if spec.let_qk else None
         self.down_scale = None
-        if spec.up_down is not None:
-            self.down_scale = nn.Parameter(torch.ones(block.get_submodule(spec.up_down.source).out_features))
+        if spec.up_down is not None:  # down's input columns = up's output rows
+            self.down_scale = nn.Parameter(torch.ones(block.get_submodule(spec.up_down.target).in_features))
         if spec.let_shifts:
             self.qkv_shift = nn.Parameter(torch.zeros(hidden))
             self.fc1_shift = nn.Parameter(torch.zeros(hidden))
@@ -71,63 +138,37 @@ class LETParams(nn.Module):
     def transformed(self, block: nn.Module) -> dict[str, torch.Tensor]:
         """Block parameters after all LET transforms, by their names in `block`."""
         spec, geo = self.spec, self.geometry
-        current = dict(block.named_parameters())
-
-        def get(name: str) -> torch.Tensor | None:
-            return current.get(name)
-
-        out: dict[str, torch.Tensor] = {}
-
-        def put(name: str, value: torch.Tensor | None) -> None:
-            if value is not None:
-                out[name] = value
-                current[name] = value
-
+        params = _BlockParams(block, spec, geo)
         guarded = transforms.guarded_scale
         for group, scale, shift in ((spec.qkv, self.qkv_scale, self.qkv_shift), (spec.fc1, self.fc1_scale, self.fc1_shift)):
             norm_w, norm_b, weights, biases = transforms.norm_into_linears(
-                get(f"{group.norm}.weight"), get(f"{group.norm}.bias"),
-                [get(f"{n}.weight") for n in group.linears], [get(f"{n}.bias") for n in group.linears],
+                params.get(f"{group.norm}.weight"), params.get(f"{group.norm}.bias"),
+                [params.get(f"{n}.weight") for n in group.linears], [params.get(f"{n}.bias") for n in group.linears],
                 guarded(scale), shift,
             )
-            put(f"{group.norm}.weight", norm_w)
-            put(f"{group.norm}.bias", norm_b)
+            params.put(f"{group.norm}.weight", norm_w)
+            params.put(f"{group.norm}.bias", norm_b)
             for name, w, b in zip(group.linears, weights, biases):
-                put(f"{name}.weight", w)
-                put(f"{name}.bias", b)
-
-        src, dst = spec.out.source, spec.out.target
-        sw, sb, tw, tb = transforms.linear_into_linear(
-            get(f"{src}.weight"), get(f"{src}.bias"), get(f"{dst}.weight"), get(f"{dst}.bias"),
-            guarded(self.out_scale), self.out_shift, geo.kv_heads, geo.groups,
-        )
-        put(f"{src}.weight", sw)
-        put(f"{src}.bias", sb)
-        put(f"{dst}.weight", tw)
-        put(f"{dst}.bias", tb)
-
+                params.put_rows(name, None, w, b)
+        self._linear_into_linear(params, spec.out, guarded(self.out_scale), self.out_shift, geo.kv_heads, geo.groups)
         if self.down_scale is not None:  # up -> down: the same transform with one "head"
-            src, dst = spec.up_down.source, spec.up_down.target
-            sw, sb, tw, tb = transforms.linear_into_linear(
-                get(f"{src}.weight"), get(f"{src}.bias"), get(f"{dst}.weight"), get(f"{dst}.bias"),
-                guarded(self.down_scale), None, 1, 1,
-            )
-            put(f"{src}.weight", sw)
-            put(f"{src}.bias", sb)
-            put(f"{dst}.weight", tw)
-            put(f"{dst}.bias", tb)
-
+            self._linear_into_linear(params, spec.up_down, guarded(self.down_scale), None, 1, 1)
         if self.qk_param is not None:
-            q, k = spec.qkv.linears[0], spec.qkv.linears[1]
-            channel_scale = transforms.qk_channel_scale(guarded(self.qk_param), spec.rotary_pairs)
-            qw, qb, kw, kb = transforms.qk_scale(
-                get(f"{q}.weight"), get(f"{q}.bias"), get(f"{k}.weight"), get(f"{k}.bias"), channel_scale, geo.groups
-            )
-            put(f"{q}.weight", qw)
-            put(f"{q}.bias", qb)
-            put(f"{k}.weight", kw)
-            put(f"{k}.bias", kb)
-        return out
+            (q, q_part), (k, k_part) = spec.attention_rows("q"), spec.attention_rows("k")
+            channel_scale = transforms.qk_channel_scale(guarded(self.qk_param), spec.rotary_pairs, geo.rotary_dim)
+            qw, qb, kw, kb = transforms.qk_scale(*params.rows(q, q_part), *params.rows(k, k_part), channel_scale, geo.groups)
+            params.put_rows(q, q_part, qw, qb)
+            params.put_rows(k, k_part, kw, kb)
+        return params.changed
+
+    @staticmethod
+    def _linear_into_linear(params: _BlockParams, group: LinearGroup, scale: torch.Tensor, shift: torch.Tensor | None,
+                            kv_heads: int, groups: int) -> None:
+        sw, sb = params.rows(group.source, group.source_rows)
+        tw, tb = params.rows(group.target, None)
+        sw, sb, tw, tb = transforms.linear_into_linear(sw, sb, tw, tb, scale, shift, kv_heads, groups)
+        params.put_rows(group.source, group.source_rows, sw, sb)
+        params.put_rows(group.target, None, tw, tb)
 
     @torch.no_grad()
     def fold_into(self, block: nn.Module, transformed: dict[str, torch.Tensor] | None = None) -> None:

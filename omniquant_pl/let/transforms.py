@@ -9,6 +9,9 @@ function unchanged when nothing is quantized:
   q·kᵀ              q' = q / s, k' = k·s per head channel; with rotary embeddings s must be equal
                     on the two channels that rotate together, so it commutes with the rotation
 
+A fused linear's part (Phi-3's "v" rows of qkv_proj) goes through the same functions: the caller
+takes its rows out and puts them back (let/rows.py).
+
 Every scale goes through `guarded_scale` first (|s| >= 1e-2), in training and fusing alike.
 """
 from __future__ import annotations
@@ -86,18 +89,26 @@ def linear_into_linear(
     return new_source_weight, new_source_bias, new_target_weight, new_target_bias
 
 
-def qk_channel_scale(param: torch.Tensor, rotary_pairs: str | None) -> torch.Tensor:
+def qk_channel_scale(param: torch.Tensor, rotary_pairs: str | None, rotary_dim: int | None = None) -> torch.Tensor:
     """Per-head-channel scale (kv_heads, head_dim) from its free parameters.
 
-    ``half`` (rotate_half: channel d rotates with d + head_dim/2): param is (kv_heads, head_dim/2)
-    and is repeated on both halves. ``interleaved`` (2i with 2i+1): repeated pairwise. None (no
-    rotary embedding): param is already (kv_heads, head_dim).
+    The first `rotary_dim` channels of a head rotate (None: all of them); param holds one value per
+    rotating pair, then one per unrotated channel (partial rotary embeddings). ``half``
+    (rotate_half: channel d rotates with d + rotary_dim/2): the pair values are repeated on both
+    halves; ``interleaved`` (2i with 2i+1): repeated pairwise. None (no rotary embedding): param
+    is already (kv_heads, head_dim).
     """
+    if rotary_pairs is None:
+        return param
+    pairs = param.shape[-1] if rotary_dim is None else rotary_dim // 2
+    rotating, free = param[..., :pairs], param[..., pairs:]  # (kv_heads, pairs), (kv_heads, unrotated)
     if rotary_pairs == "half":
-        return torch.cat([param, param], dim=-1)
-    if rotary_pairs == "interleaved":
-        return param.repeat_interleave(2, dim=-1)
-    return param
+        rotating = torch.cat([rotating, rotating], dim=-1)
+    elif rotary_pairs == "interleaved":
+        rotating = rotating.repeat_interleave(2, dim=-1)
+    else:
+        raise ValueError(f"rotary_pairs {rotary_pairs!r}: use 'half', 'interleaved' or None")
+    return torch.cat([rotating, free], dim=-1)
 
 
 def qk_scale(
@@ -109,7 +120,7 @@ def qk_scale(
     groups: int,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor | None]:
     """q / s and k · s, with s of shape (kv_heads, head_dim) shared by each query group."""
-    kv_heads, head_dim = channel_scale.shape
+    kv_heads = channel_scale.shape[0]  # channel_scale: (kv_heads, head_dim)
     k_scale = channel_scale.reshape(-1)  # (kv·hd,)
     q_scale = expand_kv_channels(k_scale, kv_heads, groups)  # (heads·hd,)
     new_q_weight = q_weight / q_scale[:, None]
