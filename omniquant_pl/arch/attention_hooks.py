@@ -7,6 +7,10 @@
   full precision. Modules without a registered quantizer pass through unchanged. SDPA's mask
   function is registered under the same name (AttentionMaskInterface), so transformers builds
   the padding and sliding-window masks it builds for SDPA; without it, attention is plain causal.
+- Models whose attention calls torch's scaled_dot_product_attention itself (Falcon: the
+  spec's attention_hook "sdpa") keep their own attention and masks: within the attention module's
+  forward only, a TorchFunctionMode quantizes q/k/v of that call (no global patching). The model
+  must run its "sdpa" path; use_quantized_attention refuses any other.
 - Eager calls of the q/k/v quantizers are counted, so a block whose attention bypassed the
   function (the model was never routed) fails loudly instead of training with full-precision q/k/v.
 """
@@ -14,10 +18,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import types
 from collections.abc import Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from omniquant_pl.arch.base import ArchSpec
 from omniquant_pl.errors import AttentionNotQuantizedError
@@ -36,15 +43,45 @@ QKV_CALL_COUNTER_ATTR = "_omniquant_qkv_call_counter"
 _registered = False
 
 
+def _quantize_qkv(module: nn.Module, query, key, value):
+    """q/k/v through the module's quantizer (counted), or unchanged where it has none."""
+    quantizer = module.__dict__.get(QKV_QUANTIZER_ATTR)
+    if quantizer is None:
+        return query, key, value
+    if not torch.compiler.is_compiling():
+        module.__dict__[QKV_CALL_COUNTER_ATTR].qkv_calls += 1
+    return quantizer(query), quantizer(key), quantizer(value)  # (B, heads, T, head_dim): per token and head
+
+
 def _quantized_attention(module, query, key, value, attention_mask, **kwargs):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    quantizer = module.__dict__.get(QKV_QUANTIZER_ATTR)
-    if quantizer is not None:  # (B, heads, T, head_dim): per token and head
-        query, key, value = quantizer(query), quantizer(key), quantizer(value)
-        if not torch.compiler.is_compiling():
-            module.__dict__[QKV_CALL_COUNTER_ATTR].qkv_calls += 1
+    query, key, value = _quantize_qkv(module, query, key, value)
     return ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+
+
+class _QuantizedSDPA(TorchFunctionMode):
+    """Quantizes q/k/v of every torch scaled_dot_product_attention call made while it is active
+    (within one attention module's forward); every other call passes through unchanged."""
+
+    def __init__(self, module: nn.Module) -> None:
+        super().__init__()
+        self.module = module
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is F.scaled_dot_product_attention:
+            names = ("query", "key", "value")
+            qkv = [*args[:3], *(kwargs.pop(name) for name in names[len(args):])]  # positional or by name
+            args = (*_quantize_qkv(self.module, *qkv), *args[3:])
+        return func(*args, **kwargs)
+
+
+def _forward_quantizing_sdpa(self: nn.Module, *args, **kwargs):
+    """The module's class forward, with its SDPA call's q/k/v quantized (bound to the module as
+    its instance `forward` by BlockActivationQuantizers)."""
+    with _QuantizedSDPA(self):
+        return type(self).forward(self, *args, **kwargs)
 
 
 def _register_quantized_attention() -> None:
@@ -58,7 +95,20 @@ def _register_quantized_attention() -> None:
 
 
 def use_quantized_attention(model: nn.Module) -> None:
-    """Route the model's attention through `_quantized_attention` (same math and masks as SDPA)."""
+    """Route the model's attention through `_quantized_attention` (same math and masks as SDPA).
+    A model that calls SDPA itself (attention_hook "sdpa") keeps its attention, which must be its
+    "sdpa" path (BlockActivationQuantizers wraps that call)."""
+    from omniquant_pl.arch.registry import get_arch
+
+    if get_arch(model).attention_hook == "sdpa":
+        running = model.config._attn_implementation
+        if running != "sdpa":
+            raise AttentionNotQuantizedError(
+                f"activation quantization of a {model.config.model_type} model quantizes q/k/v in its torch SDPA "
+                f"call, but its attention runs '{running}' (transformers cannot switch it after loading); load it "
+                "with --model.attn_implementation sdpa"
+            )
+        return
     global _registered
     if not _registered:
         _register_quantized_attention()
@@ -87,6 +137,9 @@ class BlockActivationQuantizers:
         self.attention = block.get_submodule(spec.attention)
         self.attention.__dict__[QKV_QUANTIZER_ATTR] = self.quantizer
         self.attention.__dict__[QKV_CALL_COUNTER_ATTR] = self
+        self.routed_name = ATTENTION_NAME if spec.attention_hook == "registry" else "sdpa"
+        if spec.attention_hook == "sdpa":  # an instance attribute: the class and state dict stay transformers'
+            self.attention.forward = types.MethodType(_forward_quantizing_sdpa, self.attention)
         self.qkv_calls = 0  # eager calls of the q/k/v quantizer (compiled calls are not counted)
 
     def remove(self) -> None:
@@ -95,6 +148,7 @@ class BlockActivationQuantizers:
         self.handles = []
         self.attention.__dict__.pop(QKV_QUANTIZER_ATTR, None)
         self.attention.__dict__.pop(QKV_CALL_COUNTER_ATTR, None)
+        self.attention.__dict__.pop("forward", None)
 
     @contextlib.contextmanager
     def expect_qkv_quantized(self, what: str) -> Iterator[None]:
@@ -107,7 +161,7 @@ class BlockActivationQuantizers:
             routed_to = getattr(config, "_attn_implementation", "unknown")
             raise AttentionNotQuantizedError(
                 f"{what}: {self.quantizer.grid.bits}-bit activations, but q/k/v were not quantized: the model's "
-                f"attention runs '{routed_to}', not '{ATTENTION_NAME}'; call "
+                f"attention runs '{routed_to}', not '{self.routed_name}'; call "
                 "omniquant_pl.arch.attention_hooks.use_quantized_attention(model) before building blocks "
                 "(models whose attention bypasses transformers' AttentionInterface need abits 16)"
             )

@@ -1,7 +1,8 @@
 """The description of one model family: module paths and the OmniQuant groups of a block.
 
 Groups (paper notation):
-  qkv  norm before attention  -> q/k/v projections
+  qkv  norm before attention  -> q/k/v projections (with parallel attention sharing one norm, as
+       Falcon-7B: the MLP's input linears too, and no fc1 group)
   fc1  norm before the MLP    -> up/gate projections (or fc1)
   out  v projection           -> output projection (v->o)
   fc2  MLP down projection (or fc2)
@@ -13,12 +14,18 @@ Fused linears (Phi-3's qkv_proj and gate_up_proj) are described by a `FusedRows`
 output rows; a group then names the part it acts on (`LinearGroup(..., source_rows="v")`), and the
 q·k scale finds q and k as the parts named "q" and "k".
 
+A family whose blocks differ by config (Falcon: one or two norms, parallel or sequential, rotary or
+ALiBi) is one entry with `variants`: field changes for the configs they match, resolved by
+`ArchSpec.for_config` (the registry does it for every model and config).
+
 A weight-only spec (a model with no table entry, described generically by arch/generic.py) has no
 attention module and no groups: its linears are all `extra_linears`, quantized with LWC alone.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -87,6 +94,22 @@ class FusedRows:
 
 
 @dataclass(frozen=True)
+class ConfigVariant:
+    """Field changes of a family's entry for the configs it matches: every (config attribute,
+    accepted values) pair of `when` holds (a missing attribute reads None)."""
+
+    when: tuple[tuple[str, tuple[Any, ...]], ...]
+    changes: tuple[tuple[str, Any], ...]  # (ArchSpec field, value)
+
+    def matches(self, config: Any) -> bool:
+        return all(getattr(config, attribute, None) in accepted for attribute, accepted in self.when)
+
+
+ATTENTION_HOOKS = ("registry", "sdpa")
+_FIXED_FIELDS = ("name", "model_types", "variants")  # a variant changes the block, not the entry
+
+
+@dataclass(frozen=True)
 class ArchSpec:
     """Where a family keeps its blocks, and how each block's modules group for OmniQuant."""
 
@@ -94,7 +117,8 @@ class ArchSpec:
     model_types: tuple[str, ...]
     backbone: str  # module whose forward(input_ids=...) embeds tokens and runs `layers`
     layers: str  # attribute of the backbone holding the nn.ModuleList of blocks
-    # LET and activation quantization: all four, or (weight-only) none of them
+    # LET and activation quantization: attention, qkv and out (and fc1 unless the MLP reads the
+    # attention's norm, its linears then in qkv), or (weight-only) none of them
     attention: str | None = None  # attention module inside a block
     qkv: NormGroup | None = None
     fc1: NormGroup | None = None
@@ -110,12 +134,28 @@ class ArchSpec:
     let_shifts: bool = False
     up_down: LinearGroup | None = None  # gated MLPs: the LET scale on down_proj's input (quant.let_up_down)
     fused: tuple[FusedRows, ...] = ()  # layouts of the fused linears' output rows
+    # How activation quantization reaches q/k/v after the rotary embedding: "registry" (the
+    # attention calls transformers' AttentionInterface) or "sdpa" (it calls torch's
+    # scaled_dot_product_attention itself, as Falcon: that call is wrapped within its forward)
+    attention_hook: str = "registry"
+    variants: tuple[ConfigVariant, ...] = ()  # changes for the configs they match (for_config)
 
     def __post_init__(self) -> None:
-        given = [name for name in ("attention", "qkv", "fc1", "out") if getattr(self, name) is not None]
-        if given and len(given) < 4:
-            raise ValueError(f"ArchSpec '{self.name}' gives {', '.join(given)} but not all of attention, qkv, fc1, "
-                             "out: give all four (LET and activation quantization) or none (weight-only)")
+        given = [name for name in ("attention", "qkv", "out") if getattr(self, name) is not None]
+        if (given or self.fc1 is not None) and len(given) < 3:
+            raise ValueError(f"ArchSpec '{self.name}' gives {', '.join(given) or 'fc1'} but not all of attention, qkv, "
+                             "out: give them (and fc1 unless the MLP reads the attention's norm) for LET and "
+                             "activation quantization, or none (weight-only)")
+        if self.attention_hook not in ATTENTION_HOOKS:
+            raise ValueError(f"ArchSpec '{self.name}': attention_hook {self.attention_hook!r}; use one of "
+                             f"{ATTENTION_HOOKS}")
+        fields = {f.name for f in dataclasses.fields(self)} - set(_FIXED_FIELDS)
+        bad = sorted({name for variant in self.variants for name, _ in variant.changes} - fields)
+        if bad:
+            raise ValueError(f"ArchSpec '{self.name}': variants change {bad}; a variant changes the fields "
+                             f"{sorted(fields)}")
+        for variant in self.variants:  # each alone gives a valid spec (this check, without variants)
+            dataclasses.replace(self, **dict(variant.changes), variants=())
         if not self.linear_names:
             raise ValueError(f"ArchSpec '{self.name}' names no linears: give the groups or extra_linears")
         layouts = {fused.linear: fused.part_names for fused in self.fused}
@@ -128,6 +168,15 @@ class ArchSpec:
             raise ValueError(f"ArchSpec '{self.name}': FusedRows for {unknown}, which are not among its linears "
                              f"{list(self.linear_names)}")
 
+    def for_config(self, config: Any) -> ArchSpec:
+        """This entry with the changes of every variant that matches `config` applied, in order (a
+        later variant wins a field); the result has no variants left."""
+        if not self.variants:
+            return self
+        matching = [variant for variant in self.variants if variant.matches(config)]
+        changes = {name: value for variant in matching for name, value in variant.changes}
+        return dataclasses.replace(self, **changes, variants=())
+
     @property
     def weight_only(self) -> bool:
         """No LET groups and no attention module: LWC only (quant.let and abits < 16 are refused)."""
@@ -135,8 +184,9 @@ class ArchSpec:
 
     @property
     def linear_names(self) -> tuple[str, ...]:
-        """Every linear of a block, in execution order, each once."""
-        grouped = [] if self.weight_only else [*self.qkv.linears, self.out.target, *self.fc1.linears]
+        """Every linear of a block, each once: the groups' (qkv, out, fc1), then fc2 and extra_linears."""
+        fc1 = self.fc1.linears if self.fc1 is not None else ()
+        grouped = [] if self.weight_only else [*self.qkv.linears, self.out.target, *fc1]
         return tuple(dict.fromkeys([*grouped, *self.fc2, *self.extra_linears]))
 
     def fused_rows(self, linear: str) -> FusedRows | None:

@@ -37,15 +37,16 @@ def _unsupported(model_type: str | None, reason: str) -> UnsupportedArchitecture
 
 
 def get_arch(model_or_type: nn.Module | str) -> ArchSpec:
-    """The adapter for a model (or a `model_type` string): its table entry, else (a model only) a
-    weight-only spec found on the model itself; a one-line error if neither exists."""
+    """The adapter for a model (or a `model_type` string): its table entry (resolved for the
+    model's config: ArchSpec.for_config; a string gives the entry as written), else (a model only)
+    a weight-only spec found on the model itself; a one-line error if neither exists."""
     if isinstance(model_or_type, str):
         model_type = model_or_type
     else:
         model_type = getattr(getattr(model_or_type, "config", None), "model_type", None)
     spec = _REGISTRY.get(model_type or "")
     if spec is not None:
-        return spec
+        return spec if isinstance(model_or_type, str) else spec.for_config(model_or_type.config)
     if isinstance(model_or_type, str):
         raise _unsupported(model_type, "it has no table entry (a model, not its type, can be described generically)")
     try:
@@ -55,10 +56,10 @@ def get_arch(model_or_type: nn.Module | str) -> ArchSpec:
 
 
 def get_arch_for_config(config) -> ArchSpec:
-    """The adapter for a transformers config: its table entry, or the generic spec of a weightless
-    model built from it on the meta device."""
+    """The adapter for a transformers config: its table entry (resolved for it), or the generic
+    spec of a weightless model built from it on the meta device."""
     if config.model_type in _REGISTRY:
-        return _REGISTRY[config.model_type]
+        return _REGISTRY[config.model_type].for_config(config)
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from omniquant_pl.arch.base import ArchSpec, FusedRows, LinearGroup, NormGroup
+from omniquant_pl.arch.base import ArchSpec, ConfigVariant, FusedRows, LinearGroup, NormGroup
 
 # Llama 1/2/3, Mistral, Qwen2/3 and SmolLM2 share this block: RMSNorm, q/k/v/o, gated MLP.
 LLAMA_LIKE = ArchSpec(
@@ -57,4 +57,39 @@ PHI3 = ArchSpec(
     ),
 )
 
-BUILTIN_ARCHS = (LLAMA_LIKE, QWEN3, OPT, PHI3)
+# Falcon: LayerNorms, q|k|v fused per kv head in query_key_value ((kv_heads, groups + 2, head_dim):
+# the 40B/180B new_decoder_architecture layout; 7B's multi-query q..q|k|v is it with 1 kv head, and
+# the RW models' per-head q|k|v with kv_heads = heads), a GELU MLP, rotate_half RoPE, and a forward
+# that calls torch's SDPA itself (not transformers' AttentionInterface). The entry is 7B's block:
+# attention and MLP in parallel on one shared input_layernorm (its scale folds into both).
+FALCON = ArchSpec(
+    name="falcon",
+    model_types=("falcon",),
+    backbone="transformer",
+    layers="h",
+    attention="self_attention",
+    qkv=NormGroup("input_layernorm", ("self_attention.query_key_value", "mlp.dense_h_to_4h")),
+    out=LinearGroup("self_attention.query_key_value", "self_attention.dense", source_rows="v"),
+    fc2=("mlp.dense_4h_to_h",),
+    norm_has_bias=True,
+    fused=(FusedRows("self_attention.query_key_value", (("q", "group"), ("k", "head"), ("v", "head")),
+                     repeat="kv_heads"),),
+    attention_hook="sdpa",
+    variants=(
+        # 40B/180B: parallel, ln_attn -> query_key_value and ln_mlp -> dense_h_to_4h (transformers
+        # sets num_ln_in_parallel_attn None to 2 when it builds the model; 11B's 1 keeps one norm)
+        ConfigVariant(when=(("parallel_attn", (True,)), ("new_decoder_architecture", (True,)),
+                            ("num_ln_in_parallel_attn", (None, 2))),
+                      changes=(("qkv", NormGroup("ln_attn", ("self_attention.query_key_value",))),
+                               ("fc1", NormGroup("ln_mlp", ("mlp.dense_h_to_4h",))))),
+        # RW-1B/7B: attention, then the MLP on post_attention_layernorm of the residual
+        ConfigVariant(when=(("parallel_attn", (False,)),),
+                      changes=(("qkv", NormGroup("input_layernorm", ("self_attention.query_key_value",))),
+                               ("fc1", NormGroup("post_attention_layernorm", ("mlp.dense_h_to_4h",))))),
+        ConfigVariant(when=(("alibi", (True,)),), changes=(("rotary_pairs", None),)),  # ALiBi: no rotary
+        # linear biases (RW): norm and v shifts fold into them, as OPT's
+        ConfigVariant(when=(("bias", (True,)),), changes=(("let_shifts", True),)),
+    ),
+)
+
+BUILTIN_ARCHS = (LLAMA_LIKE, QWEN3, OPT, PHI3, FALCON)

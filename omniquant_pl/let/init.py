@@ -50,7 +50,7 @@ def init_let_from_ranges(
     let: LETParams, block: nn.Module, spec: ArchSpec, ranges: dict[str, tuple[torch.Tensor, torch.Tensor]], alpha: float
 ) -> None:
     """Scales s = max|x - shift|^α / max|W|^(1-α) per channel; shifts (where used) = (max+min)/2."""
-    for group, scale, shift in ((spec.qkv, let.qkv_scale, let.qkv_shift), (spec.fc1, let.fc1_scale, let.fc1_shift)):
+    for group, scale, shift in let.norm_groups():
         lo, hi = ranges[group.linears[0]]
         center = (hi + lo) / 2 if shift is not None else torch.zeros_like(hi)
         act_absmax = torch.maximum((hi - center).abs(), (lo - center).abs())

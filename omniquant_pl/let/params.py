@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from omniquant_pl.arch.base import ArchSpec, LinearGroup
+from omniquant_pl.arch.base import ArchSpec, LinearGroup, NormGroup
 from omniquant_pl.let import transforms
 from omniquant_pl.let.rows import replace_rows, take_rows
 
@@ -98,7 +98,8 @@ class _BlockParams:
 class LETParams(nn.Module):
     """Scales (and, where biases absorb them, shifts) of one block, initialised to identity.
 
-    qkv_scale/fc1_scale: (hidden,) on the norm outputs; out_scale: (kv_heads·head_dim,) on v's
+    qkv_scale/fc1_scale: (hidden,) on the norm outputs (no fc1_scale where the MLP reads the
+    attention's norm: spec.fc1 None); out_scale: (kv_heads·head_dim,) on v's
     outputs; qk_param: (kv_heads, rotary_dim/2 + head_dim - rotary_dim) with rotary embeddings (one
     value per rotating pair, one per unrotated channel), else (kv_heads, head_dim); down_scale:
     (intermediate,) on up's outputs = down's inputs, for gated MLPs (spec.up_down).
@@ -111,7 +112,7 @@ class LETParams(nn.Module):
         hidden = block.get_submodule(spec.qkv.linears[0]).in_features
         kv_channels = geometry.kv_heads * geometry.head_dim
         self.qkv_scale = nn.Parameter(torch.ones(hidden))
-        self.fc1_scale = nn.Parameter(torch.ones(hidden))
+        self.fc1_scale = nn.Parameter(torch.ones(hidden)) if spec.fc1 is not None else None
         self.out_scale = nn.Parameter(torch.ones(kv_channels))
         qk_width = geometry.head_dim - geometry.rotary_dim // 2
         self.qk_param = nn.Parameter(torch.ones(geometry.kv_heads, qk_width)) if spec.let_qk else None
@@ -120,7 +121,7 @@ class LETParams(nn.Module):
             self.down_scale = nn.Parameter(torch.ones(block.get_submodule(spec.up_down.target).in_features))
         if spec.let_shifts:
             self.qkv_shift = nn.Parameter(torch.zeros(hidden))
-            self.fc1_shift = nn.Parameter(torch.zeros(hidden))
+            self.fc1_shift = nn.Parameter(torch.zeros(hidden)) if spec.fc1 is not None else None
             self.out_shift = nn.Parameter(torch.zeros(kv_channels))
         else:
             self.qkv_shift = self.fc1_shift = self.out_shift = None
@@ -135,12 +136,17 @@ class LETParams(nn.Module):
             if shift is not None:
                 shift.zero_()
 
+    def norm_groups(self) -> list[tuple[NormGroup, nn.Parameter, nn.Parameter | None]]:
+        """(group, scale, shift) of each norm -> linears group: qkv, and fc1 where the block has it."""
+        groups = [(self.spec.qkv, self.qkv_scale, self.qkv_shift), (self.spec.fc1, self.fc1_scale, self.fc1_shift)]
+        return [group for group in groups if group[0] is not None]
+
     def transformed(self, block: nn.Module) -> dict[str, torch.Tensor]:
         """Block parameters after all LET transforms, by their names in `block`."""
         spec, geo = self.spec, self.geometry
         params = _BlockParams(block, spec, geo)
         guarded = transforms.guarded_scale
-        for group, scale, shift in ((spec.qkv, self.qkv_scale, self.qkv_shift), (spec.fc1, self.fc1_scale, self.fc1_shift)):
+        for group, scale, shift in self.norm_groups():
             norm_w, norm_b, weights, biases = transforms.norm_into_linears(
                 params.get(f"{group.norm}.weight"), params.get(f"{group.norm}.bias"),
                 [params.get(f"{n}.weight") for n in group.linears], [params.get(f"{n}.bias") for n in group.linears],

@@ -1,0 +1,307 @@
+"""Falcon: one entry, its block layouts picked by config (7B: parallel attention on one shared
+LayerNorm, multi-query; 40B/180B: ln_attn and ln_mlp, grouped kv heads interleaved per kv head;
+11B: that grouping on one shared norm; RW: sequential, ALiBi, biases), the q|k|v rows of
+query_key_value as data, and q/k/v quantized inside the torch SDPA call Falcon makes itself."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from conftest import TINY_VOCAB
+from test_let import _random_let
+from test_phi3 import _StopAtBlock
+from torch.func import functional_call
+
+from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig
+from omniquant_pl.arch import get_arch
+from omniquant_pl.arch.attention_hooks import BlockActivationQuantizers, use_quantized_attention
+from omniquant_pl.arch.base import FusedRows, LinearGroup, NormGroup
+from omniquant_pl.arch.registry import get_arch_for_config, get_blocks
+from omniquant_pl.block_module import BlockModule
+from omniquant_pl.calib.capture import capture_block_inputs, run_block
+from omniquant_pl.errors import AttentionNotQuantizedError
+from omniquant_pl.let.params import LETParams
+from omniquant_pl.let.rows import take_rows
+from omniquant_pl.quant.act import PerTokenActQuantizer
+
+HIDDEN, HEADS, HEAD_DIM = 64, 4, 16
+QKV, DENSE, H_TO_4H = "self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h"
+LAYOUTS = {  # layout: (FalconConfig fields, kv heads)
+    "7b": ({"new_decoder_architecture": False, "parallel_attn": True, "multi_query": True}, 1),
+    "40b": ({"new_decoder_architecture": True, "num_kv_heads": 2}, 2),
+    "11b": ({"new_decoder_architecture": True, "num_kv_heads": 2, "num_ln_in_parallel_attn": 1}, 2),  # one shared norm
+    "rw": ({"new_decoder_architecture": False, "parallel_attn": False, "multi_query": False, "alibi": True,
+            "bias": True}, 4),
+}
+
+
+def tiny_falcon(layout: str = "7b", seed: int = 0, layers: int = 2, attn_implementation: str = "sdpa"):
+    from transformers import FalconConfig, FalconForCausalLM
+
+    torch.manual_seed(seed)
+    config = FalconConfig(vocab_size=TINY_VOCAB, hidden_size=HIDDEN, num_hidden_layers=layers,
+                          num_attention_heads=HEADS, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                          **LAYOUTS[layout][0])
+    config._attn_implementation = attn_implementation
+    model = FalconForCausalLM(config).eval()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # norms and biases away from 1 and 0: a transform that drops one shows
+        for name, param in model.transformer.h.named_parameters():
+            if name.endswith("bias") or "ln" in name or "layernorm" in name:
+                param.add_(torch.randn(param.shape, generator=generator) * 0.2)
+    return model
+
+
+def _block_and_inputs(layout, dtype=torch.float64):
+    model = tiny_falcon(layout, layers=1).to(dtype)
+    with torch.no_grad():  # q/k 4x: peaked attention, so a q/k scale that breaks RoPE shows plainly
+        model.transformer.h[0].self_attention.query_key_value.weight.mul_(4)
+    spec = get_arch(model)
+    windows = torch.randint(0, TINY_VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    captured = capture_block_inputs(model, spec, windows)
+    return get_blocks(model, spec)[0], spec, captured
+
+
+def _output(block, params, captured):
+    out = functional_call(block, params, (captured.hidden_states,), captured.block_kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_falcon_entry_resolves_each_layout_and_its_rows_match_split_heads(layout):
+    block, spec, _ = _block_and_inputs(layout)
+    spec.check_block(block)  # every nn.Linear of the block is named, none is missing
+    assert spec == get_arch_for_config(tiny_falcon(layout, layers=1).config)  # export resolves it alike
+    norms = {"7b": ("input_layernorm", None), "11b": ("input_layernorm", None), "40b": ("ln_attn", "ln_mlp"),
+             "rw": ("input_layernorm", "post_attention_layernorm")}
+    assert (spec.qkv.norm, spec.fc1 and spec.fc1.norm) == norms[layout]
+    assert spec.linear_names[:2] == ((QKV, DENSE) if spec.fc1 else (QKV, H_TO_4H))
+    assert (spec.rotary_pairs, spec.let_shifts) == ((None, True) if layout == "rw" else ("half", False))
+    let = LETParams(block, spec)
+    assert (let.geometry.heads, let.geometry.kv_heads, let.geometry.head_dim) == (HEADS, LAYOUTS[layout][1], HEAD_DIM)
+    # the rows each part names are what transformers' own _split_heads reads as q, k and v
+    attention = block.self_attention
+    x = torch.randn(1, 3, HIDDEN, dtype=torch.float64)
+    q, k, v = attention._split_heads(attention.query_key_value(x))  # (1, T, heads or kv heads, head_dim)
+    linear, layout_rows = attention.query_key_value, spec.fused_rows(QKV)
+    bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features, dtype=torch.float64)
+    for name, split in zip("qkv", (q, k, v)):
+        rows = [take_rows(tensor, layout_rows, name, let.geometry) for tensor in (linear.weight, bias)]
+        part = torch.nn.functional.linear(x, *rows).unflatten(-1, (-1, HEAD_DIM))  # (1, T, heads, head_dim)
+        if part.shape[2] < split.shape[2]:  # 40B: _split_heads repeats each kv head over its query group
+            part = part.repeat_interleave(HEADS // part.shape[2], dim=2)
+        torch.testing.assert_close(part, split, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_let_with_quantization_off_is_exact_before_and_after_folding(layout):
+    """Every transform (norm->qkv (and dense_h_to_4h), v rows->dense, q/k rows, shifts where the
+    linears have biases) at random non-trivial values: the block's function is unchanged (float64)."""
+    block, spec, captured = _block_and_inputs(layout)
+    let = LETParams(block, spec).double()
+    kv_rows = LAYOUTS[layout][1] * HEAD_DIM
+    assert let.out_scale.shape == (kv_rows,) and let.down_scale is None  # a GELU MLP: no up->down
+    assert (let.fc1_scale is None) == (spec.fc1 is None)  # 7B/11B: one scale for both linears of the shared norm
+    _random_let(let)
+    original = {n: p.detach().clone() for n, p in block.named_parameters()}
+    with torch.no_grad():
+        reference = run_block(block, captured.hidden_states, captured.block_kwargs)
+        transformed = let.transformed(block)
+        torch.testing.assert_close(_output(block, transformed, captured), reference, rtol=1e-9, atol=1e-9)
+        let.fold_into(block)
+        torch.testing.assert_close(run_block(block, captured.hidden_states, captured.block_kwargs), reference,
+                                   rtol=1e-9, atol=1e-9)
+    # the scales landed: the MLP's input columns carry the norm scale of its group; v rows 1/out_scale
+    mlp_scale = let.qkv_scale if spec.fc1 is None else let.fc1_scale
+    torch.testing.assert_close(transformed[f"{H_TO_4H}.weight"], original[f"{H_TO_4H}.weight"] * mlp_scale.detach(),
+                               rtol=1e-12, atol=0)
+    v_rows = take_rows(transformed[f"{QKV}.weight"], spec.fused_rows(QKV), "v", let.geometry)
+    normed = take_rows(original[f"{QKV}.weight"] * let.qkv_scale.detach(), spec.fused_rows(QKV), "v", let.geometry)
+    torch.testing.assert_close(v_rows, normed / let.out_scale.detach()[:, None], rtol=1e-12, atol=0)
+
+
+def _max_deviation(block, spec, captured, seed=0):
+    let = LETParams(block, spec).double()
+    _random_let(let, seed)
+    with torch.no_grad():
+        reference = run_block(block, captured.hidden_states, captured.block_kwargs)
+        return (_output(block, let.transformed(block), captured) - reference).abs().max().item()
+
+
+@pytest.mark.parametrize("layout", ["7b", "40b"])
+def test_scales_on_the_wrong_rows_break_equivalence(layout):
+    """What the exactness test guards against: a v->dense scale on the k rows, q|k|v read as
+    contiguous blocks (Phi-3's layout) instead of per kv head, an unpaired q/k scale under RoPE, and
+    (7B) the shared norm's scale folded into query_key_value only."""
+    block, spec, captured = _block_and_inputs(layout)
+    assert _max_deviation(block, spec, captured) < 1e-9
+    only_out = {"let_qk": False}
+    wrong = {
+        "v->dense on k rows": dict(only_out, out=LinearGroup(QKV, DENSE, source_rows="k")),
+        "q/k unpaired": {"rotary_pairs": None},
+    }
+    if layout == "40b":  # with one kv head (7B) the two layouts coincide
+        contiguous = FusedRows(QKV, (("q", "heads"), ("k", "kv_heads"), ("v", "kv_heads")))
+        wrong["contiguous q|k|v"] = {"fused": (contiguous,)}
+    else:
+        wrong["norm into qkv only"] = {"qkv": NormGroup("input_layernorm", (QKV,))}
+    for what, changes in wrong.items():
+        deviation = _max_deviation(block, dataclasses.replace(spec, **changes), captured)
+        assert deviation > 1e-4, (what, deviation)
+
+
+def _float_module(quant: QuantConfig, layout: str):
+    block, spec, captured = _block_and_inputs(layout, dtype=torch.float32)
+    with torch.no_grad():
+        full_precision = run_block(block, captured.hidden_states, captured.block_kwargs)
+    module = BlockModule(block, 0, spec, captured.block_kwargs, quant, TrainConfig())
+    return module, spec, captured, full_precision
+
+
+@pytest.mark.parametrize("layout", ["7b", "40b"])
+def test_fused_block_equals_fake_quant_block_w4a4_with_let(layout):
+    quant = QuantConfig(wbits=4, abits=4, group_size=16, let=True)
+    module, spec, captured, full_precision = _float_module(quant, layout)
+    assert module.let.qk_param is not None
+    _random_let(module.let, seed=5)
+    with torch.no_grad():
+        for p in module.lwc_parameters():
+            p.uniform_(0, 5)
+        fake_quant = module(captured.hidden_states)
+        fused = module.fuse()
+        folded = run_block(fused, captured.hidden_states, captured.block_kwargs)
+    assert {type(fused.get_submodule(n)) for n in spec.linear_names} == {torch.nn.Linear}
+    assert module.act_quantizers.qkv_calls == 1  # the fused block's SDPA call is wrapped again
+    torch.testing.assert_close(folded, fake_quant, rtol=1e-5, atol=1e-5)
+    assert (fake_quant - full_precision).abs().max() > 1e-3  # the quantization did something
+
+
+@pytest.mark.parametrize("layout", ["7b", "40b"])
+def test_w4a4_hooks_quantize_every_linear_input_and_q_k_v(monkeypatch, layout):
+    """Each nn.Linear of the block sees per-token 4-bit inputs (<= 16 levels per token); q, k and v
+    of Falcon's own SDPA call are quantized once per forward, after RoPE."""
+    module, _, captured, _ = _float_module(QuantConfig(wbits=4, abits=4, let=True), layout)
+    attention_inputs = []
+    forward = PerTokenActQuantizer.forward
+
+    def recording_forward(self, x):
+        if x.ndim == 4:  # (B, heads, T, head_dim)
+            attention_inputs.append(tuple(x.shape))
+        return forward(self, x)
+
+    monkeypatch.setattr(PerTokenActQuantizer, "forward", recording_forward)
+    linear_inputs = {}
+    linears = list(module.quant_linears)
+    assert sorted(linears) == sorted([QKV, DENSE, H_TO_4H, "mlp.dense_4h_to_h"])
+
+    def record_input(name):
+        def hook(linear, args, output):  # after the pre-hooks: the input the linear multiplied
+            linear_inputs[name] = args[0].detach()
+
+        return hook
+
+    for name in linears:
+        module.block.get_submodule(name).register_forward_hook(record_input(name))
+    with torch.no_grad():
+        module(captured.hidden_states)
+    assert module.act_quantizers.qkv_calls == 1
+    kv_heads = 1 if layout == "7b" else HEADS  # 40B: _split_heads has already repeated k/v per query head
+    assert sorted(attention_inputs) == sorted([(2, HEADS, 24, HEAD_DIM)] + [(2, kv_heads, 24, HEAD_DIM)] * 2)
+    assert linear_inputs.keys() == set(linears)
+    for name, x in linear_inputs.items():
+        levels = max(len(torch.unique(token)) for token in x.reshape(-1, x.shape[-1]))
+        assert levels <= 16 and x.shape[-1] > 16, (name, levels)
+    module.act_quantizers.remove()
+    assert "forward" not in module.block.self_attention.__dict__  # the class's forward again
+
+
+@pytest.mark.parametrize("layout", ["7b", "rw"])
+def test_wrapped_sdpa_keeps_the_models_masks_and_quantizes_every_block(layout):
+    """A left-padded batch through the whole model: with the q/k/v quantizer switched off the
+    wrapped attention gives the model's own logits (its padding mask; RW's ALiBi bias, carried in
+    that mask), and every block's SDPA call went through it; switched on, the logits move."""
+    model = tiny_falcon(layout)
+    spec = get_arch(model)
+    use_quantized_attention(model)
+    input_ids = torch.randint(3, TINY_VOCAB, (2, 12), generator=torch.Generator().manual_seed(0))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[0, :5] = 0
+    with torch.no_grad():
+        expected = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        installed = [BlockActivationQuantizers(block, spec, 4, linears=False) for block in get_blocks(model, spec)]
+        for quantizers in installed:
+            quantizers.quantizer.enabled = False
+        got = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        assert [quantizers.qkv_calls for quantizers in installed] == [1, 1]
+        for quantizers in installed:
+            quantizers.quantizer.enabled = True
+        quantized = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    real = attention_mask.bool()
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-6, atol=1e-6)
+    assert (quantized[real] - expected[real]).abs().max() > 1e-3
+
+
+def test_eager_falcon_attention_is_refused_and_an_unwrapped_call_fails_loudly():
+    eager = tiny_falcon(layers=1, attn_implementation="eager")
+    with pytest.raises(AttentionNotQuantizedError, match="its attention runs 'eager'") as err:
+        use_quantized_attention(eager)
+    assert "\n" not in str(err.value) and "--model.attn_implementation sdpa" in str(err.value)
+    spec = get_arch(eager)  # never routed: its attention skips SDPA, so the quantizer never runs
+    captured = capture_block_inputs(eager, spec, torch.randint(0, TINY_VOCAB, (2, 16)))
+    module = BlockModule(get_blocks(eager, spec)[0], 0, spec, captured.block_kwargs, QuantConfig(wbits=4, abits=4),
+                         TrainConfig())
+    with torch.no_grad(), pytest.raises(AttentionNotQuantizedError, match="runs 'eager', not 'sdpa'"):
+        module(captured.hidden_states)
+
+
+def test_compiled_block_quantizes_q_k_v_as_the_eager_one():
+    """torch.compile traces the TorchFunctionMode around Falcon's SDPA call: the compiled block
+    (the training step's graph, here with the aot_eager backend) computes what the eager one does."""
+    module, _, captured, full_precision = _float_module(QuantConfig(wbits=4, abits=4, let=True), "40b")
+    _random_let(module.let, seed=3)
+    with torch.no_grad():
+        eager = module(captured.hidden_states)
+        compiled = torch.compile(module._block_forward, backend="aot_eager")(captured.hidden_states)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
+    assert (eager - full_precision).abs().max() > 1e-3
+
+
+def test_w4a4_let_calibrates_end_to_end_and_resumes_to_the_same_result(tmp_path, tokenizer):
+    from omniquant_pl import calibrate
+
+    def config(name, resume=False):
+        return RunConfig(model=ModelConfig("in-memory"), quant=QuantConfig(wbits=4, abits=4, let=True, group_size=16),
+                         calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32),
+                         train=TrainConfig(epochs=1, batch_size=2),
+                         eval=EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=1, baselines=[]),
+                         output_dir=str(tmp_path / name), save_model=False, resume=resume)
+
+    clean = calibrate(config("clean"), model=tiny_falcon("7b"), tokenizer=tokenizer)
+    assert [b["block"] for b in clean["blocks"]] == [0, 1]
+    assert all(torch.isfinite(torch.tensor(b["final_loss"])) for b in clean["blocks"])
+    assert torch.isfinite(torch.tensor(clean["perplexity"]["omniquant"]["pydoc"]["ppl"]))
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(config("cut"), callbacks=[_StopAtBlock(1)], model=tiny_falcon("7b"), tokenizer=tokenizer)
+    resumed = calibrate(config("cut", resume=True), model=tiny_falcon("7b"), tokenizer=tokenizer)
+    assert resumed["resumed_at_block"] == 1
+    assert [b["final_loss"] for b in resumed["blocks"]] == [b["final_loss"] for b in clean["blocks"]]
+
+    from safetensors.torch import load_file
+
+    learned = load_file(tmp_path / "clean" / "learned_params.safetensors")
+    assert learned["layers.1.let.out_scale"].shape == (HEAD_DIM,)  # multi-query: one kv head
+    assert "layers.1.let.fc1_scale" not in learned  # the shared norm has one scale
+    again = load_file(tmp_path / "cut" / "learned_params.safetensors")
+    assert again.keys() == learned.keys() and all(torch.equal(again[k], learned[k]) for k in learned)
+
+
+def test_a_variant_is_checked_when_the_table_is_built():
+    from omniquant_pl.arch.base import ConfigVariant
+    from omniquant_pl.arch.tables import FALCON
+
+    alibi = (("alibi", (True,)),)
+    with pytest.raises(ValueError, match=r"variants change \['name'\]"):
+        dataclasses.replace(FALCON, variants=(ConfigVariant(alibi, (("name", "falcon-rw"),)),))
+    with pytest.raises(ValueError, match="has no part 'w'"):  # a variant alone must give a valid spec
+        dataclasses.replace(FALCON, variants=(ConfigVariant(alibi, (("out", LinearGroup(QKV, DENSE, "w")),)),))
