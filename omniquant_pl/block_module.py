@@ -29,6 +29,7 @@ from omniquant_pl.graph_step import GraphedTrainStep
 from omniquant_pl.let.init import init_let_from_ranges
 from omniquant_pl.let.params import LETParams
 from omniquant_pl.quant.codes import QuantizedWeight
+from omniquant_pl.quant.experts import QuantExperts, quantize_block_experts, restore_block_experts
 from omniquant_pl.quant.linear import QuantLinear, quantize_block_linears, restore_block_linears, set_submodule
 from omniquant_pl.quant.lwc import WeightQuantizer, clipping_disabled
 
@@ -154,19 +155,17 @@ class BlockModule(L.LightningModule):
             self.let = LETParams(block, let_spec).to(next(block.parameters()).device)
             if input_ranges is not None:
                 init_let_from_ranges(self.let, block, let_spec, input_ranges, quant.let_alpha)
+        def make_quantizer(shape: tuple[int, int]) -> WeightQuantizer:
+            return WeightQuantizer(shape, bits=quant.wbits, group_size=quant.group_size, symmetric=quant.symmetric,
+                                   gguf_grid=quant.grid == "gguf", learnable_clipping=quant.lwc, init=quant.lwc_init)
+
         self.quant_linears: dict[str, QuantLinear] = quantize_block_linears(
-            block,
-            spec.linear_names,
-            lambda linear: WeightQuantizer(
-                tuple(linear.weight.shape),
-                bits=quant.wbits,
-                group_size=quant.group_size,
-                symmetric=quant.symmetric,
-                gguf_grid=quant.grid == "gguf",
-                learnable_clipping=quant.lwc,
-                init=quant.lwc_init,
-            ),
-        )
+            block, spec.linear_names, lambda linear: make_quantizer(tuple(linear.weight.shape)))
+        # a mixture of experts: every expert's 3-D tensors, per expert and output channel/group
+        self.quant_experts: QuantExperts | None = None
+        if spec.experts is not None:
+            self.quant_experts = quantize_block_experts(block, spec.experts, make_quantizer)
+        self.expert_tokens: list[int] = []  # calibration tokens routed to each expert (set by the sequencer)
         self.act_quantizers = BlockActivationQuantizers(block, spec, quant.abits) if quant.abits < 16 else None
         self.fused = False  # set by fuse(), with the codes of every linear in quantized_weights
         self.quantized_weights: dict[str, QuantizedWeight] = {}
@@ -182,11 +181,20 @@ class BlockModule(L.LightningModule):
         self._graphed_step = None
 
     # -- parameters --------------------------------------------------------------------------
+    def weight_quantizers(self) -> dict[str, WeightQuantizer]:
+        """Every weight quantizer by the path of the weight it quantizes: a linear's name, or an
+        expert tensor's path (``mlp.experts.gate_up_proj``)."""
+        quantizers = {name: linear.weight_quantizer for name, linear in self.quant_linears.items()
+                      if linear.weight_quantizer is not None}
+        if self.quant_experts is not None:
+            quantizers.update({f"{self.spec.experts.module}.{name}": quantizer
+                               for name, quantizer in self.quant_experts.quantizers.items()})
+        return quantizers
+
     def lwc_parameters(self) -> list[nn.Parameter]:
         params = []
-        for linear in self.quant_linears.values():
-            quantizer = linear.weight_quantizer
-            if quantizer is not None and quantizer.learnable:
+        for quantizer in self.weight_quantizers().values():
+            if quantizer.learnable:
                 params += [quantizer.upper_logit, quantizer.lower_logit]
         return params
 
@@ -196,9 +204,8 @@ class BlockModule(L.LightningModule):
     def learned_state(self) -> dict[str, torch.Tensor]:
         """Learned parameters by name (``<linear>.lwc.upper``, ``let.qkv_scale`` ...), for safetensors."""
         state = {f"let.{name}": p.detach().float().cpu().clone() for name, p in (self.let.named_parameters() if self.let else [])}
-        for name, linear in self.quant_linears.items():
-            quantizer = linear.weight_quantizer
-            if quantizer is not None and quantizer.learnable:
+        for name, quantizer in self.weight_quantizers().items():
+            if quantizer.learnable:
                 state[f"{name}.lwc.upper"] = quantizer.upper_logit.detach().float().cpu().clone()
                 state[f"{name}.lwc.lower"] = quantizer.lower_logit.detach().float().cpu().clone()
         return state
@@ -208,9 +215,8 @@ class BlockModule(L.LightningModule):
         with torch.no_grad():
             for name, param in (self.let.named_parameters() if self.let else []):
                 param.copy_(state[f"let.{name}"])
-            for name, linear in self.quant_linears.items():
-                quantizer = linear.weight_quantizer
-                if quantizer is not None and quantizer.learnable:
+            for name, quantizer in self.weight_quantizers().items():
+                if quantizer.learnable:
                     quantizer.upper_logit.copy_(state[f"{name}.lwc.upper"])
                     quantizer.lower_logit.copy_(state[f"{name}.lwc.lower"])
 
@@ -218,9 +224,8 @@ class BlockModule(L.LightningModule):
     def make_rtn(self) -> None:
         """Set the learned parameters so the block computes round-to-nearest exactly: clipping factors
         σ(γ) = σ(β) = 1.0 (fp32) and the identity LET."""
-        for linear in self.quant_linears.values():
-            if linear.weight_quantizer is not None:
-                linear.weight_quantizer.disable_clipping()
+        for quantizer in self.weight_quantizers().values():
+            quantizer.disable_clipping()
         if self.let is not None:
             self.let.reset_to_identity()
 
@@ -235,7 +240,22 @@ class BlockModule(L.LightningModule):
         for name, quant_linear in self.quant_linears.items():
             set_submodule(self.block, name, quant_linear.original_linear())
         self.quant_linears = {}
+        if self.quant_experts is not None:
+            restore_block_experts(self.block, self.spec.experts, None)
+            self.quant_experts = None
         return self.block
+
+    @torch.no_grad()
+    def keep_initial_clipping_of_unrouted(self, initial_state: dict[str, torch.Tensor]) -> list[int]:
+        """Experts that received no calibration tokens (`expert_tokens`) keep their initial
+        clipping (no gradient reached them; this also undoes weight decay). Returns them."""
+        unrouted = [expert for expert, count in enumerate(self.expert_tokens) if count == 0]
+        if unrouted and self.quant_experts is not None:
+            module = self.spec.experts.module
+            initial = {name: (initial_state[f"{module}.{name}.lwc.upper"], initial_state[f"{module}.{name}.lwc.lower"])
+                       for name, quantizer in self.quant_experts.quantizers.items() if quantizer.learnable}
+            self.quant_experts.reset_experts(unrouted, initial)
+        return unrouted
 
     # -- Lightning --------------------------------------------------------------------------
     def train(self, mode: bool = True) -> BlockModule:
@@ -410,12 +430,21 @@ class BlockModule(L.LightningModule):
             for name, linear in self.quant_linears.items()
             if linear.weight_quantizer is not None
         }
+        if self.quant_experts is not None:  # codes of (experts·out, in) rows, by tensor path
+            module = self.spec.experts.module
+            tensors = {name: transformed[f"{module}.{name}"] for name in self.quant_experts.names
+                       if f"{module}.{name}" in transformed}
+            self.quantized_weights.update({f"{module}.{name}": codes
+                                           for name, codes in self.quant_experts.quantize(tensors).items()})
         if self.let is not None:
             self.let.fold_into(self.block, transformed)
         if self.act_quantizers is not None:
             self.act_quantizers.remove()
         restore_block_linears(self.block, self.quantized_weights)
         self.quant_linears = {}
+        if self.quant_experts is not None:
+            restore_block_experts(self.block, self.spec.experts, self.quantized_weights)
+            self.quant_experts = None
         self.fused = True
         if self.act_quantizers is not None:
             self.act_quantizers = BlockActivationQuantizers(self.block, self.spec, self.quant_config.abits)

@@ -42,6 +42,7 @@ from omniquant_pl.keep_best import keep_best
 from omniquant_pl.let.init import input_ranges
 from omniquant_pl.models import load_model_and_tokenizer
 from omniquant_pl.quant.codes import save_block_codes
+from omniquant_pl.quant.experts import expert_token_counts
 from omniquant_pl.quant.kernels import use_fused_quantizers
 from omniquant_pl.quant.rtn import rtn_quantizer
 
@@ -381,12 +382,14 @@ class BlockSequencer:
         block = self.blocks[index].to(self.device, self.block_dtype())
         module = None
         try:
-            names = self.spec.linear_names if cfg.quant.let else ()
-            with input_ranges(block, names) as ranges:  # LET init statistics, from the targets pass
+            names = self.spec.input_range_names if cfg.quant.let else ()
+            # LET init statistics and (mixtures of experts) tokens per expert, from the targets pass
+            with input_ranges(block, names) as ranges, expert_token_counts(block, self.spec.experts) as tokens:
                 targets = self._propagate(block, fp_inputs)
             del fp_inputs
             aug_targets = self._propagate(block, quant_inputs) if cfg.train.aug_loss else None
             module = self._build_module(index, block, ranges if cfg.quant.let else None)
+            module.expert_tokens = tokens
             return self._train_block(index, block, module, quant_inputs, targets, aug_targets, started)
         except BaseException:  # the caller's model stays whole: original linears, no hooks, on the CPU
             self.blocks[index] = (module.abandon() if module is not None else block).to("cpu", self.model_dtype)
@@ -422,6 +425,8 @@ class BlockSequencer:
             if module.use_cuda_graph:
                 metrics["cuda_graph_step"] = module.graphed
         metrics["epoch_losses"] = module.epoch_losses
+        if module.expert_tokens:
+            self._report_expert_tokens(index, module, initial_state, metrics)
         if cfg.train.report_losses:
             metrics["final_loss"] = module.mean_loss(eval_loader, amp)
             if cfg.train.keep_best:
@@ -439,6 +444,19 @@ class BlockSequencer:
         self.blocks[index] = block.to("cpu", self.model_dtype)
         metrics["seconds"] = time.perf_counter() - started
         return targets, next_quant_inputs, metrics, learned_state
+
+    @staticmethod
+    def _report_expert_tokens(index: int, module: BlockModule, initial_state: dict[str, torch.Tensor],
+                              metrics: dict[str, Any]) -> None:
+        """Record the calibration tokens each expert received; an expert that received none keeps its
+        initial clipping (its RTN/initial grid), and the run says so."""
+        metrics["expert_tokens"] = list(module.expert_tokens)
+        log.info("block %d: calibration tokens per expert %s", index, module.expert_tokens)
+        unrouted = module.keep_initial_clipping_of_unrouted(initial_state)
+        if unrouted:
+            log.warning("block %d: experts %s received no calibration tokens; their weights keep the initial clipping "
+                        "(no gradient reached them); more or longer calibration samples would route tokens to them",
+                        index, unrouted)
 
     def _fit_with_retries(self, index, module, loader, initial_state, metrics, attempts: int = 3) -> None:
         """Fit; on a non-finite loss restore the initial parameters and retry at half the lr."""

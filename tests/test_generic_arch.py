@@ -120,7 +120,7 @@ def test_let_or_activation_quantization_is_refused_before_any_work(tmp_path, tok
         message = str(err.value)
         assert "\n" not in message and message.startswith(option), message
         assert "'gpt_neox' has no entry in omniquant_pl/arch/tables.py" in message
-        assert "llama, mistral, opt, phi3, qwen2, qwen3" in message and "--quant.let false --quant.abits 16" in message
+        assert "llama, mistral, mixtral, opt, phi3, qwen2, qwen3, qwen3_moe" in message and "--quant.let false --quant.abits 16" in message
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
 

@@ -11,6 +11,9 @@
   spec's attention_hook "sdpa") keep their own attention and masks: within the attention module's
   forward only, a TorchFunctionMode quantizes q/k/v of that call (no global patching). The model
   must run its "sdpa" path; use_quantized_attention refuses any other.
+- A mixture of experts' 3-D expert tensors (spec.experts): every expert's gate_up and down inputs
+  are quantized per token inside the experts module's forward (quant/experts.py); the router's
+  input is not (it stays floating point).
 - Eager calls of the q/k/v quantizers are counted, so a block whose attention bypassed the
   function (the model was never routed) fails loudly instead of training with full-precision q/k/v.
 """
@@ -29,6 +32,7 @@ from torch.overrides import TorchFunctionMode
 from omniquant_pl.arch.base import ArchSpec
 from omniquant_pl.errors import AttentionNotQuantizedError
 from omniquant_pl.quant.act import PerTokenActQuantizer
+from omniquant_pl.quant.experts import install_input_quantizer, remove_input_quantizer
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +145,10 @@ class BlockActivationQuantizers:
         if spec.attention_hook == "sdpa":  # an instance attribute: the class and state dict stay transformers'
             self.attention.forward = types.MethodType(_forward_quantizing_sdpa, self.attention)
         self.qkv_calls = 0  # eager calls of the q/k/v quantizer (compiled calls are not counted)
+        self.expert_linear_calls = 0  # eager F.linear calls of the experts with their input quantized
+        self.experts = None
+        if spec.experts is not None and linears:
+            self.experts = install_input_quantizer(block, spec.experts, self.quantizer, self)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -149,6 +157,9 @@ class BlockActivationQuantizers:
         self.attention.__dict__.pop(QKV_QUANTIZER_ATTR, None)
         self.attention.__dict__.pop(QKV_CALL_COUNTER_ATTR, None)
         self.attention.__dict__.pop("forward", None)
+        if self.experts is not None:
+            remove_input_quantizer(self.experts)
+            self.experts = None
 
     @contextlib.contextmanager
     def expect_qkv_quantized(self, what: str) -> Iterator[None]:

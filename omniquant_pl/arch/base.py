@@ -18,6 +18,12 @@ A family whose blocks differ by config (Falcon: one or two norms, parallel or se
 ALiBi) is one entry with `variants`: field changes for the configs they match, resolved by
 `ArchSpec.for_config` (the registry does it for every model and config).
 
+A mixture of experts whose experts are 3-D parameters of one module (Mixtral, Qwen3-MoE:
+`gate_up_proj` (experts, 2·intermediate, hidden) and `down_proj` (experts, hidden, intermediate)) is
+described by `Experts`; a group names an expert tensor by its parameter path
+("mlp.experts.gate_up_proj") and the router by its module ("mlp.gate", whose `weight` LET scales
+like a linear's but which is never quantized).
+
 A weight-only spec (a model with no table entry, described generically by arch/generic.py) has no
 attention module and no groups: its linears are all `extra_linears`, quantized with LWC alone.
 """
@@ -105,6 +111,25 @@ class ConfigVariant:
         return all(getattr(config, attribute, None) in accepted for attribute, accepted in self.when)
 
 
+@dataclass(frozen=True)
+class Experts:
+    """The experts of a mixture-of-experts MLP, stored as 3-D parameters of `module`: `gate_up`
+    (experts, 2·intermediate, hidden; gate rows then up rows) and `down` (experts, hidden,
+    intermediate), and its `router` (a module with a (experts, hidden) `weight`, kept in floating
+    point). Its forward calls F.linear once per expert and tensor on the routed tokens (the
+    transformers "eager" experts implementation)."""
+
+    module: str
+    router: str
+    gate_up: str = "gate_up_proj"
+    down: str = "down_proj"
+
+    @property
+    def tensors(self) -> tuple[str, str]:
+        """The parameter paths of the expert tensors (gate_up, down) in a block."""
+        return f"{self.module}.{self.gate_up}", f"{self.module}.{self.down}"
+
+
 ATTENTION_HOOKS = ("registry", "sdpa")
 _FIXED_FIELDS = ("name", "model_types", "variants")  # a variant changes the block, not the entry
 
@@ -139,6 +164,7 @@ class ArchSpec:
     # scaled_dot_product_attention itself, as Falcon: that call is wrapped within its forward)
     attention_hook: str = "registry"
     variants: tuple[ConfigVariant, ...] = ()  # changes for the configs they match (for_config)
+    experts: Experts | None = None  # mixture of experts: 3-D expert tensors (LWC per expert) and a FP router
 
     def __post_init__(self) -> None:
         given = [name for name in ("attention", "qkv", "out") if getattr(self, name) is not None]
@@ -163,6 +189,9 @@ class ArchSpec:
             if group is not None and group.source_rows is not None and group.source_rows not in layouts.get(group.source, ()):
                 raise ValueError(f"ArchSpec '{self.name}': {group.source} has no part '{group.source_rows}' (its "
                                  f"FusedRows parts: {layouts.get(group.source, 'none')}); add it to `fused`")
+        if self.experts is not None and self.up_down is not None:
+            raise ValueError(f"ArchSpec '{self.name}': up_down with experts is not supported (one scale per "
+                             "expert is not implemented); set up_down None")
         unknown = sorted(set(layouts) - set(self.linear_names))
         if unknown:
             raise ValueError(f"ArchSpec '{self.name}': FusedRows for {unknown}, which are not among its linears "
@@ -183,11 +212,30 @@ class ArchSpec:
         return self.qkv is None
 
     @property
+    def expert_tensors(self) -> tuple[str, ...]:
+        """The parameter paths of a block's 3-D expert tensors (none without experts)."""
+        return self.experts.tensors if self.experts is not None else ()
+
+    @property
     def linear_names(self) -> tuple[str, ...]:
-        """Every linear of a block, each once: the groups' (qkv, out, fc1), then fc2 and extra_linears."""
+        """Every nn.Linear of a block, each once: the groups' (qkv, out, fc1), then fc2 and
+        extra_linears (a group's router and expert tensors are not linears: see expert_tensors)."""
         fc1 = self.fc1.linears if self.fc1 is not None else ()
         grouped = [] if self.weight_only else [*self.qkv.linears, self.out.target, *fc1]
-        return tuple(dict.fromkeys([*grouped, *self.fc2, *self.extra_linears]))
+        not_linear = {*self.expert_tensors, *([self.experts.router] if self.experts is not None else [])}
+        names = [name for name in [*grouped, *self.fc2, *self.extra_linears] if name not in not_linear]
+        return tuple(dict.fromkeys(names))
+
+    @property
+    def input_range_names(self) -> tuple[str, ...]:
+        """Modules whose inputs LET's initialisation measures: the linears, and the router (the
+        input of the experts' norm group)."""
+        return (*self.linear_names, *([self.experts.router] if self.experts is not None else []))
+
+    def weight_name(self, linear: str) -> str:
+        """The parameter a group member's weight is: an expert tensor is its own path, a linear's
+        (or the router's) is `<name>.weight`."""
+        return linear if linear in self.expert_tensors else f"{linear}.weight"
 
     def fused_rows(self, linear: str) -> FusedRows | None:
         """The row layout of `linear`, if it is fused."""
@@ -204,8 +252,18 @@ class ArchSpec:
     def check_block(self, block: nn.Module, index: int = 0) -> None:
         """Fail early if a block does not have the modules this table names (or has more)."""
         found = {n for n, m in block.named_modules() if isinstance(m, nn.Linear)}
+        if self.experts is not None and self.experts.module not in dict(block.named_modules()):
+            raise RuntimeError(
+                f"block {index} of this {self.name} model has no experts module '{self.experts.module}' (a dense MLP: "
+                f"linears {sorted(found)}); models mixing dense and expert blocks (Qwen3-MoE mlp_only_layers or "
+                "decoder_sparse_step > 1) are not supported yet"
+            )
         missing = [n for n in self.linear_names if n not in found]
         unexpected = sorted(found - set(self.linear_names))
+        params = dict(block.named_parameters())
+        missing += [name for name in self.expert_tensors if name not in params or params[name].dim() != 3]
+        if self.experts is not None and f"{self.experts.router}.weight" not in params:
+            missing.append(self.experts.router)
         if missing or unexpected:
             raise RuntimeError(
                 f"block {index} of this {self.name} model does not match the '{self.name}' adapter: "

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from omniquant_pl.arch.base import ArchSpec, ConfigVariant, FusedRows, LinearGroup, NormGroup
+from omniquant_pl.arch.base import ArchSpec, ConfigVariant, Experts, FusedRows, LinearGroup, NormGroup
 
 # Llama 1/2/3, Mistral, Qwen2/3 and SmolLM2 share this block: RMSNorm, q/k/v/o, gated MLP.
 LLAMA_LIKE = ArchSpec(
@@ -92,4 +92,26 @@ FALCON = ArchSpec(
     ),
 )
 
-BUILTIN_ARCHS = (LLAMA_LIKE, QWEN3, OPT, PHI3, FALCON)
+# Mixtral: the Llama attention, then a sparse MoE MLP (mlp.gate: a top-k router; mlp.experts: every
+# expert's gate|up and down as 3-D tensors). post_attention_layernorm feeds the router and every
+# expert's gate_up: its LET scale folds into all of them (routing unchanged); the router stays FP.
+# No up_down scale (one per expert is not implemented).
+_MOE_EXPERTS = Experts(module="mlp.experts", router="mlp.gate")
+MIXTRAL = ArchSpec(
+    name="mixtral",
+    model_types=("mixtral",),
+    backbone="model",
+    layers="layers",
+    attention="self_attn",
+    qkv=NormGroup("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    fc1=NormGroup("post_attention_layernorm", ("mlp.gate", "mlp.experts.gate_up_proj")),
+    out=LinearGroup("self_attn.v_proj", "self_attn.o_proj"),
+    fc2=("mlp.experts.down_proj",),
+    experts=_MOE_EXPERTS,
+)
+
+# Qwen3-MoE: Mixtral's layout with Qwen3's per-head q/k norms (no q/k scale). Models whose config
+# makes some blocks dense (mlp_only_layers, decoder_sparse_step > 1) are refused by check_block.
+QWEN3_MOE = dataclasses.replace(MIXTRAL, name="qwen3_moe", model_types=("qwen3_moe",), let_qk=False)
+
+BUILTIN_ARCHS = (LLAMA_LIKE, QWEN3, OPT, PHI3, FALCON, MIXTRAL, QWEN3_MOE)

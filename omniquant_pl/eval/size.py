@@ -29,7 +29,8 @@ def disk_bytes(path: str | Path, gguf_file: str | None = None) -> int | None:
 
 
 def packed_bytes(model: nn.Module, quant: QuantConfig | None = None) -> int:
-    """Estimated bytes of `model` with its block linears packed to quant.wbits (None/16 bits: all fp16)."""
+    """Estimated bytes of `model` with its block linears (and 3-D expert tensors, per expert and
+    output channel) packed to quant.wbits (None/16 bits: all fp16)."""
     unique = {id(p): p for p in model.parameters()}  # tied embeddings count once
     total = sum(p.numel() for p in unique.values()) * HALF_BYTES
     if quant is None or quant.wbits >= 16:
@@ -39,8 +40,9 @@ def packed_bytes(model: nn.Module, quant: QuantConfig | None = None) -> int:
 
     spec = get_arch(model)
     for block in get_blocks(model, spec):
-        for name in spec.linear_names:
-            weight = block.get_submodule(name).weight  # (out, in)
+        weights = [block.get_submodule(name).weight for name in spec.linear_names]  # (out, in)
+        weights += [block.get_parameter(name).flatten(0, 1) for name in spec.expert_tensors]  # (E·out, in)
+        for weight in weights:
             out_features, in_features = weight.shape
             groups = in_features // quant.group_size if quant.group_size else 1
             params_per_group = 1 if quant.symmetric else 2  # scale (+ zero point)

@@ -84,7 +84,12 @@ class CalibratedRun:
             raise OmniQuantError(f"'{run_dir}' finished {finished} of {layers} blocks; finish it with calibrate "
                                  "--resume true before exporting")
         quant = QuantConfig(**results["config"]["quant"])
-        return cls(run_dir, results, quant, get_arch_for_config(hf_config), model_dir, hf_config,
+        spec = get_arch_for_config(hf_config)
+        if spec.experts is not None:
+            raise OmniQuantError(f"'{run_dir}' is a {spec.name} model: its expert tensors "
+                                 f"({', '.join(spec.expert_tensors)}) have codes, but no export format writes them yet; "
+                                 f"use the fake-quantized model in '{model_dir}' instead")
+        return cls(run_dir, results, quant, spec, model_dir, hf_config,
                    SafetensorsFolder(model_dir))
 
     # -- the run's settings --------------------------------------------------------------------

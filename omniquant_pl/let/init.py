@@ -54,7 +54,8 @@ def init_let_from_ranges(
         lo, hi = ranges[group.linears[0]]
         center = (hi + lo) / 2 if shift is not None else torch.zeros_like(hi)
         act_absmax = torch.maximum((hi - center).abs(), (lo - center).abs())
-        weights = torch.cat([block.get_submodule(n).weight.float() for n in group.linears])  # (Σout, in)
+        weights = torch.cat([block.get_parameter(spec.weight_name(n)).float().reshape(-1, hi.shape[0])
+                             for n in group.linears])  # (Σout, in): a 3-D expert tensor's rows of all experts
         scale.copy_(_smooth_scale(act_absmax, weights.abs().amax(0), alpha).to(scale))
         if shift is not None:
             shift.copy_(center.to(shift))

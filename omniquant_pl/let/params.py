@@ -78,7 +78,7 @@ class _BlockParams:
 
     def rows(self, linear: str, part: str | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(weight, bias) of `linear`, or of the rows of one `part` of it."""
-        weight, bias = self.get(f"{linear}.weight"), self.get(f"{linear}.bias")
+        weight, bias = self.get(self.spec.weight_name(linear)), self.get(f"{linear}.bias")
         if part is None:
             return weight, bias
         layout = self.spec.fused_rows(linear)
@@ -88,10 +88,10 @@ class _BlockParams:
     def put_rows(self, linear: str, part: str | None, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         if part is not None:
             layout = self.spec.fused_rows(linear)
-            weight = replace_rows(self.get(f"{linear}.weight"), layout, part, weight, self.geometry)
+            weight = replace_rows(self.get(self.spec.weight_name(linear)), layout, part, weight, self.geometry)
             if bias is not None:
                 bias = replace_rows(self.get(f"{linear}.bias"), layout, part, bias, self.geometry)
-        self.put(f"{linear}.weight", weight)
+        self.put(self.spec.weight_name(linear), weight)
         self.put(f"{linear}.bias", bias)
 
 
@@ -102,7 +102,9 @@ class LETParams(nn.Module):
     attention's norm: spec.fc1 None); out_scale: (kv_heads·head_dim,) on v's
     outputs; qk_param: (kv_heads, rotary_dim/2 + head_dim - rotary_dim) with rotary embeddings (one
     value per rotating pair, one per unrotated channel), else (kv_heads, head_dim); down_scale:
-    (intermediate,) on up's outputs = down's inputs, for gated MLPs (spec.up_down).
+    (intermediate,) on up's outputs = down's inputs, for gated MLPs (spec.up_down). A mixture of
+    experts' fc1 group holds the router and the 3-D gate_up tensor: fc1_scale multiplies the input
+    columns (last dimension) of both, for every expert.
     """
 
     def __init__(self, block: nn.Module, spec: ArchSpec) -> None:
@@ -149,7 +151,7 @@ class LETParams(nn.Module):
         for group, scale, shift in self.norm_groups():
             norm_w, norm_b, weights, biases = transforms.norm_into_linears(
                 params.get(f"{group.norm}.weight"), params.get(f"{group.norm}.bias"),
-                [params.get(f"{n}.weight") for n in group.linears], [params.get(f"{n}.bias") for n in group.linears],
+                [params.get(spec.weight_name(n)) for n in group.linears], [params.get(f"{n}.bias") for n in group.linears],
                 guarded(scale), shift,
             )
             params.put(f"{group.norm}.weight", norm_w)
