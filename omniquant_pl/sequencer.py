@@ -127,9 +127,19 @@ class BlockSequencer:
         pin = device.type == "cpu" and self.device.type == "cuda"
         return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
 
+    @property
+    def block_kwargs(self) -> dict[str, Any]:
+        """Block 0's keyword arguments (each block's: layer_kwargs)."""
+        return self.layer_kwargs[0]
+
+    @block_kwargs.setter
+    def block_kwargs(self, kwargs: dict[str, Any]) -> None:
+        """The same keyword arguments for every block (a model with one layer type)."""
+        self.layer_kwargs = [kwargs] * len(self.blocks)
+
     @torch.no_grad()
-    def _propagate(self, block: nn.Module, inputs: torch.Tensor) -> torch.Tensor:
-        """Block outputs for all cached inputs, in batches, in the training precision."""
+    def _propagate(self, block: nn.Module, inputs: torch.Tensor, index: int = 0) -> torch.Tensor:
+        """Block `index`'s outputs for all cached inputs, in batches, in the training precision."""
         outputs = self._new_cache(inputs.shape, inputs.dtype, inputs.device)
         step = max(self.config.train.batch_size, 4)
         dtype = autocast_dtype(self.precision)
@@ -137,7 +147,7 @@ class BlockSequencer:
         batches = on_device(((inputs[start : start + step],) for start in starts), self.device)
         for start, (batch,) in zip(starts, batches):
             with torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None):
-                out = run_block(block, batch, self.block_kwargs)
+                out = run_block(block, batch, self.layer_kwargs[index])
             outputs[start : start + step].copy_(out, non_blocking=True)
         if outputs.device != self.device and self.device.type == "cuda":
             torch.cuda.synchronize()  # the host-side cache is complete before anyone reads it
@@ -315,7 +325,9 @@ class BlockSequencer:
         self._check_calibration_ids(windows, source)
         captured = capture_block_inputs(self.model, self.spec, windows)
         cache_dtype = self.block_dtype() if self.device.type == "cuda" else torch.float32
-        self.block_kwargs = kwargs_to(captured.block_kwargs, self.device, self.block_dtype())
+        moved: dict[int, torch.Tensor] = {}  # blocks of one layer type share their mask and rotary tables
+        self.layer_kwargs = [kwargs_to(kwargs, self.device, self.block_dtype(), moved)
+                             for kwargs in captured.layer_kwargs]
         fp_inputs = self.cache_inputs(captured.hidden_states, cache_dtype)  # (N, T, hidden)
         self.results["cache_device"] = str(fp_inputs.device)
         quant_inputs = fp_inputs
@@ -352,14 +364,14 @@ class BlockSequencer:
 
     def _build_module(self, index: int, block: nn.Module, ranges: dict | None = None) -> BlockModule:
         cfg = self.config
-        return BlockModule(block, index, self.spec, self.block_kwargs, cfg.quant, cfg.train, ranges).to(self.device)
+        return BlockModule(block, index, self.spec, self.layer_kwargs[index], cfg.quant, cfg.train, ranges).to(self.device)
 
     def _replay_block(
         self, index: int, fp_inputs: torch.Tensor, quant_inputs: torch.Tensor, learned: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Re-apply a finished block's learned parameters (no training) and propagate both chains."""
         block = self.blocks[index].to(self.device, self.block_dtype())
-        targets = self._propagate(block, fp_inputs)
+        targets = self._propagate(block, fp_inputs, index)
         del fp_inputs
         module = self._build_module(index, block)
         try:
@@ -370,7 +382,7 @@ class BlockSequencer:
             raise
         # the codes of this replay: the model saved at the end comes from the same fuse
         save_block_codes(self.output_dir, index, module.quantized_weights)
-        next_quant_inputs = self._propagate(block, quant_inputs)
+        next_quant_inputs = self._propagate(block, quant_inputs, index)
         self.blocks[index] = block.to("cpu", self.model_dtype)
         return targets, next_quant_inputs
 
@@ -385,9 +397,9 @@ class BlockSequencer:
             names = self.spec.input_range_names if cfg.quant.let else ()
             # LET init statistics and (mixtures of experts) tokens per expert, from the targets pass
             with input_ranges(block, names) as ranges, expert_token_counts(block, self.spec.experts) as tokens:
-                targets = self._propagate(block, fp_inputs)
+                targets = self._propagate(block, fp_inputs, index)
             del fp_inputs
-            aug_targets = self._propagate(block, quant_inputs) if cfg.train.aug_loss else None
+            aug_targets = self._propagate(block, quant_inputs, index) if cfg.train.aug_loss else None
             module = self._build_module(index, block, ranges if cfg.quant.let else None)
             module.expert_tokens = tokens
             return self._train_block(index, block, module, quant_inputs, targets, aug_targets, started)
@@ -439,7 +451,7 @@ class BlockSequencer:
                 "that calls module.fuse()) among the callbacks"
             )
         save_block_codes(self.output_dir, index, module.quantized_weights)  # before the checkpoint counts it
-        next_quant_inputs = self._propagate(block, quant_inputs)
+        next_quant_inputs = self._propagate(block, quant_inputs, index)
         del module, loader, eval_loader, caches, aug_targets, quant_inputs
         self.blocks[index] = block.to("cpu", self.model_dtype)
         metrics["seconds"] = time.perf_counter() - started

@@ -150,6 +150,9 @@ class ArchSpec:
     out: LinearGroup | None = None
     fc2: tuple[str, ...] = ()
     norm_has_bias: bool = False
+    # The norms multiply by (norm_weight_offset + weight): Gemma's RMSNorm by (1 + w), so a LET scale
+    # s folds in as w' = (1 + w)/s - 1 (let/transforms.norm_into_linears)
+    norm_weight_offset: float = 0.0
     extra_linears: tuple[str, ...] = field(default=())  # linears in no group (weight-only specs: all)
     # LET: which channels rotate together in the rotary embedding ("half": d with d + head_dim/2,
     # "interleaved": 2i with 2i+1, None: no rotary), whether a q/k scale is valid at all (not with

@@ -114,4 +114,15 @@ MIXTRAL = ArchSpec(
 # makes some blocks dense (mlp_only_layers, decoder_sparse_step > 1) are refused by check_block.
 QWEN3_MOE = dataclasses.replace(MIXTRAL, name="qwen3_moe", model_types=("qwen3_moe",), let_qk=False)
 
-BUILTIN_ARCHS = (LLAMA_LIKE, QWEN3, OPT, PHI3, FALCON, MIXTRAL, QWEN3_MOE)
+# Gemma 3 (text): RMSNorms that multiply by (1 + w); four per block: input_layernorm -> q/k/v,
+# post_attention_layernorm on o_proj's output (before the residual add: v->o stays exact),
+# pre_feedforward_layernorm -> gate/up, post_feedforward_layernorm on down_proj's output; a GELU-tanh
+# gated MLP; per-head q/k norms (no q/k scale, as Qwen3). Sliding-window and full layers alternate
+# (config.layer_types): each block gets its own mask and rotary table (calib/capture.py keeps them per
+# block). Embeddings are scaled by sqrt(hidden) inside embed_tokens, before block 0's captured input.
+GEMMA3 = dataclasses.replace(
+    LLAMA_LIKE, name="gemma3", model_types=("gemma3_text",), let_qk=False, norm_weight_offset=1.0,
+    fc1=NormGroup("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj")),
+)
+
+BUILTIN_ARCHS = (LLAMA_LIKE, QWEN3, OPT, PHI3, FALCON, MIXTRAL, QWEN3_MOE, GEMMA3)

@@ -1,8 +1,10 @@
 """Capture the inputs of block 0 by running only the embedding part of the backbone.
 
-The backbone's block list is swapped for a single recorder that returns its input unchanged, so
-the model's own code builds embeddings, positions, rotary tables and the attention mask (whatever
-the installed transformers does), and no transformer block runs.
+The backbone's block list is swapped for recorders (one per block) that return their input
+unchanged, so the model's own code builds embeddings, positions, rotary tables and the attention
+masks (whatever the installed transformers does), and no transformer block runs. Each recorder keeps
+the keyword arguments its block is called with: models that alternate layer types (Gemma 3's
+sliding-window and full-attention layers) give each block its own mask and rotary table.
 """
 from __future__ import annotations
 
@@ -19,15 +21,17 @@ _DROPPED_KWARGS = ("cache", "past_key_values", "past_key_value", "use_cache", "o
 
 
 class _BlockInputRecorder(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, keep_hidden_states: bool) -> None:
         super().__init__()
+        self.keep_hidden_states = keep_hidden_states  # block 0's only: the others see the same tensor
         self.hidden_states: list[torch.Tensor] = []
         self.block_kwargs: dict[str, Any] | None = None
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args:
             raise RuntimeError("blocks called with extra positional arguments are not supported")
-        self.hidden_states.append(hidden_states.detach())
+        if self.keep_hidden_states:
+            self.hidden_states.append(hidden_states.detach())
         if self.block_kwargs is None:
             self.block_kwargs = {k: v for k, v in kwargs.items() if k not in _DROPPED_KWARGS}
         return hidden_states
@@ -36,33 +40,42 @@ class _BlockInputRecorder(nn.Module):
 @dataclass
 class BlockInputs:
     hidden_states: torch.Tensor  # (nsamples, seqlen, hidden)
-    block_kwargs: dict[str, Any]  # attention mask, position ids/embeddings, shared by all samples
+    layer_kwargs: list[dict[str, Any]]  # per block: attention mask, position ids/embeddings (all samples)
+
+    @property
+    def block_kwargs(self) -> dict[str, Any]:
+        """Block 0's keyword arguments."""
+        return self.layer_kwargs[0]
 
 
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, spec: ArchSpec, windows: torch.Tensor) -> BlockInputs:
-    """Inputs of block 0 for each window (one window per call, so kwargs are for batch 1 and
-    broadcast over any batch size)."""
+    """Inputs of block 0 for each window, and every block's keyword arguments (one window per
+    call, so kwargs are for batch 1 and broadcast over any batch size)."""
     backbone = model.get_submodule(spec.backbone)
     blocks = getattr(backbone, spec.layers)
-    recorder = _BlockInputRecorder()
-    setattr(backbone, spec.layers, nn.ModuleList([recorder]))
+    recorders = nn.ModuleList([_BlockInputRecorder(keep_hidden_states=index == 0) for index in range(len(blocks))])
+    setattr(backbone, spec.layers, recorders)
     try:
         for window in windows:
             backbone(input_ids=window.unsqueeze(0), use_cache=False)
     finally:
         setattr(backbone, spec.layers, blocks)
-    hidden = torch.cat(recorder.hidden_states)  # (nsamples, seqlen, hidden)
-    return BlockInputs(hidden, recorder.block_kwargs or {})
+    hidden = torch.cat(recorders[0].hidden_states)  # (nsamples, seqlen, hidden)
+    return BlockInputs(hidden, [recorder.block_kwargs or {} for recorder in recorders])
 
 
-def kwargs_to(block_kwargs: dict[str, Any], device: torch.device, dtype: torch.dtype | None = None) -> dict[str, Any]:
+def kwargs_to(block_kwargs: dict[str, Any], device: torch.device, dtype: torch.dtype | None = None,
+              moved: dict[int, torch.Tensor] | None = None) -> dict[str, Any]:
     """Move the tensors of captured block kwargs (nested in tuples too) to a device, floating ones
-    to `dtype` too when given."""
+    to `dtype` too when given; `moved` (by id of the original) shares one copy between blocks."""
+    moved = {} if moved is None else moved
 
     def move(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
-            return value.to(device, dtype=dtype if dtype is not None and value.is_floating_point() else None)
+            if id(value) not in moved:
+                moved[id(value)] = value.to(device, dtype=dtype if dtype is not None and value.is_floating_point() else None)
+            return moved[id(value)]
         if isinstance(value, tuple):
             return tuple(move(v) for v in value)
         return value

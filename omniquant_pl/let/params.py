@@ -152,7 +152,7 @@ class LETParams(nn.Module):
             norm_w, norm_b, weights, biases = transforms.norm_into_linears(
                 params.get(f"{group.norm}.weight"), params.get(f"{group.norm}.bias"),
                 [params.get(spec.weight_name(n)) for n in group.linears], [params.get(f"{n}.bias") for n in group.linears],
-                guarded(scale), shift,
+                guarded(scale), shift, spec.norm_weight_offset,
             )
             params.put(f"{group.norm}.weight", norm_w)
             params.put(f"{group.norm}.bias", norm_b)

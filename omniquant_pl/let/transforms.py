@@ -3,6 +3,7 @@ frozen parameters at every step) and fusing (applied once, in place). Each keeps
 function unchanged when nothing is quantized:
 
   norm -> linears   x' = (x - shift) / scale;  W' = W·diag(scale);  b' = b + W·shift
+                    (a norm multiplying by (offset + w), Gemma's (1 + w): w' = (offset + w)/scale - offset)
   linear -> linear  v' = (v - shift) / scale on the source's outputs; the target's inputs
                     get W'·diag(scale), b' + W·shift (softmax rows sum to 1, so a shift on v
                     passes through attention unchanged)
@@ -46,11 +47,13 @@ def norm_into_linears(
     linear_biases: list[torch.Tensor | None],
     scale: torch.Tensor,
     shift: torch.Tensor | None = None,
+    weight_offset: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor], list[torch.Tensor | None]]:
-    """Move a per-channel scale (and shift) from a norm's output into the linears it feeds."""
+    """Move a per-channel scale (and shift) from a norm's output into the linears it feeds; the
+    norm multiplies by (weight_offset + norm_weight) (Gemma: 1 + w), so that is what is divided."""
     if shift is not None and norm_bias is None:
         raise ValueError("a shift needs a norm bias to absorb it")
-    new_norm_weight = norm_weight / scale
+    new_norm_weight = (norm_weight + weight_offset) / scale - weight_offset
     new_norm_bias = None if norm_bias is None else (norm_bias - (shift if shift is not None else 0)) / scale
     new_weights = [w * scale for w in linear_weights]  # (out, in) * (in,)
     new_biases = [absorb_shift(b, w, shift) for w, b in zip(linear_weights, linear_biases, strict=True)]
