@@ -9,11 +9,11 @@ import dataclasses
 import pytest
 import torch
 from conftest import TINY_VOCAB
+from family_checks import check_calibrates_and_resumes, check_w4a4_hooks
 from test_let import _random_let
-from test_phi3 import _StopAtBlock
 from torch.func import functional_call
 
-from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig
+from omniquant_pl import QuantConfig, TrainConfig
 from omniquant_pl.arch import get_arch
 from omniquant_pl.arch.attention_hooks import BlockActivationQuantizers, use_quantized_attention
 from omniquant_pl.arch.base import FusedRows, LinearGroup, NormGroup
@@ -23,7 +23,6 @@ from omniquant_pl.calib.capture import capture_block_inputs, run_block
 from omniquant_pl.errors import AttentionNotQuantizedError
 from omniquant_pl.let.params import LETParams
 from omniquant_pl.let.rows import take_rows
-from omniquant_pl.quant.act import PerTokenActQuantizer
 
 HIDDEN, HEADS, HEAD_DIM = 64, 4, 16
 QKV, DENSE, H_TO_4H = "self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h"
@@ -182,36 +181,10 @@ def test_w4a4_hooks_quantize_every_linear_input_and_q_k_v(monkeypatch, layout):
     """Each nn.Linear of the block sees per-token 4-bit inputs (<= 16 levels per token); q, k and v
     of Falcon's own SDPA call are quantized once per forward, after RoPE."""
     module, _, captured, _ = _float_module(QuantConfig(wbits=4, abits=4, let=True), layout)
-    attention_inputs = []
-    forward = PerTokenActQuantizer.forward
-
-    def recording_forward(self, x):
-        if x.ndim == 4:  # (B, heads, T, head_dim)
-            attention_inputs.append(tuple(x.shape))
-        return forward(self, x)
-
-    monkeypatch.setattr(PerTokenActQuantizer, "forward", recording_forward)
-    linear_inputs = {}
-    linears = list(module.quant_linears)
-    assert sorted(linears) == sorted([QKV, DENSE, H_TO_4H, "mlp.dense_4h_to_h"])
-
-    def record_input(name):
-        def hook(linear, args, output):  # after the pre-hooks: the input the linear multiplied
-            linear_inputs[name] = args[0].detach()
-
-        return hook
-
-    for name in linears:
-        module.block.get_submodule(name).register_forward_hook(record_input(name))
-    with torch.no_grad():
-        module(captured.hidden_states)
-    assert module.act_quantizers.qkv_calls == 1
+    assert sorted(module.quant_linears) == sorted([QKV, DENSE, H_TO_4H, "mlp.dense_4h_to_h"])
     kv_heads = 1 if layout == "7b" else HEADS  # 40B: _split_heads has already repeated k/v per query head
-    assert sorted(attention_inputs) == sorted([(2, HEADS, 24, HEAD_DIM)] + [(2, kv_heads, 24, HEAD_DIM)] * 2)
-    assert linear_inputs.keys() == set(linears)
-    for name, x in linear_inputs.items():
-        levels = max(len(torch.unique(token)) for token in x.reshape(-1, x.shape[-1]))
-        assert levels <= 16 and x.shape[-1] > 16, (name, levels)
+    check_w4a4_hooks(module, captured.hidden_states, monkeypatch,
+                     [(2, HEADS, 24, HEAD_DIM)] + [(2, kv_heads, 24, HEAD_DIM)] * 2)
     module.act_quantizers.remove()
     assert "forward" not in module.block.self_attention.__dict__  # the class's forward again
 
@@ -268,32 +241,9 @@ def test_compiled_block_quantizes_q_k_v_as_the_eager_one():
 
 
 def test_w4a4_let_calibrates_end_to_end_and_resumes_to_the_same_result(tmp_path, tokenizer):
-    from omniquant_pl import calibrate
-
-    def config(name, resume=False):
-        return RunConfig(model=ModelConfig("in-memory"), quant=QuantConfig(wbits=4, abits=4, let=True, group_size=16),
-                         calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32),
-                         train=TrainConfig(epochs=1, batch_size=2),
-                         eval=EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=1, baselines=[]),
-                         output_dir=str(tmp_path / name), save_model=False, resume=resume)
-
-    clean = calibrate(config("clean"), model=tiny_falcon("7b"), tokenizer=tokenizer)
-    assert [b["block"] for b in clean["blocks"]] == [0, 1]
-    assert all(torch.isfinite(torch.tensor(b["final_loss"])) for b in clean["blocks"])
-    assert torch.isfinite(torch.tensor(clean["perplexity"]["omniquant"]["pydoc"]["ppl"]))
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(config("cut"), callbacks=[_StopAtBlock(1)], model=tiny_falcon("7b"), tokenizer=tokenizer)
-    resumed = calibrate(config("cut", resume=True), model=tiny_falcon("7b"), tokenizer=tokenizer)
-    assert resumed["resumed_at_block"] == 1
-    assert [b["final_loss"] for b in resumed["blocks"]] == [b["final_loss"] for b in clean["blocks"]]
-
-    from safetensors.torch import load_file
-
-    learned = load_file(tmp_path / "clean" / "learned_params.safetensors")
+    learned = check_calibrates_and_resumes(tmp_path, tokenizer, lambda: tiny_falcon("7b"), blocks=2, stop_at=1)
     assert learned["layers.1.let.out_scale"].shape == (HEAD_DIM,)  # multi-query: one kv head
     assert "layers.1.let.fc1_scale" not in learned  # the shared norm has one scale
-    again = load_file(tmp_path / "cut" / "learned_params.safetensors")
-    assert again.keys() == learned.keys() and all(torch.equal(again[k], learned[k]) for k in learned)
 
 
 def test_a_variant_is_checked_when_the_table_is_built():

@@ -8,17 +8,17 @@ import dataclasses
 import pytest
 import torch
 from conftest import TINY_VOCAB
+from family_checks import check_calibrates_and_resumes, check_w4a4_hooks
 from test_let import _random_let
 from torch.func import functional_call
 
-from omniquant_pl import CalibConfig, CalibrationCallback, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig
+from omniquant_pl import QuantConfig, TrainConfig
 from omniquant_pl.arch import get_arch
 from omniquant_pl.arch.attention_hooks import ATTENTION_NAME, use_quantized_attention
 from omniquant_pl.arch.registry import get_blocks
 from omniquant_pl.block_module import BlockModule
 from omniquant_pl.calib.capture import capture_block_inputs, run_block
 from omniquant_pl.let.params import LETParams
-from omniquant_pl.quant.act import PerTokenActQuantizer
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, WINDOW = 64, 4, 2, 16, 128, 4
 LAYER_TYPES = ("sliding_attention", "full_attention", "sliding_attention")
@@ -144,28 +144,9 @@ def test_fused_block_equals_fake_quant_block_w4a4_with_let():
 
 def test_w4a4_hooks_quantize_every_linear_input_and_q_k_v(monkeypatch):
     module, spec, captured, _ = _float_module(QuantConfig(wbits=4, abits=4, let=True))
-    attention_inputs, forward = [], PerTokenActQuantizer.forward
-
-    def recording_forward(self, x):
-        if x.ndim == 4:  # (B, heads, T, head_dim)
-            attention_inputs.append(tuple(x.shape))
-        return forward(self, x)
-
-    monkeypatch.setattr(PerTokenActQuantizer, "forward", recording_forward)
-    linear_inputs = {}
     assert sorted(module.quant_linears) == sorted(spec.linear_names) and len(spec.linear_names) == 7
-    for name in spec.linear_names:
-        module.block.get_submodule(name).register_forward_hook(
-            lambda linear, args, output, name=name: linear_inputs.__setitem__(name, args[0].detach()))
-    with torch.no_grad():
-        module(captured.hidden_states)
-    assert module.act_quantizers.qkv_calls == 1
-    assert sorted(attention_inputs) == sorted([(2, HEADS, 16, HEAD_DIM), (2, KV_HEADS, 16, HEAD_DIM),
-                                               (2, KV_HEADS, 16, HEAD_DIM)])
-    assert linear_inputs.keys() == set(spec.linear_names)
-    for name, x in linear_inputs.items():
-        levels = max(len(torch.unique(token)) for token in x.reshape(-1, x.shape[-1]))
-        assert levels <= 16 and x.shape[-1] > 16, (name, levels)
+    check_w4a4_hooks(module, captured.hidden_states, monkeypatch,
+                     [(2, HEADS, 16, HEAD_DIM), (2, KV_HEADS, 16, HEAD_DIM), (2, KV_HEADS, 16, HEAD_DIM)])
 
 
 def test_quantized_attention_path_keeps_sliding_window_and_padding_masks():
@@ -187,42 +168,10 @@ def test_quantized_attention_path_keeps_sliding_window_and_padding_masks():
     assert (unpadded[1] - reference[1]).abs().max() > 1e-3  # the padding mask mattered too
 
 
-class _StopAtBlock(CalibrationCallback):
-    def __init__(self, block: int) -> None:
-        self.block = block
-
-    def on_block_start(self, sequencer, index, module):
-        if index == self.block:
-            raise KeyboardInterrupt
-
-
 def test_w4a4_let_calibrates_end_to_end_and_resumes_to_the_same_result(tmp_path, tokenizer):
-    from omniquant_pl import calibrate
-
-    def config(name, resume=False):
-        return RunConfig(model=ModelConfig("in-memory"), quant=QuantConfig(wbits=4, abits=4, let=True, group_size=16),
-                         calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32),
-                         train=TrainConfig(epochs=1, batch_size=2),
-                         eval=EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=1, baselines=[]),
-                         output_dir=str(tmp_path / name), save_model=False, resume=resume)
-
-    clean = calibrate(config("clean"), model=tiny_gemma3(), tokenizer=tokenizer)
-    assert [b["block"] for b in clean["blocks"]] == [0, 1, 2]
-    assert all(torch.isfinite(torch.tensor(b["final_loss"])) for b in clean["blocks"])
-    assert torch.isfinite(torch.tensor(clean["perplexity"]["omniquant"]["pydoc"]["ppl"]))
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(config("cut"), callbacks=[_StopAtBlock(2)], model=tiny_gemma3(), tokenizer=tokenizer)
-    resumed = calibrate(config("cut", resume=True), model=tiny_gemma3(), tokenizer=tokenizer)
-    assert resumed["resumed_at_block"] == 2
-    assert [b["final_loss"] for b in resumed["blocks"]] == [b["final_loss"] for b in clean["blocks"]]
-
-    from safetensors.torch import load_file
-
-    learned = load_file(tmp_path / "clean" / "learned_params.safetensors")
+    learned = check_calibrates_and_resumes(tmp_path, tokenizer, tiny_gemma3, blocks=3, stop_at=2)
     assert learned["layers.1.let.down_scale"].shape == (INTERMEDIATE,)
     assert "layers.1.let.qk_param" not in learned
-    again = load_file(tmp_path / "cut" / "learned_params.safetensors")
-    assert again.keys() == learned.keys() and all(torch.equal(again[k], learned[k]) for k in learned)
 
 
 def test_multimodal_gemma3_falls_to_the_generic_weight_only_path():

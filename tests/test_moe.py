@@ -10,10 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_VOCAB
+from family_checks import check_cut_and_resume, tiny_run_config
 from test_let import _random_let
 from torch.func import functional_call
 
-from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig
+from omniquant_pl import QuantConfig, TrainConfig
 from omniquant_pl.arch import get_arch
 from omniquant_pl.arch.attention_hooks import use_quantized_attention
 from omniquant_pl.arch.base import NormGroup
@@ -215,19 +216,13 @@ def _starve_expert(model, expert: int = EXPERTS - 1):
                          ids=["mixtral-w4a16", "qwen3_moe-w4a4-let"])
 def test_calibrates_end_to_end_counts_tokens_per_expert_and_resumes(family, quant, tmp_path, tokenizer, caplog):
     from safetensors.torch import load_file
-    from test_phi3 import _StopAtBlock
 
     from omniquant_pl import calibrate
 
-    def config(name, resume=False):
-        return RunConfig(model=ModelConfig("in-memory"), quant=QuantConfig(**quant),
-                         calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32), train=TrainConfig(epochs=1, batch_size=2, keep_best=False),
-                         eval=EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=1, baselines=[]),
-                         output_dir=str(tmp_path / name), save_model=False, resume=resume)
-
+    quant = QuantConfig(**quant)
     model = lambda: _starve_expert(tiny_moe(family))
     with caplog.at_level(logging.WARNING):
-        clean = calibrate(config("clean"), model=model(), tokenizer=tokenizer)
+        clean = calibrate(tiny_run_config(tmp_path, "clean", quant, keep_best=False), model=model(), tokenizer=tokenizer)
     assert "block 0: experts [3] received no calibration tokens" in caplog.text
     for block in clean["blocks"]:
         assert len(block["expert_tokens"]) == EXPERTS and sum(block["expert_tokens"]) == 4 * 32 * TOP_K
@@ -241,14 +236,7 @@ def test_calibrates_end_to_end_counts_tokens_per_expert_and_resumes(family, quan
     codes = load_block_codes(tmp_path / "clean", 0)
     assert codes["mlp.experts.down_proj"].shape == (EXPERTS * HIDDEN, INTERMEDIATE)
     assert torch.isfinite(torch.tensor(clean["perplexity"]["omniquant"]["pydoc"]["ppl"]))
-
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(config("cut"), callbacks=[_StopAtBlock(1)], model=model(), tokenizer=tokenizer)
-    resumed = calibrate(config("cut", resume=True), model=model(), tokenizer=tokenizer)
-    assert resumed["resumed_at_block"] == 1
-    assert [b["final_loss"] for b in resumed["blocks"]] == [b["final_loss"] for b in clean["blocks"]]
-    again = load_file(tmp_path / "cut" / "learned_params.safetensors")
-    assert again.keys() == learned.keys() and all(torch.equal(again[k], learned[k]) for k in learned)
+    check_cut_and_resume(tmp_path, tokenizer, model, quant, clean, stop_at=1, keep_best=False)
 
 
 def test_token_counts_and_dense_blocks_are_refused():

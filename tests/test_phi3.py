@@ -7,10 +7,11 @@ import dataclasses
 import pytest
 import torch
 from conftest import TINY_VOCAB
+from family_checks import check_calibrates_and_resumes, check_w4a4_hooks
 from test_let import _random_let
 from torch.func import functional_call
 
-from omniquant_pl import CalibConfig, CalibrationCallback, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig
+from omniquant_pl import QuantConfig, TrainConfig
 from omniquant_pl.arch import get_arch
 from omniquant_pl.arch.attention_hooks import use_quantized_attention
 from omniquant_pl.arch.base import FusedRows, LinearGroup
@@ -18,7 +19,6 @@ from omniquant_pl.arch.registry import get_blocks
 from omniquant_pl.block_module import BlockModule
 from omniquant_pl.calib.capture import capture_block_inputs, run_block
 from omniquant_pl.let.params import LETParams
-from omniquant_pl.quant.act import PerTokenActQuantizer
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 64, 4, 2, 16, 128
 Q_ROWS, KV_ROWS = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM  # qkv_proj rows: q 0..63, k 64..95, v 96..127
@@ -168,71 +168,13 @@ def test_w4a4_hooks_quantize_every_linear_input_and_q_k_v(monkeypatch):
     """Each nn.Linear of the block sees per-token 4-bit inputs (<= 16 levels per token); the
     attention quantizes q (4 heads), k and v (2 kv heads) once per forward."""
     module, spec, captured, _ = _float_module(QuantConfig(wbits=4, abits=4, let=True))
-    attention_inputs = []
-    forward = PerTokenActQuantizer.forward
-
-    def recording_forward(self, x):
-        if x.ndim == 4:  # (B, heads, T, head_dim)
-            attention_inputs.append(tuple(x.shape))
-        return forward(self, x)
-
-    monkeypatch.setattr(PerTokenActQuantizer, "forward", recording_forward)
-    linear_inputs = {}
     linears = list(module.quant_linears)  # every nn.Linear of the block (check_block), now a QuantLinear
     assert sorted(linears) == sorted(spec.linear_names) and len(linears) == 4
-
-    def record_input(name):
-        def hook(linear, args, output):  # after the pre-hooks: the input the linear multiplied
-            linear_inputs[name] = args[0].detach()
-
-        return hook
-
-    for name in linears:
-        module.block.get_submodule(name).register_forward_hook(record_input(name))
-    with torch.no_grad():
-        module(captured.hidden_states)
-    assert module.act_quantizers.qkv_calls == 1
-    assert sorted(attention_inputs) == sorted([(2, HEADS, 24, HEAD_DIM), (2, KV_HEADS, 24, HEAD_DIM),
-                                               (2, KV_HEADS, 24, HEAD_DIM)])
-    assert linear_inputs.keys() == set(linears)
-    for name, x in linear_inputs.items():
-        levels = max(len(torch.unique(token)) for token in x.reshape(-1, x.shape[-1]))
-        assert levels <= 16 and x.shape[-1] > 16, (name, levels)
-
-
-class _StopAtBlock(CalibrationCallback):
-    def __init__(self, block: int) -> None:
-        self.block = block
-
-    def on_block_start(self, sequencer, index, module):
-        if index == self.block:
-            raise KeyboardInterrupt
+    check_w4a4_hooks(module, captured.hidden_states, monkeypatch,
+                     [(2, HEADS, 24, HEAD_DIM), (2, KV_HEADS, 24, HEAD_DIM), (2, KV_HEADS, 24, HEAD_DIM)])
 
 
 def test_w4a4_let_calibrates_end_to_end_and_resumes_to_the_same_result(tmp_path, tokenizer):
-    from omniquant_pl import calibrate
-
-    def config(name, resume=False):
-        return RunConfig(model=ModelConfig("in-memory"), quant=QuantConfig(wbits=4, abits=4, let=True, group_size=16),
-                         calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32),
-                         train=TrainConfig(epochs=1, batch_size=2),
-                         eval=EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=1, baselines=[]),
-                         output_dir=str(tmp_path / name), save_model=False, resume=resume)
-
-    clean = calibrate(config("clean"), model=tiny_phi3(), tokenizer=tokenizer)
-    assert [b["block"] for b in clean["blocks"]] == [0, 1]
-    assert all(torch.isfinite(torch.tensor(b["final_loss"])) for b in clean["blocks"])
-    assert torch.isfinite(torch.tensor(clean["perplexity"]["omniquant"]["pydoc"]["ppl"]))
-    with pytest.raises(KeyboardInterrupt):
-        calibrate(config("cut"), callbacks=[_StopAtBlock(1)], model=tiny_phi3(), tokenizer=tokenizer)
-    resumed = calibrate(config("cut", resume=True), model=tiny_phi3(), tokenizer=tokenizer)
-    assert resumed["resumed_at_block"] == 1
-    assert [b["final_loss"] for b in resumed["blocks"]] == [b["final_loss"] for b in clean["blocks"]]
-
-    from safetensors.torch import load_file
-
-    learned = load_file(tmp_path / "clean" / "learned_params.safetensors")
+    learned = check_calibrates_and_resumes(tmp_path, tokenizer, tiny_phi3, blocks=2, stop_at=1)
     assert learned["layers.1.let.down_scale"].shape == (INTERMEDIATE,)
     assert learned["layers.1.let.out_scale"].shape == (KV_ROWS,)
-    again = load_file(tmp_path / "cut" / "learned_params.safetensors")
-    assert again.keys() == learned.keys() and all(torch.equal(again[k], learned[k]) for k in learned)
