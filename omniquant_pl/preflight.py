@@ -32,6 +32,8 @@ def check_run(config: RunConfig, model: nn.Module | None = None) -> None:
     skeleton = model if model is not None else model_skeleton(config.model)
     if skeleton is not None:
         check_quantizable(skeleton, config.quant)
+        if model is None:
+            check_attention_backend(skeleton, config)
         seqlens = {"calib.seqlen": config.calib.seqlen}
         if config.eval.datasets:
             seqlens["eval.seqlen"] = config.eval.seqlen
@@ -161,6 +163,20 @@ def check_quantizable(model: nn.Module, quant: QuantConfig) -> None:
                if suggestion else "use 0 (per channel): no power of two of at least 8 divides them all")
         raise ConfigError(f"quant.group_size {group} does not divide the input features of every quantized "
                           f"linear ({listed}); {use}")
+
+
+def check_attention_backend(skeleton: nn.Module, config: RunConfig) -> None:
+    """Activation quantization of a model that calls torch SDPA itself (attention_hook "sdpa",
+    Falcon) quantizes q/k/v in that call, so the model must load with the sdpa attention."""
+    from omniquant_pl.arch.registry import get_arch
+
+    wanted = config.model.attn_implementation
+    if config.quant.abits < 16 and get_arch(skeleton).attention_hook == "sdpa" and wanted not in (None, "sdpa"):
+        raise ConfigError(
+            f"quant.abits {config.quant.abits} on a {skeleton.config.model_type} model quantizes q/k/v inside its "
+            f"torch SDPA call, but model.attn_implementation is '{wanted}'; use --model.attn_implementation sdpa "
+            "(or leave it unset)"
+        )
 
 
 def context_length(config) -> int | None:

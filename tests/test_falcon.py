@@ -228,6 +228,27 @@ def test_eager_falcon_attention_is_refused_and_an_unwrapped_call_fails_loudly():
         module(captured.hidden_states)
 
 
+def test_eager_attention_with_activation_quantization_is_refused_before_loading(tmp_path, tokenizer):
+    """Only the config is read: the refusal names the fix before any weight loads."""
+    from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, RunConfig
+    from omniquant_pl.errors import ConfigError
+    from omniquant_pl.preflight import check_run
+
+    tiny_falcon(layers=1).save_pretrained(tmp_path / "falcon")
+    tokenizer.save_pretrained(tmp_path / "falcon")
+
+    def run(attn_implementation, abits):
+        return RunConfig(model=ModelConfig(str(tmp_path / "falcon"), attn_implementation=attn_implementation),
+                         quant=QuantConfig(wbits=4, abits=abits), calib=CalibConfig(source="pydoc", nsamples=2, seqlen=16),
+                         eval=EvalConfig(datasets=["pydoc"], seqlen=16), output_dir=str(tmp_path / "out"))
+
+    with pytest.raises(ConfigError, match="model.attn_implementation is 'eager'; use --model.attn_implementation sdpa"):
+        check_run(run("eager", 4))
+    check_run(run("eager", 16))  # weight-only never quantizes q/k/v
+    check_run(run(None, 4))
+    check_run(run("sdpa", 4))
+
+
 def test_compiled_block_quantizes_q_k_v_as_the_eager_one():
     """torch.compile traces the TorchFunctionMode around Falcon's SDPA call: the compiled block
     (the training step's graph, here with the aot_eager backend) computes what the eager one does."""
