@@ -10,6 +10,42 @@ from omniquant_pl import CalibConfig, CalibrationCallback, EvalConfig, ModelConf
 from omniquant_pl.quant.act import PerTokenActQuantizer
 
 
+def capture_block(model, index: int = 0, seqlen: int = 24, lowest_id: int = 0):
+    """(block `index`, the model's spec, its captured inputs) on two random windows (seed 1)."""
+    from conftest import TINY_VOCAB
+
+    from omniquant_pl.arch import get_arch
+    from omniquant_pl.arch.registry import get_blocks
+    from omniquant_pl.calib.capture import capture_block_inputs
+
+    spec = get_arch(model)
+    windows = torch.randint(lowest_id, TINY_VOCAB, (2, seqlen), generator=torch.Generator().manual_seed(1))
+    return get_blocks(model, spec)[index], spec, capture_block_inputs(model, spec, windows)
+
+
+def block_output(block, params, captured, kwargs=None):
+    """The block's hidden states with `params` in place of its own (block 0's kwargs by default)."""
+    from torch.func import functional_call
+
+    out = functional_call(block, params, (captured.hidden_states,), captured.block_kwargs if kwargs is None else kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def fuse_with_random_parameters(module, captured):
+    """Random LET (seed 5) and LWC logits in [0, 5]; returns (fake-quant output, fused block, its output)."""
+    from test_let import _random_let
+
+    from omniquant_pl.calib.capture import run_block
+
+    _random_let(module.let, seed=5)
+    with torch.no_grad():
+        for p in module.lwc_parameters():
+            p.uniform_(0, 5)
+        fake_quant = module(captured.hidden_states)
+        fused = module.fuse()
+        return fake_quant, fused, run_block(fused, captured.hidden_states, captured.block_kwargs)
+
+
 class StopAtBlock(CalibrationCallback):
     """Interrupt the run (KeyboardInterrupt) as block `block` starts: a cut to resume from."""
 

@@ -9,9 +9,14 @@ import dataclasses
 import pytest
 import torch
 from conftest import TINY_VOCAB
-from family_checks import check_calibrates_and_resumes, check_w4a4_hooks
+from family_checks import (
+    block_output,
+    capture_block,
+    check_calibrates_and_resumes,
+    check_w4a4_hooks,
+    fuse_with_random_parameters,
+)
 from test_let import _random_let
-from torch.func import functional_call
 
 from omniquant_pl import QuantConfig, TrainConfig
 from omniquant_pl.arch import get_arch
@@ -56,15 +61,7 @@ def _block_and_inputs(layout, dtype=torch.float64):
     model = tiny_falcon(layout, layers=1).to(dtype)
     with torch.no_grad():  # q/k 4x: peaked attention, so a q/k scale that breaks RoPE shows plainly
         model.transformer.h[0].self_attention.query_key_value.weight.mul_(4)
-    spec = get_arch(model)
-    windows = torch.randint(0, TINY_VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    captured = capture_block_inputs(model, spec, windows)
-    return get_blocks(model, spec)[0], spec, captured
-
-
-def _output(block, params, captured):
-    out = functional_call(block, params, (captured.hidden_states,), captured.block_kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    return capture_block(model)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -107,7 +104,7 @@ def test_let_with_quantization_off_is_exact_before_and_after_folding(layout):
     with torch.no_grad():
         reference = run_block(block, captured.hidden_states, captured.block_kwargs)
         transformed = let.transformed(block)
-        torch.testing.assert_close(_output(block, transformed, captured), reference, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(block_output(block, transformed, captured), reference, rtol=1e-9, atol=1e-9)
         let.fold_into(block)
         torch.testing.assert_close(run_block(block, captured.hidden_states, captured.block_kwargs), reference,
                                    rtol=1e-9, atol=1e-9)
@@ -125,7 +122,7 @@ def _max_deviation(block, spec, captured, seed=0):
     _random_let(let, seed)
     with torch.no_grad():
         reference = run_block(block, captured.hidden_states, captured.block_kwargs)
-        return (_output(block, let.transformed(block), captured) - reference).abs().max().item()
+        return (block_output(block, let.transformed(block), captured) - reference).abs().max().item()
 
 
 @pytest.mark.parametrize("layout", ["7b", "40b"])
@@ -163,13 +160,7 @@ def test_fused_block_equals_fake_quant_block_w4a4_with_let(layout):
     quant = QuantConfig(wbits=4, abits=4, group_size=16, let=True)
     module, spec, captured, full_precision = _float_module(quant, layout)
     assert module.let.qk_param is not None
-    _random_let(module.let, seed=5)
-    with torch.no_grad():
-        for p in module.lwc_parameters():
-            p.uniform_(0, 5)
-        fake_quant = module(captured.hidden_states)
-        fused = module.fuse()
-        folded = run_block(fused, captured.hidden_states, captured.block_kwargs)
+    fake_quant, fused, folded = fuse_with_random_parameters(module, captured)
     assert {type(fused.get_submodule(n)) for n in spec.linear_names} == {torch.nn.Linear}
     assert module.act_quantizers.qkv_calls == 1  # the fused block's SDPA call is wrapped again
     torch.testing.assert_close(folded, fake_quant, rtol=1e-5, atol=1e-5)

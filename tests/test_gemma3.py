@@ -8,16 +8,21 @@ import dataclasses
 import pytest
 import torch
 from conftest import TINY_VOCAB
-from family_checks import check_calibrates_and_resumes, check_w4a4_hooks
+from family_checks import (
+    block_output,
+    capture_block,
+    check_calibrates_and_resumes,
+    check_w4a4_hooks,
+    fuse_with_random_parameters,
+)
 from test_let import _random_let
-from torch.func import functional_call
 
 from omniquant_pl import QuantConfig, TrainConfig
 from omniquant_pl.arch import get_arch
 from omniquant_pl.arch.attention_hooks import ATTENTION_NAME, use_quantized_attention
 from omniquant_pl.arch.registry import get_blocks
 from omniquant_pl.block_module import BlockModule
-from omniquant_pl.calib.capture import capture_block_inputs, run_block
+from omniquant_pl.calib.capture import run_block
 from omniquant_pl.let.params import LETParams
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, WINDOW = 64, 4, 2, 16, 128, 4
@@ -58,10 +63,7 @@ def _block_and_inputs(index=0, quantized_attention=False, dtype=torch.float64, s
     model = tiny_gemma3().to(dtype)
     if quantized_attention:
         use_quantized_attention(model)
-    spec = get_arch(model)
-    windows = torch.randint(3, TINY_VOCAB, (2, seqlen), generator=torch.Generator().manual_seed(1))
-    captured = capture_block_inputs(model, spec, windows)
-    return model, get_blocks(model, spec)[index], spec, captured
+    return (model, *capture_block(model, index, seqlen, lowest_id=3))
 
 
 def test_gemma3_entry_and_per_block_inputs():
@@ -90,11 +92,6 @@ def test_gemma3_entry_and_per_block_inputs():
     assert (shared - reference[2]).abs().max() > 1e-4  # a full layer with the sliding mask is wrong
 
 
-def _output(block, params, captured, index):
-    out = functional_call(block, params, (captured.hidden_states,), captured.layer_kwargs[index])
-    return out[0] if isinstance(out, tuple) else out
-
-
 def _deviation(spec, index=0, fold=False):
     _, block, _, captured = _block_and_inputs(index)
     let = LETParams(block, spec).double()
@@ -104,7 +101,7 @@ def _deviation(spec, index=0, fold=False):
         if fold:
             let.fold_into(block)
             return (run_block(block, captured.hidden_states, captured.layer_kwargs[index]) - reference).abs().max()
-        return (_output(block, let.transformed(block), captured, index) - reference).abs().max()
+        return (block_output(block, let.transformed(block), captured, captured.layer_kwargs[index]) - reference).abs().max()
 
 
 @pytest.mark.parametrize("index", [0, 1], ids=["sliding", "full"])
@@ -130,13 +127,7 @@ def _float_module(quant: QuantConfig, index=0):
 def test_fused_block_equals_fake_quant_block_w4a4_with_let():
     module, spec, captured, full_precision = _float_module(QuantConfig(wbits=4, abits=4, group_size=16, let=True))
     assert module.let.down_scale is not None and module.let.qk_param is None
-    _random_let(module.let, seed=5)
-    with torch.no_grad():
-        for p in module.lwc_parameters():
-            p.uniform_(0, 5)
-        fake_quant = module(captured.hidden_states)
-        fused = module.fuse()
-        folded = run_block(fused, captured.hidden_states, captured.layer_kwargs[0])
+    fake_quant, fused, folded = fuse_with_random_parameters(module, captured)
     assert {type(fused.get_submodule(n)) for n in spec.linear_names} == {torch.nn.Linear}
     torch.testing.assert_close(folded, fake_quant, rtol=1e-5, atol=1e-5)
     assert (fake_quant - full_precision).abs().max() > 1e-3

@@ -10,17 +10,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import TINY_VOCAB
-from family_checks import check_cut_and_resume, tiny_run_config
+from family_checks import block_output, capture_block, check_cut_and_resume, tiny_run_config
 from test_let import _random_let
-from torch.func import functional_call
 
 from omniquant_pl import QuantConfig, TrainConfig
 from omniquant_pl.arch import get_arch
 from omniquant_pl.arch.attention_hooks import use_quantized_attention
 from omniquant_pl.arch.base import NormGroup
-from omniquant_pl.arch.registry import get_blocks
 from omniquant_pl.block_module import BlockModule
-from omniquant_pl.calib.capture import capture_block_inputs, run_block
+from omniquant_pl.calib.capture import run_block
 from omniquant_pl.let.params import LETParams
 from omniquant_pl.quant.act import PerTokenActQuantizer
 from omniquant_pl.quant.codes import load_block_codes
@@ -54,10 +52,7 @@ def _block_and_inputs(family, quantized_attention=False, dtype=torch.float64):
     model = tiny_moe(family, layers=1).to(dtype)
     if quantized_attention:
         use_quantized_attention(model)
-    spec = get_arch(model)
-    windows = torch.randint(0, TINY_VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    captured = capture_block_inputs(model, spec, windows)
-    return get_blocks(model, spec)[0], spec, captured
+    return capture_block(model)
 
 
 def _routing(experts, run):
@@ -69,11 +64,6 @@ def _routing(experts, run):
     finally:
         handle.remove()
     return out, torch.cat(seen)
-
-
-def _output(block, params, captured):
-    out = functional_call(block, params, (captured.hidden_states,), captured.block_kwargs)
-    return out[0] if isinstance(out, tuple) else out
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -92,7 +82,7 @@ def test_entry_and_let_folding_is_exact_with_routing_unchanged(family):
         reference, routes = _routing(block.mlp.experts, run)
         assert len(torch.unique(routes)) == EXPERTS  # every expert is used: the check below means something
         transformed = let.transformed(block)
-        torch.testing.assert_close(_output(block, transformed, captured), reference, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(block_output(block, transformed, captured), reference, rtol=1e-9, atol=1e-9)
         let.fold_into(block)
         folded, folded_routes = _routing(block.mlp.experts, run)
     torch.testing.assert_close(folded, reference, rtol=1e-9, atol=1e-9)
@@ -108,7 +98,7 @@ def test_entry_and_let_folding_is_exact_with_routing_unchanged(family):
     _random_let(let)
     with torch.no_grad():
         reference, routes = _routing(block.mlp.experts, lambda: run_block(block, captured.hidden_states, captured.block_kwargs))
-        wrong, wrong_routes = _routing(block.mlp.experts, lambda: _output(block, let.transformed(block), captured))
+        wrong, wrong_routes = _routing(block.mlp.experts, lambda: block_output(block, let.transformed(block), captured))
     assert (wrong - reference).abs().max() > 1e-4 and not torch.equal(wrong_routes, routes)
 
 

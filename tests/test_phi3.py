@@ -7,17 +7,20 @@ import dataclasses
 import pytest
 import torch
 from conftest import TINY_VOCAB
-from family_checks import check_calibrates_and_resumes, check_w4a4_hooks
+from family_checks import (
+    block_output,
+    capture_block,
+    check_calibrates_and_resumes,
+    check_w4a4_hooks,
+    fuse_with_random_parameters,
+)
 from test_let import _random_let
-from torch.func import functional_call
 
 from omniquant_pl import QuantConfig, TrainConfig
-from omniquant_pl.arch import get_arch
 from omniquant_pl.arch.attention_hooks import use_quantized_attention
 from omniquant_pl.arch.base import FusedRows, LinearGroup
-from omniquant_pl.arch.registry import get_blocks
 from omniquant_pl.block_module import BlockModule
-from omniquant_pl.calib.capture import capture_block_inputs, run_block
+from omniquant_pl.calib.capture import run_block
 from omniquant_pl.let.params import LETParams
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 64, 4, 2, 16, 128
@@ -43,15 +46,7 @@ def _block_and_inputs(partial_rotary_factor=1.0, quantized_attention=False, dtyp
         model.model.layers[0].self_attn.qkv_proj.weight[: Q_ROWS + KV_ROWS] *= 4
     if quantized_attention:
         use_quantized_attention(model)
-    spec = get_arch(model)
-    windows = torch.randint(0, TINY_VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
-    captured = capture_block_inputs(model, spec, windows)
-    return get_blocks(model, spec)[0], spec, captured
-
-
-def _output(block, params, captured):
-    out = functional_call(block, params, (captured.hidden_states,), captured.block_kwargs)
-    return out[0] if isinstance(out, tuple) else out
+    return capture_block(model)
 
 
 def test_phi3_entry_describes_the_fused_rows():
@@ -94,7 +89,7 @@ def test_let_with_quantization_off_is_exact_before_and_after_folding(partial_rot
     with torch.no_grad():
         reference = run_block(block, captured.hidden_states, captured.block_kwargs)
         transformed = let.transformed(block)
-        torch.testing.assert_close(_output(block, transformed, captured), reference, rtol=1e-9, atol=1e-9)
+        torch.testing.assert_close(block_output(block, transformed, captured), reference, rtol=1e-9, atol=1e-9)
         let.fold_into(block)
         torch.testing.assert_close(run_block(block, captured.hidden_states, captured.block_kwargs), reference,
                                    rtol=1e-9, atol=1e-9)
@@ -118,7 +113,7 @@ def _max_deviation(block, spec, captured, seed=0, rotary_dim=None):
     _random_let(let, seed)
     with torch.no_grad():
         reference = run_block(block, captured.hidden_states, captured.block_kwargs)
-        return (_output(block, let.transformed(block), captured) - reference).abs().max().item()
+        return (block_output(block, let.transformed(block), captured) - reference).abs().max().item()
 
 
 def test_scales_on_the_wrong_rows_break_equivalence():
@@ -152,13 +147,7 @@ def test_fused_block_equals_fake_quant_block_w4a4_with_let(partial_rotary_factor
     module, spec, captured, full_precision = _float_module(QuantConfig(wbits=4, abits=4, group_size=16, let=True),
                                                            partial_rotary_factor)
     assert module.let.down_scale is not None and module.let.qk_param is not None
-    _random_let(module.let, seed=5)
-    with torch.no_grad():
-        for p in module.lwc_parameters():
-            p.uniform_(0, 5)
-        fake_quant = module(captured.hidden_states)
-        fused = module.fuse()
-        folded = run_block(fused, captured.hidden_states, captured.block_kwargs)
+    fake_quant, fused, folded = fuse_with_random_parameters(module, captured)
     assert {type(fused.get_submodule(n)) for n in spec.linear_names} == {torch.nn.Linear}
     torch.testing.assert_close(folded, fake_quant, rtol=1e-5, atol=1e-5)
     assert (fake_quant - full_precision).abs().max() > 1e-3  # the quantization did something
