@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -156,6 +157,8 @@ def parse_overrides(overrides: list[str]) -> dict[str, dict]:
             parsed[section][field] = value.lower() in ("1", "true", "yes", "on")
         elif isinstance(current, (int, float)) and not isinstance(current, bool):
             parsed[section][field] = type(current)(float(value)) if isinstance(current, int) else float(value)
+        elif current is None:  # an optional field (e.g. train.shuffle_seed): typed as YAML reads it
+            parsed[section][field] = yaml.safe_load(value)
         else:
             parsed[section][field] = value
     return parsed

@@ -33,9 +33,9 @@ HASHED_SECTIONS = ("model", "quant", "calib", "train")
 UNHASHED_TRAIN = ("compile", "cache_device", "cuda_graph", "steps_per_call", "logger")
 # Options added after checkpoints existed, with the value that older runs used: left out of the
 # identity at that value, so a run checkpointed before the option existed still resumes.
-LATER_DEFAULTS = {"quant": {"grid": "minmax", "let_up_down": False}}
+LATER_DEFAULTS = {"quant": {"grid": "minmax", "let_up_down": False}, "train": {"shuffle_seed": None}}
 # Options that change nothing unless another one is on: left out of the identity then.
-ONLY_WITH = {"quant": {"let_up_down": "let"}}
+ONLY_WITH = {"quant": {"let_up_down": "let"}, "train": {"shuffle_seed": "shuffle"}}
 
 
 def config_identity(config: RunConfig) -> dict[str, Any]:

@@ -135,6 +135,8 @@ class TrainConfig:
             (bf16-mixed or 16-mixed), 32-true on CPU.
         accelerator: ``auto`` (a CUDA GPU if there is one, else the CPU), ``gpu`` (or ``cuda``), ``cpu``.
         shuffle: shuffle the order of batches every epoch.
+        shuffle_seed: seed of that order (with block index and epoch); None = ``calib.seed``. Other
+            seeds give other orders of the same windows (a run-to-run spread without new data).
         report_losses: measure each block's RTN, initial and final loss with extra no-grad passes.
         logger: Lightning logger of each block's Trainer: ``csv`` (``logs/block_XXX/metrics.csv``),
             ``tensorboard`` (needs the tensorboard package) or ``none``.
@@ -169,6 +171,7 @@ class TrainConfig:
     precision: str = "auto"
     accelerator: str = "auto"
     shuffle: bool = False
+    shuffle_seed: int | None = None
     report_losses: bool = True
     keep_best: bool = True
     logger: Literal["csv", "tensorboard", "none"] = "csv"

@@ -192,6 +192,12 @@ class BlockSequencer:
         upcast for its turn and cast back after fusing), else the model's own."""
         return torch.float32 if self.precision == "32-true" else self.model_dtype
 
+    @property
+    def shuffle_seed(self) -> int:
+        """Seed of the batch order (train.shuffle_seed, else calib.seed)."""
+        train = self.config.train
+        return self.config.calib.seed if train.shuffle_seed is None else train.shuffle_seed
+
     def compile_mode(self) -> str:
         """train.compile with ``auto`` resolved: ``block`` on CUDA, ``off`` elsewhere."""
         choice = self.config.train.compile
@@ -415,7 +421,7 @@ class BlockSequencer:
         cfg = self.config
         caches = [quant_inputs, targets] + ([aug_targets] if aug_targets is not None else [])
         loader = cached_batch_loader(*caches, batch_size=cfg.train.batch_size, shuffle=cfg.train.shuffle,
-                                     seed=cfg.calib.seed + index, steps_per_call=cfg.train.steps_per_call)
+                                     seed=self.shuffle_seed + index, steps_per_call=cfg.train.steps_per_call)
         # no-grad loss passes (RTN/initial/final) in larger batches
         eval_loader = cached_batch_loader(*caches, batch_size=max(cfg.train.batch_size, 8), shuffle=False, seed=0)
         metrics: dict[str, Any] = {"block": index}

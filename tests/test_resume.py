@@ -133,7 +133,7 @@ def test_readme_custom_callback_example_runs(tmp_path, tiny_model_dir):
 def test_options_added_later_leave_older_checkpoints_resumable():
     """quant.grid came after checkpoints existed: at its default it is not part of the config identity
     (an older run's hash still matches); set, it is."""
-    from omniquant_pl import ModelConfig, QuantConfig, RunConfig
+    from omniquant_pl import ModelConfig, QuantConfig, RunConfig, TrainConfig
     from omniquant_pl.checkpoint import config_hash, config_identity
 
     default = RunConfig(model=ModelConfig("m"), quant=QuantConfig(wbits=4, group_size=32))
@@ -148,6 +148,12 @@ def test_options_added_later_leave_older_checkpoints_resumable():
     let_before = RunConfig(model=ModelConfig("m"), quant=QuantConfig(wbits=4, abits=4, let=True, let_up_down=False))
     assert config_identity(let_now)["quant"]["let_up_down"] is True
     assert "let_up_down" not in config_identity(let_before)["quant"]
+    # train.shuffle_seed: absent at its default (calib.seed), and meaningless without shuffle
+    assert "shuffle_seed" not in config_identity(default)["train"]
+    unshuffled = RunConfig(model=ModelConfig("m"), train=TrainConfig(shuffle_seed=5))
+    assert config_hash(unshuffled) == config_hash(RunConfig(model=ModelConfig("m")))
+    shuffled = RunConfig(model=ModelConfig("m"), train=TrainConfig(shuffle=True, shuffle_seed=5))
+    assert config_hash(shuffled) != config_hash(RunConfig(model=ModelConfig("m"), train=TrainConfig(shuffle=True)))
 
 
 def _finished_run(tmp_path, tiny_model_dir, name="out"):

@@ -161,6 +161,11 @@ def test_same_seed_gives_identical_learned_parameters(tmp_path, tokenizer):
     assert a.keys() == b.keys() and len(a) == 2 * 7 * 2
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    # another shuffle_seed: the same windows in another order, so other parameters
+    _run(tmp_path, tokenizer, "llama", "c", train=TrainConfig(epochs=3, batch_size=2, shuffle=True, shuffle_seed=9),
+         save_model=False)
+    c = load_file(tmp_path / "c" / "learned_params.safetensors")
+    assert any(not torch.equal(a[key], c[key]) for key in a)
 
 
 def test_calibration_callbacks_see_every_block_and_epoch(tmp_path, tokenizer):
