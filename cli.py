@@ -71,7 +71,7 @@ def build_parser():
         description="Perplexity and zero-shot tasks of a model (hub id, folder, saved OmniQuant model or output "
                     "directory), optionally with its FP/RTN baselines.", allow_abbrev=False)
     evaluate.add_argument("--config", action="config")
-    evaluate.add_class_arguments(ModelConfig, "model")
+    evaluate.add_class_arguments(ModelConfig, "model", skip={"streaming"})  # evaluate loads the whole model
     evaluate.add_class_arguments(EvalConfig, "eval", skip={"baselines"})
     evaluate.add_argument("--baselines", type=list[Literal["fp", "rtn"]], default=[],
                           help="evaluate a full-precision model as fp and/or rtn (RTN with --quant.*); "
@@ -111,13 +111,15 @@ def build_parser():
 
 def run_calibrate(args) -> dict:
     from omniquant_pl import RunConfig, calibrate
+    from omniquant_pl.distributed import Processes
     from omniquant_pl.report import print_summary
 
     config = RunConfig(model=args.model, quant=args.quant, calib=args.calib, train=args.train,
                        eval=args.eval, output_dir=args.output_dir, save_model=args.save_model, resume=args.resume)
     results = calibrate(config, callbacks=args.trainer.callbacks)
-    print_summary(results)
-    print(f"results: {Path(config.output_dir) / 'results.json'}")
+    if Processes.from_env().is_rank_zero:  # under torchrun every process returns the same results
+        print_summary(results)
+        print(f"results: {Path(config.output_dir) / 'results.json'}")
     return results
 
 

@@ -12,6 +12,8 @@ log = logging.getLogger(__name__)
 class LossPlotCallback(CalibrationCallback):
     """Writes ``<output_dir>/block_losses.png`` (needs matplotlib: ``pip install -e .[plots]``)."""
 
+    rank_zero_only = True  # data-parallel runs: rank 0 alone writes
+
     def __init__(self, filename: str = "block_losses.png") -> None:
         self.filename = filename
 

@@ -11,6 +11,8 @@ from omniquant_pl.hooks import CalibrationCallback
 
 
 class ProgressCallback(CalibrationCallback):
+    rank_zero_only = True  # data-parallel runs: rank 0 alone prints
+
     def __init__(self, console: Console | None = None) -> None:
         self.console = console or Console(stderr=True)
         self.progress: Progress | None = None

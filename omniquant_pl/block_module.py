@@ -25,6 +25,7 @@ from omniquant_pl.arch.registry import check_supported
 from omniquant_pl.calib.capture import run_block
 from omniquant_pl.calib.prefetch import on_device
 from omniquant_pl.config import QuantConfig, TrainConfig
+from omniquant_pl.distributed import global_mean
 from omniquant_pl.graph_step import GraphedTrainStep
 from omniquant_pl.let.init import init_let_from_ranges
 from omniquant_pl.let.params import LETParams
@@ -372,16 +373,19 @@ class BlockModule(L.LightningModule):
             self.epoch_steps += 1
 
     def current_epoch_loss(self) -> float:
-        """Mean training loss of the epoch so far (one host sync; call once per epoch)."""
+        """Mean training loss of the epoch so far on this process's windows (one host sync; call
+        once per epoch)."""
         return (self._epoch_loss_sum / max(self.epoch_steps, 1)).item()
 
     def on_train_epoch_end(self) -> None:
-        epoch_loss = self.current_epoch_loss()
+        # over every process's steps (data-parallel runs): all of them stop or go on together
+        epoch_loss = global_mean(self._epoch_loss_sum, self.epoch_steps)
         self.epoch_losses.append(epoch_loss)
         if not math.isfinite(epoch_loss):
             self.trainer.should_stop = True  # the sequencer restores and retries
-        self.log("block", float(self.index), on_epoch=True)
-        self.log("train_loss", epoch_loss, on_epoch=True, prog_bar=True)
+        # sync_dist: the values are the same on every process already (it quiets Lightning's advice)
+        self.log("block", float(self.index), on_epoch=True, sync_dist=True)
+        self.log("train_loss", epoch_loss, on_epoch=True, prog_bar=True, sync_dist=True)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         train = self.train_config
@@ -412,7 +416,7 @@ class BlockModule(L.LightningModule):
                 loss = block_loss(self, inputs, target, aug_target[0] if aug_target else None)
             total += loss * inputs.shape[0]  # weighted: the last batch may be smaller
             samples += inputs.shape[0]
-        return (total / max(samples, 1)).item()
+        return global_mean(total, samples)  # over every process's windows (data-parallel runs)
 
     @torch.no_grad()
     def fuse(self) -> nn.Module:

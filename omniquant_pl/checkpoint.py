@@ -29,8 +29,9 @@ LEARNED = "learned_params.safetensors"  # all blocks, written when the run ends 
 LEARNED_DIR = "learned"  # learned/block_XXX.safetensors, one per finished block
 # Parts of the config that change the learned parameters; eval/output settings may differ.
 HASHED_SECTIONS = ("model", "quant", "calib", "train")
-# Settings that change speed or logging, not results: a resumed run may change them.
+# Settings that change speed, memory or logging, not results: a resumed run may change them.
 UNHASHED_TRAIN = ("compile", "cache_device", "cuda_graph", "steps_per_call", "logger")
+UNHASHED_MODEL = ("streaming",)
 # Options added after checkpoints existed, with the value that older runs used: left out of the
 # identity at that value, so a run checkpointed before the option existed still resumes.
 LATER_DEFAULTS = {"quant": {"grid": "minmax", "let_up_down": False}, "train": {"shuffle_seed": None}}
@@ -42,6 +43,8 @@ def config_identity(config: RunConfig) -> dict[str, Any]:
     identity = {section: asdict(getattr(config, section)) for section in HASHED_SECTIONS}
     for name in UNHASHED_TRAIN:
         identity["train"].pop(name, None)
+    for name in UNHASHED_MODEL:
+        identity["model"].pop(name, None)
     for section, options in ONLY_WITH.items():
         for name, needed in options.items():
             if not identity[section].get(needed):

@@ -24,6 +24,15 @@ class ModelConfig:
             support it (else float16), float32 on CPU.
         attn_implementation: transformers attention backend (``sdpa``, ``eager``, ...); None = default.
         trust_remote_code: passed to transformers.
+        streaming: keep the model on disk and read one block at a time (models larger than the
+            host's RAM): ``on``/true, ``off``/false, or ``auto`` (default) = on when the weight
+            files take more than half of the RAM available at start. Each block is read from the
+            ``*.safetensors`` shards right before it is used, written to ``<output_dir>/model``'s
+            shards as it finishes and dropped; the evaluation runs block by block too (zero-shot
+            tasks are skipped). Results are identical to a full load, so a run may resume with
+            another value. Needs safetensors weights under the model's own parameter names
+            (``on`` refuses a GGUF file, .bin weights or renamed checkpoint keys; ``auto`` then
+            loads the whole model).
     """
 
     name_or_path: str
@@ -31,6 +40,14 @@ class ModelConfig:
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     attn_implementation: str | None = None
     trust_remote_code: bool = False
+    streaming: bool | Literal["auto", "on", "off"] = "auto"
+
+    def __post_init__(self) -> None:
+        words = {"on": True, "true": True, "off": False, "false": False, "auto": "auto"}
+        value = words.get(self.streaming.lower(), self.streaming) if isinstance(self.streaming, str) else self.streaming
+        if value not in (True, False, "auto"):
+            raise ConfigError(f"model.streaming must be on, off or auto; got {self.streaming!r}")
+        self.streaming = value
 
 
 @dataclass
@@ -125,7 +142,8 @@ class TrainConfig:
 
     Args:
         epochs: passes over the calibration set per block (paper: 20; 40 for W2).
-        batch_size: calibration windows per step.
+        batch_size: calibration windows per step; under torchrun the global batch, split evenly over
+            the processes (the same result at any process count).
         lwc_lr: AdamW learning rate of the clipping logits.
         let_lr: AdamW learning rate of the LET parameters.
         weight_decay: AdamW weight decay.

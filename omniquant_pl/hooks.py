@@ -15,7 +15,14 @@ if TYPE_CHECKING:
 
 
 class CalibrationCallback(Callback):
-    """Override any of these; the default does nothing."""
+    """Override any of these; the default does nothing.
+
+    In a data-parallel run (torchrun) the sequencer calls these hooks on every process, or, with
+    `rank_zero_only`, on rank 0 alone (evaluation, printing, plots: work whose result only rank 0
+    records) while the others wait. Lightning's own hooks run on every process either way.
+    """
+
+    rank_zero_only: bool = False
 
     def on_calibration_start(self, sequencer: BlockSequencer) -> None:
         """Model loaded, nothing calibrated yet."""

@@ -74,3 +74,23 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
 
     payload = save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=metadata)
     _atomic_write(path, lambda handle: handle.write(payload))
+
+
+def atomic_save_safetensors_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict | None = None) -> None:
+    """Like atomic_save_safetensors, streamed to the file (no second copy of the tensors in memory:
+    for the shards of a model written block by block)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, _default_mode())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -13,8 +13,10 @@ import torch
 from torch import nn
 
 from omniquant_pl.config import ACCELERATORS, EvalConfig, ModelConfig, QuantConfig, RunConfig
+from omniquant_pl.distributed import Processes
 from omniquant_pl.errors import ConfigError
 from omniquant_pl.io import check_writable_dir
+from omniquant_pl.streaming.load import check_streaming, check_streaming_names
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +30,11 @@ CONTEXT_KEYS = ("max_position_embeddings", "n_positions")
 def check_run(config: RunConfig, model: nn.Module | None = None) -> None:
     """Everything `calibrate` refuses before it loads the model (or, given `model`, before it runs)."""
     check_accelerator(config.train.accelerator, "train.accelerator")
-    check_writable_dir(config.output_dir, "output_dir")
+    processes = Processes.from_env()  # torchrun's processes: the global batch must split over them
+    processes.local_batch_size(config.train.batch_size, config.calib.nsamples)
+    if processes.is_rank_zero:  # data-parallel runs: rank 0 alone writes
+        check_writable_dir(config.output_dir, "output_dir")
+    check_streaming(config.model, model)
     skeleton = model if model is not None else model_skeleton(config.model)
     if skeleton is not None:
         check_quantizable(skeleton, config.quant)
@@ -38,6 +44,8 @@ def check_run(config: RunConfig, model: nn.Module | None = None) -> None:
         if config.eval.datasets:
             seqlens["eval.seqlen"] = config.eval.seqlen
         check_context(skeleton.config, seqlens)
+        if model is None:
+            check_streaming_names(config.model, skeleton)
     check_text_source(config.calib.source, "calib.source", "calib")
     for dataset in config.eval.datasets:
         check_text_source(dataset, "eval.datasets", "eval")

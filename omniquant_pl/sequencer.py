@@ -34,6 +34,17 @@ from omniquant_pl.calib.data import calibration_windows
 from omniquant_pl.calib.prefetch import on_device
 from omniquant_pl.checkpoint import block_state, existing_progress, load_checkpoint, write_checkpoint, write_learned
 from omniquant_pl.config import RunConfig
+from omniquant_pl.distributed import (
+    Processes,
+    barrier,
+    broadcast_from_rank_zero,
+    differs_from_rank_zero,
+    global_ranges,
+    global_sum,
+    init_process_group,
+    quiet_other_ranks,
+    trainer_placement,
+)
 from omniquant_pl.errors import NonFiniteLossError, OmniQuantError
 from omniquant_pl.export.gguf_blocks import warn_if_no_exact_gguf_type
 from omniquant_pl.hooks import CalibrationCallback
@@ -45,6 +56,8 @@ from omniquant_pl.quant.codes import save_block_codes
 from omniquant_pl.quant.experts import expert_token_counts
 from omniquant_pl.quant.kernels import use_fused_quantizers
 from omniquant_pl.quant.rtn import rtn_quantizer
+from omniquant_pl.streaming.blocks import StreamedBlocks
+from omniquant_pl.streaming.load import load_model
 
 log = logging.getLogger(__name__)
 
@@ -108,9 +121,14 @@ class BlockSequencer:
         user = list(callbacks or [])
         replaced = {type(cb) for cb in user}
         self.callbacks = [cb for cb in default_callbacks() if type(cb) not in replaced] + user
+        self.processes = Processes.from_env()  # torchrun's processes (one without torchrun)
+        # windows per step on this process (train.batch_size is the global batch): refused before the
+        # model loads when it cannot be split over the processes
+        self.local_batch_size = self.processes.local_batch_size(config.train.batch_size, config.calib.nsamples)
         self.output_dir = Path(config.output_dir)
-        self.device = resolve_device(config.train.accelerator)
+        self.device = self.processes.device(resolve_device(config.train.accelerator))
         self.model, self.tokenizer = model, tokenizer
+        self.streamed: StreamedBlocks | None = None  # model.streaming: the blocks stay on disk until used
         self.results: dict[str, Any] = {}
 
     # -- helpers -------------------------------------------------------------------------------
@@ -119,7 +137,13 @@ class BlockSequencer:
 
     def _emit(self, hook: str, *args: Any) -> None:
         for cb in self._calibration_callbacks():
-            getattr(cb, hook)(self, *args)
+            if self.processes.is_rank_zero or not cb.rank_zero_only:
+                getattr(cb, hook)(self, *args)
+
+    @property
+    def writes_files(self) -> bool:
+        """Whether this process writes the run's files: rank 0 of a data-parallel run, or the only one."""
+        return self.processes.is_rank_zero
 
     def _new_cache(self, shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An empty calibration cache (pinned when it is on the host and the blocks run on a GPU,
@@ -141,7 +165,7 @@ class BlockSequencer:
     def _propagate(self, block: nn.Module, inputs: torch.Tensor, index: int = 0) -> torch.Tensor:
         """Block `index`'s outputs for all cached inputs, in batches, in the training precision."""
         outputs = self._new_cache(inputs.shape, inputs.dtype, inputs.device)
-        step = max(self.config.train.batch_size, 4)
+        step = max(self.local_batch_size, 4)
         dtype = autocast_dtype(self.precision)
         starts = range(0, inputs.shape[0], step)
         batches = on_device(((inputs[start : start + step],) for start in starts), self.device)
@@ -183,6 +207,8 @@ class BlockSequencer:
     def cuda_graph_enabled(self) -> bool:
         """train.cuda_graph with ``auto`` resolved: on with the compiled step on CUDA."""
         choice = self.config.train.cuda_graph
+        if self.processes.is_distributed:  # a recorded graph cannot hold DDP's gradient all-reduce
+            return False
         if choice == "auto":
             return self.cuda_graph_possible() and self.compile_mode() == "block"
         return bool(choice) and self.cuda_graph_possible()
@@ -226,7 +252,9 @@ class BlockSequencer:
         train = self.config.train
         return L.Trainer(
             accelerator="gpu" if self.device.type == "cuda" else "cpu",
-            devices=1,
+            # one device, or Lightning's DDP strategy over torchrun's processes (experts that
+            # receive no tokens on a process leave their parameters without a gradient there)
+            **trainer_placement(self.processes, self.device, find_unused_parameters=self.spec.experts is not None),
             precision=self.precision,
             max_epochs=train.epochs,
             logger=self._make_logger(index),
@@ -243,12 +271,15 @@ class BlockSequencer:
         cfg = self.config
         quiet_lightning()
         warn_if_no_exact_gguf_type(cfg.quant)
+        shards = None
         if self.model is None:
-            self.model, self.tokenizer = load_model_and_tokenizer(cfg.model, self.device)
+            self.model, self.tokenizer, shards = load_model(cfg.model, self.device, load_model_and_tokenizer)
         self.model.eval()
         self.spec = get_arch(self.model)
         check_supported(self.spec, cfg.quant.let, cfg.quant.abits)
         self.blocks = get_blocks(self.model, self.spec)
+        if shards is not None:
+            self.streamed = StreamedBlocks(self.model, self.blocks, shards, self.output_dir, self.writes_files)
         warn_if_weight_only(self.spec, len(self.blocks))
         self._check_shapes()
         self.model_dtype = next(self.model.parameters()).dtype
@@ -261,9 +292,13 @@ class BlockSequencer:
         if cfg.train.cuda_graph is True and not self.cuda_graph_possible():
             log.warning("train.cuda_graph needs a CUDA device and bf16/fp32 precision (here %s, %s); "
                         "running the plain step", self.device.type, self.precision)
+        if self.processes.is_distributed and cfg.train.cuda_graph is not False and self.cuda_graph_possible():
+            log.info("train.cuda_graph is off in data-parallel runs (a recorded graph cannot hold the gradient "
+                     "all-reduce); running the plain step")
         if cfg.quant.abits < 16:
             use_quantized_attention(self.model)
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        if self.writes_files:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
 
     def _fresh_results(self) -> dict[str, Any]:
         return {
@@ -314,22 +349,42 @@ class BlockSequencer:
         self.results["calibration_ids_sha256"] = digest
 
     def run(self) -> dict[str, Any]:
+        """Calibrate every block. Under torchrun every process runs this, each on its shard of the
+        windows; rank 0 alone writes files and evaluates, and every process returns rank 0's results."""
+        quiet_other_ranks(self.processes)
+        init_process_group(self.processes, self.device)
+        results = self._run()
+        barrier()  # rank 0's files (results, the saved model) are complete before any process exits
+        self.results = broadcast_from_rank_zero(results)
+        return self.results
+
+    def _run(self) -> dict[str, Any]:
         cfg = self.config
         started = time.perf_counter()
         restored = self._read_checkpoint()
         self.setup()
         learned = self._restore_or_start(restored)
         finished = len(self.results["blocks"])
-        atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.output_dir / "config.yaml")
+        self.results["streaming"] = self.streamed is not None  # model.streaming: blocks read from disk one at a time
+        self.results["processes"] = self.processes.world_size
+        if self.writes_files:
+            atomic_write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), self.output_dir / "config.yaml")
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         self._emit("on_calibration_start")
+        barrier()  # while rank 0 evaluates the baselines
 
         windows, source = calibration_windows(
             self.tokenizer, cfg.calib.source, cfg.calib.nsamples, cfg.calib.seqlen, cfg.calib.seed
         )
         self._check_calibration_ids(windows, source)
-        captured = capture_block_inputs(self.model, self.spec, windows)
+        if differs_from_rank_zero((finished, self.results["calibration_ids_sha256"])):
+            raise OmniQuantError(
+                f"the processes disagree with rank 0 on the run in {self.output_dir} (finished blocks or calibration "
+                "token ids): give every node the same output_dir (a shared file system), model and calibration text"
+            )
+        # this process's windows: its part of every global batch
+        captured = capture_block_inputs(self.model, self.spec, self.processes.shard(windows, cfg.train.batch_size))
         cache_dtype = self.block_dtype() if self.device.type == "cuda" else torch.float32
         moved: dict[int, torch.Tensor] = {}  # blocks of one layer type share their mask and rotary tables
         self.layer_kwargs = [kwargs_to(kwargs, self.device, self.block_dtype(), moved)
@@ -349,11 +404,13 @@ class BlockSequencer:
                 fp_inputs, quant_inputs, metrics, state = self.calibrate_block(index, fp_inputs, quant_inputs)
                 learned.update({f"layers.{index}.{k}": v for k, v in state.items()})
                 self.results["blocks"].append(metrics)
-                write_checkpoint(self.output_dir, cfg, self.results, index, state)
-                atomic_write_json(self.results, self.output_dir / "results.json")
+                if self.writes_files:
+                    write_checkpoint(self.output_dir, cfg, self.results, index, state)
+                    atomic_write_json(self.results, self.output_dir / "results.json")
                 self._emit("on_block_end", index, metrics)
         del fp_inputs, quant_inputs
-        write_learned(self.output_dir, cfg, learned)
+        if self.writes_files:
+            write_learned(self.output_dir, cfg, learned)
 
         self.results["calibration_seconds"] = sum(b["seconds"] for b in self.results["blocks"])
         self.results["session_seconds"] = time.perf_counter() - calib_started
@@ -361,12 +418,26 @@ class BlockSequencer:
             self.results["peak_accelerator_memory_bytes"] = torch.cuda.max_memory_allocated()
         self.results["peak_host_memory_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self._emit("on_calibration_end", self.results)
+        if not self.writes_files:
+            return self.results
         atomic_write_json(self.results, self.output_dir / "results.json")  # the evaluation is kept even if saving fails
         if cfg.save_model:
             self.save_model()
+        elif self.streamed is not None:
+            self.streamed.discard()
         self.results["total_seconds"] = time.perf_counter() - started
         atomic_write_json(self.results, self.output_dir / "results.json")
         return self.results
+
+    def _load_block(self, index: int) -> nn.Module:
+        """Block `index` (streaming: its weights read from the input shards first)."""
+        return self.streamed.load_original(index) if self.streamed is not None else self.blocks[index]
+
+    def _finish_block(self, index: int) -> None:
+        """Streaming: write finished block `index` (fused, on the CPU) to the output model's shards and
+        put its weights back on the meta device."""
+        if self.streamed is not None:
+            self.streamed.finish(index)
 
     def _build_module(self, index: int, block: nn.Module, ranges: dict | None = None) -> BlockModule:
         cfg = self.config
@@ -376,7 +447,7 @@ class BlockSequencer:
         self, index: int, fp_inputs: torch.Tensor, quant_inputs: torch.Tensor, learned: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Re-apply a finished block's learned parameters (no training) and propagate both chains."""
-        block = self.blocks[index].to(self.device, self.block_dtype())
+        block = self._load_block(index).to(self.device, self.block_dtype())
         targets = self._propagate(block, fp_inputs, index)
         del fp_inputs
         module = self._build_module(index, block)
@@ -387,9 +458,11 @@ class BlockSequencer:
             self.blocks[index] = module.abandon().to("cpu", self.model_dtype)
             raise
         # the codes of this replay: the model saved at the end comes from the same fuse
-        save_block_codes(self.output_dir, index, module.quantized_weights)
+        if self.writes_files:
+            save_block_codes(self.output_dir, index, module.quantized_weights)
         next_quant_inputs = self._propagate(block, quant_inputs, index)
         self.blocks[index] = block.to("cpu", self.model_dtype)
+        self._finish_block(index)
         return targets, next_quant_inputs
 
     def calibrate_block(
@@ -397,7 +470,7 @@ class BlockSequencer:
     ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any], dict[str, torch.Tensor]]:
         cfg, started = self.config, time.perf_counter()
         torch.manual_seed(cfg.calib.seed * 100_003 + index)
-        block = self.blocks[index].to(self.device, self.block_dtype())
+        block = self._load_block(index).to(self.device, self.block_dtype())
         module = None
         try:
             names = self.spec.input_range_names if cfg.quant.let else ()
@@ -405,6 +478,8 @@ class BlockSequencer:
             with input_ranges(block, names) as ranges, expert_token_counts(block, self.spec.experts) as tokens:
                 targets = self._propagate(block, fp_inputs, index)
             del fp_inputs
+            global_ranges(ranges)  # over every process's windows (data-parallel runs)
+            tokens = global_sum(tokens)
             aug_targets = self._propagate(block, quant_inputs, index) if cfg.train.aug_loss else None
             module = self._build_module(index, block, ranges if cfg.quant.let else None)
             module.expert_tokens = tokens
@@ -420,10 +495,10 @@ class BlockSequencer:
         """Train, fuse and propagate one block whose BlockModule is built."""
         cfg = self.config
         caches = [quant_inputs, targets] + ([aug_targets] if aug_targets is not None else [])
-        loader = cached_batch_loader(*caches, batch_size=cfg.train.batch_size, shuffle=cfg.train.shuffle,
+        loader = cached_batch_loader(*caches, batch_size=self.local_batch_size, shuffle=cfg.train.shuffle,
                                      seed=self.shuffle_seed + index, steps_per_call=cfg.train.steps_per_call)
         # no-grad loss passes (RTN/initial/final) in larger batches
-        eval_loader = cached_batch_loader(*caches, batch_size=max(cfg.train.batch_size, 8), shuffle=False, seed=0)
+        eval_loader = cached_batch_loader(*caches, batch_size=max(self.local_batch_size, 8), shuffle=False, seed=0)
         metrics: dict[str, Any] = {"block": index}
         amp = autocast_dtype(self.precision)
         if self.compile_mode() == "block" and cfg.train.epochs > 0:
@@ -456,10 +531,12 @@ class BlockSequencer:
                 f"block {index} was not fused: keep callbacks.fuse.FuseCallback (or a replacement "
                 "that calls module.fuse()) among the callbacks"
             )
-        save_block_codes(self.output_dir, index, module.quantized_weights)  # before the checkpoint counts it
+        if self.writes_files:
+            save_block_codes(self.output_dir, index, module.quantized_weights)  # before the checkpoint counts it
         next_quant_inputs = self._propagate(block, quant_inputs, index)
         del module, loader, eval_loader, caches, aug_targets, quant_inputs
         self.blocks[index] = block.to("cpu", self.model_dtype)
+        self._finish_block(index)
         metrics["seconds"] = time.perf_counter() - started
         return targets, next_quant_inputs, metrics, learned_state
 
@@ -521,9 +598,14 @@ class BlockSequencer:
             self.model.set_attn_implementation("sdpa")
         # written beside model/ and renamed into place when complete: a full disk never leaves a
         # model/ without weights behind
-        staging = Path(tempfile.mkdtemp(prefix=".model.", dir=self.output_dir))
+        # (streaming: the folder that already holds the finished blocks' shards)
+        staging = (self.streamed.staging if self.streamed is not None
+                   else Path(tempfile.mkdtemp(prefix=".model.", dir=self.output_dir)))
         try:
-            self.model.save_pretrained(staging)
+            if self.streamed is not None:
+                self.streamed.save_rest()
+            else:
+                self.model.save_pretrained(staging)
             if self.tokenizer is not None:
                 self.tokenizer.save_pretrained(staging)
             if path.exists():

@@ -7,6 +7,7 @@ where a window's mean NLL is over its seqlen - 1 next-token predictions.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +24,8 @@ class WindowPerplexity(Metric):
     higher_is_better = False
 
     def __init__(self) -> None:
-        super().__init__()
+        # no cross-process sync: in a data-parallel calibration rank 0 evaluates alone
+        super().__init__(sync_on_compute=False)
         self.add_state("nll_sum", default=torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("windows", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
@@ -83,15 +85,17 @@ def perplexity_on_source(
     max_windows: int = 0,
     batch_size: int = 1,
     device: torch.device | str | None = None,
+    evaluate: Callable[..., tuple[float, int]] | None = None,
 ) -> dict:
     """Perplexity on the evaluation split of a text source (see calib.data.load_text); a source's
     protocol cap on windows (c4_new: 256) applies on top of `max_windows`; the paper's C4 draws
-    its 256 windows document by document."""
+    its 256 windows document by document. `evaluate` replaces evaluate_perplexity (same arguments:
+    a streamed model's block-by-block evaluation)."""
     text = load_text(source, "eval")
     if text.documents:  # windows drawn document by document (the paper's C4), already (n, seqlen)
         ids = document_windows_cached(tokenizer, text, text.document_windows, seqlen, text.document_seed).reshape(-1)
     else:
         ids = tokenize_cached(tokenizer, text)
     caps = [n for n in (max_windows, text.max_windows) if n]
-    ppl, windows = evaluate_perplexity(model, ids, seqlen, min(caps, default=0), batch_size, device)
+    ppl, windows = (evaluate or evaluate_perplexity)(model, ids, seqlen, min(caps, default=0), batch_size, device)
     return {"ppl": ppl, "windows": windows, "seqlen": seqlen, "source": text.description}

@@ -22,17 +22,24 @@ def rtn_quantizer(weight: torch.Tensor, quant: QuantConfig) -> WeightQuantizer:
 
 
 @contextlib.contextmanager
-@torch.no_grad()
 def rtn_weights(model: nn.Module, spec: ArchSpec, quant: QuantConfig) -> Iterator[nn.Module]:
     """Temporarily replace every block linear's weight by its RTN fake-quantized value."""
+    with rtn_block_weights(list(get_blocks(model, spec)), spec, quant):
+        yield model
+
+
+@contextlib.contextmanager
+@torch.no_grad()
+def rtn_block_weights(blocks: list[nn.Module], spec: ArchSpec, quant: QuantConfig) -> Iterator[None]:
+    """Temporarily replace the linears' weights of `blocks` by their RTN fake-quantized values."""
     originals: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for block in get_blocks(model, spec):
+    for block in blocks:
         for name in spec.linear_names:
             weight = block.get_submodule(name).weight
             originals.append((weight, weight.detach().to("cpu", copy=True)))
             weight.copy_(rtn_quantizer(weight, quant)(weight))
     try:
-        yield model
+        yield
     finally:
         for weight, original in originals:
             weight.copy_(original)
@@ -48,3 +55,14 @@ def rtn_model(model: nn.Module, spec: ArchSpec, quant: QuantConfig) -> Iterator[
             use_quantized_attention(model)
             stack.enter_context(activation_quantization(list(get_blocks(model, spec)), spec, quant.abits))
         yield model
+
+
+@contextlib.contextmanager
+def rtn_block(block: nn.Module, spec: ArchSpec, quant: QuantConfig) -> Iterator[nn.Module]:
+    """One block as the RTN baseline of `quant` runs it (a streamed evaluation, block by block):
+    RTN weights and, below 16 bits, per-token activation quantization. The model's attention must
+    already be routed (use_quantized_attention) when abits < 16."""
+    with rtn_block_weights([block], spec, quant), contextlib.ExitStack() as stack:
+        if quant.abits < 16:
+            stack.enter_context(activation_quantization([block], spec, quant.abits))
+        yield block
