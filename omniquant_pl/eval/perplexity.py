@@ -48,6 +48,16 @@ def window_mean_nll(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tens
     return nll.view(batch, seqlen - 1).mean(dim=1)
 
 
+def evaluation_windows(token_ids: torch.Tensor, seqlen: int, max_windows: int = 0) -> torch.Tensor:
+    """1-D `token_ids` cut into consecutive windows of `seqlen` (at most `max_windows`; 0 = all)."""
+    n_windows = token_ids.numel() // seqlen
+    if max_windows:
+        n_windows = min(n_windows, max_windows)
+    if n_windows == 0:
+        raise ValueError(f"text has {token_ids.numel()} tokens, fewer than one window of {seqlen}")
+    return token_ids[: n_windows * seqlen].view(n_windows, seqlen)  # (n, seqlen)
+
+
 @torch.no_grad()
 def evaluate_perplexity(
     model: nn.Module,
@@ -59,12 +69,8 @@ def evaluate_perplexity(
 ) -> tuple[float, int]:
     """Perplexity of `model` on 1-D `token_ids`; returns (ppl, number of windows used)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    n_windows = token_ids.numel() // seqlen
-    if max_windows:
-        n_windows = min(n_windows, max_windows)
-    if n_windows == 0:
-        raise ValueError(f"text has {token_ids.numel()} tokens, fewer than one window of {seqlen}")
-    windows = token_ids[: n_windows * seqlen].view(n_windows, seqlen)  # (n, seqlen)
+    windows = evaluation_windows(token_ids, seqlen, max_windows)  # (n, seqlen)
+    n_windows = windows.shape[0]
     metric = WindowPerplexity().to(device)
     was_training = model.training
     model.eval()

@@ -18,7 +18,7 @@ from torch import nn
 from omniquant_pl.arch.base import ArchSpec
 from omniquant_pl.arch.registry import get_blocks
 from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to, run_block
-from omniquant_pl.eval.perplexity import WindowPerplexity, window_mean_nll
+from omniquant_pl.eval.perplexity import WindowPerplexity, evaluation_windows, window_mean_nll
 
 BlockContext = Callable[[nn.Module], contextlib.AbstractContextManager]
 
@@ -60,12 +60,8 @@ def streamed_perplexity(
     returns block i on the CPU, `release_block(i)` frees it; `block_context(block)` wraps each
     block's use (the RTN baseline quantizes it there). Returns (ppl, number of windows)."""
     device = torch.device(device)
-    n_windows = token_ids.numel() // seqlen
-    if max_windows:
-        n_windows = min(n_windows, max_windows)
-    if n_windows == 0:
-        raise ValueError(f"text has {token_ids.numel()} tokens, fewer than one window of {seqlen}")
-    windows = token_ids[: n_windows * seqlen].view(n_windows, seqlen)  # (n, seqlen)
+    windows = evaluation_windows(token_ids, seqlen, max_windows)  # (n, seqlen)
+    n_windows = windows.shape[0]
     captured = capture_block_inputs(model, spec, windows)
     hidden = captured.hidden_states  # (n, seqlen, hidden), on the host
     moved: dict[int, torch.Tensor] = {}
