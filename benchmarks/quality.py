@@ -29,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import torch
 import yaml
 from rich.console import Console
 from rich.table import Table
@@ -66,6 +67,10 @@ def main() -> None:
                         help="lwc: FP/RTN/LWC across bit widths; official-ids: issue 14's side by side")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="official-ids: change one quant./train. field in every row (an ablation)")
+    parser.add_argument("--weights", choices=["fp16", "fp32"], default="fp16",
+                        help="official-ids: the weights both stacks start from. fp16 (default): the model's "
+                             "weights rounded to float16, as the official code loads them (torch_dtype=float16; "
+                             "issue 14's RTN column is RTN on these); fp32: the GGUF's de-quantized fp32 weights")
     parser.add_argument("--only", nargs="+", choices=list(OFFICIAL_IDS_SETTINGS), default=None,
                         help="official-ids: run only these rows")
     parser.add_argument("--scale", choices=sorted(SCALES), default="reduced")
@@ -187,6 +192,10 @@ def official_ids(args: argparse.Namespace) -> None:
 
     device = resolve_device("auto")
     model, tokenizer = load_model_and_tokenizer(SMOLLM2, device)
+    if args.weights == "fp16":  # the official loads with torch_dtype=float16 and computes in fp32
+        with torch.no_grad():
+            for param in model.parameters():
+                param.copy_(param.half().float())
     out_root = ROOT / "outputs" / "bench-official-ids"
     calib_file = official_ids_calibration_file(out_root)
     windows, _ = calibration_windows(tokenizer, str(calib_file), 16, 512, 2)
@@ -238,11 +247,13 @@ def official_ids(args: argparse.Namespace) -> None:
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 de-quantized)", "device": str(device),
         "protocol": "issue 14: official code's calibration ids (16 x 512, seed 2), 2 epochs, fp32, defaults otherwise; "
                     "WikiText-2 test, first 8 windows of 2048",
+        "weights": "rounded to float16, as the official loads them" if args.weights == "fp16" else "fp32 (GGUF de-quantized)",
         "calibration_ids_sha256": OFFICIAL_IDS_SHA256, "overrides": args.overrides,
         "official": "OpenGVLab/OmniQuant 95fae1b, measured in issue 14",
         "rows": rows, "wall_seconds": time.perf_counter() - started,
     }
     suffix = "".join(f"-{item.replace('=', '-')}" for item in args.overrides)
+    suffix += "-fp32-weights" if args.weights == "fp32" else ""
     output = args.output or ROOT / "benchmarks" / "results" / f"quality-official-ids{suffix}-{device.type}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))

@@ -236,11 +236,16 @@ def test_cuda_graph_mode_without_a_gpu_trains_like_the_default(tmp_path, tokeniz
 def test_cuda_graph_auto_is_on_only_for_the_compiled_step_on_cuda(choice, device, precision, compile_mode, expected):
     from omniquant_pl.sequencer import BlockSequencer
 
+    from omniquant_pl.distributed import Processes
+
     sequencer = SimpleNamespace(config=SimpleNamespace(train=TrainConfig(cuda_graph=choice)),
-                                device=torch.device(device), precision=precision)
+                                device=torch.device(device), precision=precision, processes=Processes())
     sequencer.compile_mode = lambda: compile_mode
     sequencer.cuda_graph_possible = lambda: BlockSequencer.cuda_graph_possible(sequencer)
     assert BlockSequencer.cuda_graph_enabled(sequencer) is expected
+    # a data-parallel run never records the step (a graph cannot hold DDP's all-reduce)
+    sequencer.processes = Processes(world_size=2, rank=0, local_rank=0, local_world_size=2)
+    assert BlockSequencer.cuda_graph_enabled(sequencer) is False
 
 
 def test_cuda_graph_rejects_other_values():
