@@ -39,20 +39,31 @@ def check_writable_dir(folder: Path | str, option: str) -> None:
         ) from None
 
 
-def _atomic_write(path: Path, write) -> None:
+def _atomic_fill(path: Path, fill) -> None:
+    """Write `path` atomically: `fill(tmp)` writes a temporary file beside it, which is synced and
+    renamed into place (or removed if anything fails)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
+        fill(tmp)
+        with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.chmod(tmp, _default_mode())  # mkstemp makes 0600; results are as readable as other files
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write `path` atomically through `write(handle)` on an open binary file."""
+    def fill(tmp: str) -> None:
+        with open(tmp, "wb") as handle:
+            write(handle)
+
+    _atomic_fill(path, fill)
 
 
 def atomic_write_json(data: Any, path: Path) -> None:
@@ -81,16 +92,5 @@ def atomic_save_safetensors_file(tensors: dict[str, torch.Tensor], path: Path, m
     for the shards of a model written block by block)."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.chmod(tmp, _default_mode())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+    _atomic_fill(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
