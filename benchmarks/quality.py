@@ -210,7 +210,6 @@ def official_ids(args: argparse.Namespace) -> None:
         return
     overrides = parse_overrides(args.overrides)
     reruns = official_reruns()
-    started = time.perf_counter()
     rows, rtn_by_bits = [], {}
     for label in args.only or list(OFFICIAL_IDS_SETTINGS):
         setting = OFFICIAL_IDS_SETTINGS[label]
@@ -246,6 +245,15 @@ def official_ids(args: argparse.Namespace) -> None:
             print(f"{label} seed {seed}: ours {ours:.2f}, official rerun "
                   f"{'-' if rerun is None else f'{rerun:.2f}'} ({rows[-1]['seconds']:.0f} s)", flush=True)
 
+    suffix = "".join(f"-{item.replace('=', '-')}" for item in args.overrides)
+    suffix += "-fp32-weights" if args.weights == "fp32" else ""
+    suffix += "" if args.calib_seeds == [2] else "-seeds-" + "-".join(map(str, args.calib_seeds))
+    output = args.output or ROOT / "benchmarks" / "results" / f"quality-official-ids{suffix}-{device.type}.json"
+    if output.is_file():  # rows of other settings, run earlier with the same protocol variant (--only), stay
+        ran = {row["setting"] for row in rows}
+        rows = [row for row in json.loads(output.read_text())["rows"] if row["setting"] not in ran] + rows
+        order = list(OFFICIAL_IDS_SETTINGS)
+        rows.sort(key=lambda row: (order.index(row["setting"]), row["calib_seed"]))
     means = official_ids_means(rows)
     print_official_ids_table(rows, means)
     report = {
@@ -256,12 +264,8 @@ def official_ids(args: argparse.Namespace) -> None:
         "calibration_ids_sha256": OFFICIAL_IDS_SHA256, "calib_seeds": args.calib_seeds, "overrides": args.overrides,
         "official": "OpenGVLab/OmniQuant 95fae1b: issue 14's numbers (seed 2), and reruns on this machine by "
                     "benchmarks/official_omniquant.py (fp32 on a CPU, fp16-rounded weights)",
-        "rows": rows, "means": means, "wall_seconds": time.perf_counter() - started,
+        "rows": rows, "means": means,
     }
-    suffix = "".join(f"-{item.replace('=', '-')}" for item in args.overrides)
-    suffix += "-fp32-weights" if args.weights == "fp32" else ""
-    suffix += "" if args.calib_seeds == [2] else "-seeds-" + "-".join(map(str, args.calib_seeds))
-    output = args.output or ROOT / "benchmarks" / "results" / f"quality-official-ids{suffix}-{device.type}.json"
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(report, indent=2))
     print(f"wrote {output}")
