@@ -15,7 +15,9 @@ Everything else is the official code: its Catcher, its per-block training loop, 
 its fusing. W4A4/W6A6 (LET) run on an exactly equivalent multi-head copy of SmolLM2 (k/v repeated
 per query head), because its LET cannot run on grouped-query attention; the LET activation scales
 are the per-channel |x| maxima of each linear's input over the calibration windows (its
-generate_act_scale_shift.py, on these windows).
+generate_act_scale_shift.py, on these windows). transformers 4.35 builds the rotary cos/sin tables
+in the dtype a model is loaded in: the grouped-query model, loaded in float16 as the official code
+loads it, rotates with float16-rounded tables; the multi-head copy, built here in fp32, with exact ones.
 
     # ours' environment: write the fp16-rounded model, calibration ids per seed, test ids
     python benchmarks/quality.py --protocol official-ids --official-inputs /tmp/official-inputs --calib-seeds 2 3 4 5
