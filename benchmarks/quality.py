@@ -198,15 +198,15 @@ def official_ids(args: argparse.Namespace) -> None:
                 param.copy_(param.half().float())
     out_root = ROOT / "outputs" / "bench-official-ids"
     calib_file = official_ids_calibration_file(out_root)
-    ids_by_seed = {}
-    for seed in args.calib_seeds:
-        windows, _ = calibration_windows(tokenizer, str(calib_file), 16, 512, seed)
-        ids_by_seed[seed] = hashlib.sha256(windows.cpu().numpy().tobytes()).hexdigest()[:16]
+    windows_by_seed = {seed: calibration_windows(tokenizer, str(calib_file), 16, 512, seed)[0].cpu()
+                       for seed in args.calib_seeds}  # seed -> (16, 512) ids
+    ids_by_seed = {seed: hashlib.sha256(windows.numpy().tobytes()).hexdigest()[:16]
+                   for seed, windows in windows_by_seed.items()}
     if 2 in ids_by_seed and ids_by_seed[2] != OFFICIAL_IDS_SHA256:
         sys.exit(f"calibration ids differ from the official run's ({ids_by_seed[2]} != {OFFICIAL_IDS_SHA256}): "
                  "the tokenizer or wiki.valid.tokens is not the one issue 14 used")
     if args.official_inputs is not None:
-        write_official_inputs(args.official_inputs, model, tokenizer, calib_file, args.calib_seeds)
+        write_official_inputs(args.official_inputs, model, tokenizer, windows_by_seed)
         return
     overrides = parse_overrides(args.overrides)
     reruns = official_reruns()
@@ -271,12 +271,12 @@ def official_ids(args: argparse.Namespace) -> None:
     print(f"wrote {output}")
 
 
-def write_official_inputs(directory: Path, model, tokenizer, calib_file: Path, seeds: list[int]) -> None:
+def write_official_inputs(directory: Path, model, tokenizer, windows_by_seed: dict[int, torch.Tensor]) -> None:
     """What the official code runs on, for benchmarks/official_omniquant.py: the model in float16 with
     a config transformers 4.35 reads, the calibration ids of each seed, the test windows' ids."""
     from safetensors.torch import save_file
 
-    from omniquant_pl.calib.data import calibration_windows, load_text, tokenize_cached
+    from omniquant_pl.calib.data import load_text, tokenize_cached
     from omniquant_pl.eval.perplexity import evaluation_windows
 
     model_dir = directory / "model-fp16"
@@ -295,12 +295,11 @@ def write_official_inputs(directory: Path, model, tokenizer, calib_file: Path, s
         "rope_theta": rope_theta, "attention_bias": False, "pretraining_tp": 1,
     }
     (model_dir / "config.json").write_text(json.dumps(legacy, indent=2))
-    for seed in seeds:
-        windows, _ = calibration_windows(tokenizer, str(calib_file), 16, 512, seed)
-        torch.save(windows.cpu().clone(), directory / f"calib-ids-seed{seed}.pt")
+    for seed, windows in windows_by_seed.items():
+        torch.save(windows.clone(), directory / f"calib-ids-seed{seed}.pt")
     test_windows = evaluation_windows(tokenize_cached(tokenizer, load_text("wikitext2", "eval")), 2048, 8)  # (8, 2048)
     torch.save(test_windows.reshape(1, -1).cpu().clone(), directory / "test-ids.pt")  # (1, 8 * 2048)
-    print(f"wrote {directory}: model-fp16/, calib-ids-seed{{{','.join(map(str, seeds))}}}.pt, test-ids.pt")
+    print(f"wrote {directory}: model-fp16/, calib-ids-seed{{{','.join(map(str, windows_by_seed))}}}.pt, test-ids.pt")
 
 
 def official_ids_means(rows: list[dict]) -> list[dict]:
