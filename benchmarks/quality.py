@@ -249,11 +249,16 @@ def official_ids(args: argparse.Namespace) -> None:
     suffix += "-fp32-weights" if args.weights == "fp32" else ""
     suffix += "" if args.calib_seeds == [2] else "-seeds-" + "-".join(map(str, args.calib_seeds))
     output = args.output or ROOT / "benchmarks" / "results" / f"quality-official-ids{suffix}-{device.type}.json"
-    if output.is_file():  # rows of other settings, run earlier with the same protocol variant (--only), stay
-        ran = {row["setting"] for row in rows}
-        rows = [row for row in json.loads(output.read_text())["rows"] if row["setting"] not in ran] + rows
+    if output.is_file():  # rows of other settings or seeds, run earlier into the same file (--only, --output), stay
+        ran = {(row["setting"], row["calib_seed"]) for row in rows}
+        rows = [row for row in json.loads(output.read_text())["rows"]
+                if (row["setting"], row["calib_seed"]) not in ran] + rows
         order = list(OFFICIAL_IDS_SETTINGS)
         rows.sort(key=lambda row: (order.index(row["setting"]), row["calib_seed"]))
+    for row in rows:  # official reruns added since a merged row was written join it too
+        rerun = reruns.get((row["setting"], row["calib_seed"])) if args.weights == "fp16" else None
+        row["official_rerun"] = rerun
+        row["ours_vs_official_rerun"] = None if rerun is None else row["ours"] / rerun - 1
     means = official_ids_means(rows)
     print_official_ids_table(rows, means)
     report = {
@@ -261,7 +266,8 @@ def official_ids(args: argparse.Namespace) -> None:
         "protocol": "issue 14: official code's calibration ids (16 x 512 per seed; seed 2 is issue 14's), 2 epochs, "
                     "fp32, defaults otherwise; WikiText-2 test, first 8 windows of 2048",
         "weights": "rounded to float16, as the official loads them" if args.weights == "fp16" else "fp32 (GGUF de-quantized)",
-        "calibration_ids_sha256": OFFICIAL_IDS_SHA256, "calib_seeds": args.calib_seeds, "overrides": args.overrides,
+        "calibration_ids_sha256": OFFICIAL_IDS_SHA256, "calib_seeds": sorted({row["calib_seed"] for row in rows}),
+        "overrides": args.overrides,
         "official": "OpenGVLab/OmniQuant 95fae1b: issue 14's numbers (seed 2), and reruns on this machine by "
                     "benchmarks/official_omniquant.py (fp32 on a CPU, fp16-rounded weights)",
         "rows": rows, "means": means,

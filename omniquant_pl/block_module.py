@@ -1,8 +1,9 @@
 """One transformer block as a LightningModule: trainable parameters are only LWC (and LET) ones.
 
 The block runs through transformers' own module (attention included); its linears are swapped
-for QuantLinears. The loss is MSE between the quantized block's output and the cached target of
-the full-precision block (plus, with `aug_loss`, the FP block's output on the quantized inputs).
+for QuantLinears. The loss (train.loss: MSE by default, see losses.py) compares the quantized
+block's output with the cached target of the full-precision block (plus, with `aug_loss`, the FP
+block's output on the quantized inputs).
 """
 from __future__ import annotations
 
@@ -14,7 +15,6 @@ from typing import Any
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -29,6 +29,7 @@ from omniquant_pl.distributed import global_mean
 from omniquant_pl.graph_step import GraphedTrainStep
 from omniquant_pl.let.init import init_let_from_ranges
 from omniquant_pl.let.params import LETParams
+from omniquant_pl.losses import LOSSES
 from omniquant_pl.quant.codes import QuantizedWeight
 from omniquant_pl.quant.experts import QuantExperts, quantize_block_experts, restore_block_experts
 from omniquant_pl.quant.linear import QuantLinear, quantize_block_linears, restore_block_linears, set_submodule
@@ -39,11 +40,13 @@ log = logging.getLogger(__name__)
 
 def block_loss(module: BlockModule, inputs: torch.Tensor, target: torch.Tensor,
                aug_target: torch.Tensor | None) -> torch.Tensor:
-    """MSE of the quantized block's output to the FP target (+ to the aug target), in fp32."""
-    output = module(inputs).float()
-    loss = F.mse_loss(output, target.float())
+    """train.loss (MSE by default) of the quantized block's output to the FP target (+ to the aug
+    target), in fp32."""
+    loss_of = LOSSES[module.train_config.loss]
+    output = module(inputs)
+    loss = loss_of(output, target)
     if aug_target is not None:
-        loss = loss + F.mse_loss(output, aug_target.float())
+        loss = loss + loss_of(output, aug_target)
     return loss
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Literal
 
 from omniquant_pl.errors import ConfigError
+from omniquant_pl.losses import LOSSES
 from omniquant_pl.quant.primitives import check_bits
 
 
@@ -148,6 +149,9 @@ class TrainConfig:
         let_lr: AdamW learning rate of the LET parameters.
         weight_decay: AdamW weight decay.
         aug_loss: also match the FP block run on the quantized inputs (paper's W2 setting).
+        loss: the block loss (omniquant_pl/losses.py): ``mse`` (the paper's) or ``relative_mse``
+            (each token's squared error over its target's mean square: keeps a model's few
+            massive-activation tokens from making nearly all of the loss).
         precision: Lightning precision: ``32-true``, ``bf16-mixed``, ``16-mixed`` (or their
             aliases 32, bf16, 16); ``auto`` = mixed precision in the model's half dtype on GPU
             (bf16-mixed or 16-mixed), 32-true on CPU.
@@ -186,6 +190,7 @@ class TrainConfig:
     let_lr: float = 5e-3
     weight_decay: float = 0.0
     aug_loss: bool = False
+    loss: Literal["mse", "relative_mse"] = "mse"
     precision: str = "auto"
     accelerator: str = "auto"
     shuffle: bool = False
@@ -201,7 +206,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.precision = PRECISION_ALIASES.get(str(self.precision), str(self.precision))
-        for name, allowed in (("lr_batch_scaling", ("none", "sqrt", "linear")), ("compile", ("auto", "block", "quantizers", "off")),
+        for name, allowed in (("loss", tuple(LOSSES)), ("lr_batch_scaling", ("none", "sqrt", "linear")), ("compile", ("auto", "block", "quantizers", "off")),
                               ("cache_device", ("auto", "accelerator", "cpu")), ("precision", PRECISIONS),
                               ("accelerator", ACCELERATORS)):
             if getattr(self, name) not in allowed:
