@@ -9,8 +9,9 @@
 our defaults otherwise, and prints ours next to the official code's perplexity at W3A16 (two LWC
 learning rates), W4A4 and W6A6: issue 14's number and the official code rerun here on the same ids
 (benchmarks/official_omniquant.py). `--calib-seeds 2 3 4 5` runs every row on the windows of each
-seed (sampled as the official code samples them) and adds the means; `--official-inputs DIR`
-writes what official_omniquant.py needs. `--set train.keep_best=false` gives issue 14's own
+seed (sampled as the official code samples them) and adds the means; rows of other seeds or
+settings already in the results file (`--output` to name one) stay, so seeds can be added later;
+`--official-inputs DIR` writes what official_omniquant.py needs. `--set train.keep_best=false` gives issue 14's own
 protocol (the official code has no keep_best). `--set quant.FIELD=VALUE` / `--set train.FIELD=VALUE` runs an
 ablation row (e.g. `--set quant.let_up_down=false`).
 
