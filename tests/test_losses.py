@@ -68,3 +68,9 @@ def test_block_training_uses_the_configured_loss(loss):
 def test_an_unknown_loss_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="train.loss must be one of mse, relative_mse"):
         TrainConfig(loss="l1")
+
+
+def test_the_config_offers_exactly_the_registered_losses():
+    import typing
+
+    assert set(typing.get_args(typing.get_type_hints(TrainConfig)["loss"])) == set(LOSSES)
