@@ -237,9 +237,7 @@ def official_ids(args: argparse.Namespace) -> None:
             rows.append({
                 "setting": label, "calib_seed": seed, "calibration_ids_sha256": ids_by_seed[seed],
                 "fp": fp, "rtn": rtn, "official_issue_14": setting["official_ppl"] if seed == 2 else None,
-                "official_rerun": rerun, "ours": ours,
-                "ours_vs_official_rerun": None if rerun is None else ours / rerun - 1,
-                "seconds": results["calibration_seconds"],
+                "ours": ours, "seconds": results["calibration_seconds"],
                 "epoch_losses": {str(b): results["blocks"][b]["epoch_losses"] for b in REPORTED_BLOCKS
                                  if b < len(results["blocks"])},
             })
@@ -256,7 +254,7 @@ def official_ids(args: argparse.Namespace) -> None:
                 if (row["setting"], row["calib_seed"]) not in ran] + rows
         order = list(OFFICIAL_IDS_SETTINGS)
         rows.sort(key=lambda row: (order.index(row["setting"]), row["calib_seed"]))
-    for row in rows:  # official reruns added since a merged row was written join it too
+    for row in rows:  # each row, new or merged, joins the official rerun of its setting and seed
         rerun = reruns.get((row["setting"], row["calib_seed"])) if args.weights == "fp16" else None
         row["official_rerun"] = rerun
         row["ours_vs_official_rerun"] = None if rerun is None else row["ours"] / rerun - 1
