@@ -240,6 +240,8 @@ def official_ids(args: argparse.Namespace) -> None:
                 "ours": ours, "seconds": results["calibration_seconds"],
                 "epoch_losses": {str(b): results["blocks"][b]["epoch_losses"] for b in REPORTED_BLOCKS
                                  if b < len(results["blocks"])},
+                # blocks where keep_best kept other parameters than the trained ones: {block: initial | rtn}
+                "kept": {str(b["block"]): b["restored"] for b in results["blocks"] if b.get("restored")},
             })
             print(f"{label} seed {seed}: ours {ours:.2f}, official rerun "
                   f"{'-' if rerun is None else f'{rerun:.2f}'} ({rows[-1]['seconds']:.0f} s)", flush=True)

@@ -162,8 +162,10 @@ class TrainConfig:
         report_losses: measure each block's RTN, initial and final loss with extra no-grad passes.
         logger: Lightning logger of each block's Trainer: ``csv`` (``logs/block_XXX/metrics.csv``),
             ``tensorboard`` (needs the tensorboard package) or ``none``.
-        keep_best: keep whichever of the trained parameters, the initial ones and round-to-nearest
-            (no clipping, identity LET) gives the lowest block loss (needs report_losses).
+        keep_best: keep whichever of the trained parameters and the initial ones gives the lower
+            block loss (needs report_losses).
+        keep_best_rtn: let keep_best also pick round-to-nearest (clipping factors 1, identity LET)
+            when its block loss is lowest.
         lr_batch_scaling: how the learning rates follow ``batch_size`` (they are tuned for 1):
             ``none``, ``sqrt`` (lr·√batch) or ``linear`` (lr·batch).
         compile: torch.compile for speed, same math: ``block`` compiles each step's forward and
@@ -197,6 +199,7 @@ class TrainConfig:
     shuffle_seed: int | None = None
     report_losses: bool = True
     keep_best: bool = True
+    keep_best_rtn: bool = False
     logger: Literal["csv", "tensorboard", "none"] = "csv"
     lr_batch_scaling: Literal["none", "sqrt", "linear"] = "none"
     compile: Literal["auto", "block", "quantizers", "off"] = "auto"

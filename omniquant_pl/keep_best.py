@@ -11,11 +11,15 @@ from omniquant_pl.block_module import BlockModule
 log = logging.getLogger(__name__)
 
 
-def keep_best(index: int, module: BlockModule, initial_state: dict[str, torch.Tensor], metrics: dict) -> None:
-    """Keep whichever of the trained, initial and RTN parameters gave the lowest block loss (ties:
-    trained first; non-finite losses never win), so no block ends worse than its start or than
-    round-to-nearest. Updates `metrics` (final_loss; trained_loss and restored when it switched)."""
-    losses = {"trained": metrics["final_loss"], "initial": metrics["init_loss"], "rtn": metrics["rtn_loss"]}
+def keep_best(index: int, module: BlockModule, initial_state: dict[str, torch.Tensor], metrics: dict,
+              rtn: bool = True) -> None:
+    """Keep whichever of the trained and initial parameters (and, with `rtn`, round-to-nearest) gave
+    the lowest block loss (ties: trained first; non-finite losses never win), so no block ends worse
+    than its start (or than RTN). Updates `metrics` (final_loss; trained_loss and restored when it
+    switched)."""
+    losses = {"trained": metrics["final_loss"], "initial": metrics["init_loss"]}
+    if rtn:
+        losses["rtn"] = metrics["rtn_loss"]
     best = min(losses, key=lambda name: losses[name] if math.isfinite(losses[name]) else math.inf)
     if best == "trained" or not math.isfinite(losses[best]):
         return

@@ -523,7 +523,7 @@ class BlockSequencer:
         if cfg.train.report_losses:
             metrics["final_loss"] = module.mean_loss(eval_loader, amp)
             if cfg.train.keep_best:
-                keep_best(index, module, initial_state, metrics)
+                keep_best(index, module, initial_state, metrics, rtn=cfg.train.keep_best_rtn)
         learned_state = module.learned_state()
         self._emit("on_block_fit_end", index, module)
         if module.quant_linears:

@@ -239,7 +239,7 @@ def test_32_true_on_a_half_precision_model_trains_in_fp32_and_gives_the_model_ba
     config = RunConfig(
         model=ModelConfig("in-memory"), quant=QuantConfig(wbits=4, abits=8, let=let),
         calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32),
-        train=TrainConfig(epochs=2, batch_size=2, precision="32-true"),
+        train=TrainConfig(epochs=2, batch_size=2, precision="32-true", keep_best_rtn=True),
         eval=EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=1, baselines=[]),
         output_dir=str(tmp_path / "out"), save_model=False,
     )

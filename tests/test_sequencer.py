@@ -97,25 +97,29 @@ def test_lwc_training_lowers_block_loss_well_below_rtn(tmp_path, tokenizer, fami
     assert block["final_loss"] < 0.85 * block["init_loss"], block
 
 
-def test_keep_best_never_ends_above_the_initial_loss(tmp_path, tokenizer):
-    """A learning rate far too high makes training worse; keep_best restores the start (or RTN)."""
+@pytest.mark.parametrize("with_rtn", [False, True])
+def test_keep_best_never_ends_above_the_initial_loss(tmp_path, tokenizer, with_rtn):
+    """A learning rate far too high makes training worse; keep_best restores the start (or, with
+    keep_best_rtn, RTN when that is lower still)."""
     results, _ = _run(tmp_path, tokenizer, "llama", "keep", save_model=False,
-                      train=TrainConfig(epochs=4, batch_size=2, lwc_lr=3.0))
+                      train=TrainConfig(epochs=4, batch_size=2, lwc_lr=3.0, keep_best_rtn=with_rtn))
     for block in results["blocks"]:
-        assert block["final_loss"] <= min(block["init_loss"], block["rtn_loss"]), block
+        floor = min(block["init_loss"], block["rtn_loss"]) if with_rtn else block["init_loss"]
+        assert block["final_loss"] <= floor, block
+        assert with_rtn or block.get("restored") != "rtn", block
     restored = [b for b in results["blocks"] if b.get("restored")]
     assert restored and all(b["trained_loss"] > b["final_loss"] for b in restored)
 
 
 @pytest.mark.parametrize("let", [False, True])
 def test_keep_best_falls_back_to_rtn_exactly_when_rtn_is_best(tmp_path, tokenizer, let):
-    """Heavy initial clipping (σ(-3) ≈ 0.05) and no training: RTN has the lowest loss, and the block
+    """keep_best_rtn on. Heavy initial clipping (σ(-3) ≈ 0.05) and no training: RTN has the lowest loss, and the block
     then computes RTN exactly (σ = 1.0, identity LET), down to the stored codes."""
     from omniquant_pl.quant.codes import load_block_codes
     from omniquant_pl.quant.rtn import rtn_quantizer
 
     quant = QuantConfig(wbits=4, group_size=16, lwc_init=-3.0, let=let, abits=8 if let else 16)
-    results, _ = _run(tmp_path, tokenizer, "llama", "rtn", quant=quant, train=TrainConfig(epochs=0))
+    results, _ = _run(tmp_path, tokenizer, "llama", "rtn", quant=quant, train=TrainConfig(epochs=0, keep_best_rtn=True))
     assert all(b["restored"] == "rtn" and b["final_loss"] == b["rtn_loss"] for b in results["blocks"])
     rerun_model = TINY_BUILDERS["llama"](layers=2)
     _heavy_tailed_(rerun_model)
@@ -123,6 +127,17 @@ def test_keep_best_falls_back_to_rtn_exactly_when_rtn_is_best(tmp_path, tokenize
     for name, codes in load_block_codes(tmp_path / "rtn", 0).items():
         weight = block0.get_submodule(name).weight
         assert torch.equal(codes.dequantize(), rtn_quantizer(weight, quant)(weight)), name
+
+
+def test_keep_best_without_rtn_never_picks_rtn(tmp_path, tokenizer):
+    """train.keep_best_rtn=false: the same heavy clipping, RTN still the lowest loss, yet the block
+    keeps its own (initial) parameters."""
+    quant = QuantConfig(wbits=4, group_size=16, lwc_init=-3.0)
+    results, _ = _run(tmp_path, tokenizer, "llama", "nortn", layers=1, quant=quant, save_model=False,
+                      train=TrainConfig(epochs=0, keep_best_rtn=False))
+    for block in results["blocks"]:
+        assert block["rtn_loss"] < block["init_loss"] and "restored" not in block, block
+        assert block["final_loss"] == block["init_loss"], block
 
 
 @pytest.mark.parametrize("family", FAMILIES)
