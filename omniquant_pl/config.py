@@ -165,7 +165,8 @@ class TrainConfig:
         keep_best: keep whichever of the trained parameters and the initial ones gives the lower
             block loss (needs report_losses).
         keep_best_rtn: let keep_best also pick round-to-nearest (clipping factors 1, identity LET)
-            when its block loss is lowest.
+            when its block loss is lowest. ``auto`` (default) = on where the block learns LET
+            (RTN is then the only candidate with the identity transform), off for LWC alone.
         lr_batch_scaling: how the learning rates follow ``batch_size`` (they are tuned for 1):
             ``none``, ``sqrt`` (lr·√batch) or ``linear`` (lr·batch).
         compile: torch.compile for speed, same math: ``block`` compiles each step's forward and
@@ -199,7 +200,7 @@ class TrainConfig:
     shuffle_seed: int | None = None
     report_losses: bool = True
     keep_best: bool = True
-    keep_best_rtn: bool = False
+    keep_best_rtn: bool | Literal["auto"] = "auto"
     logger: Literal["csv", "tensorboard", "none"] = "csv"
     lr_batch_scaling: Literal["none", "sqrt", "linear"] = "none"
     compile: Literal["auto", "block", "quantizers", "off"] = "auto"
@@ -214,6 +215,8 @@ class TrainConfig:
                               ("accelerator", ACCELERATORS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.keep_best_rtn not in (True, False, "auto"):
+            raise ConfigError(f"train.keep_best_rtn must be true, false or auto; got {self.keep_best_rtn!r}")
         if self.cuda_graph not in (True, False, "auto"):
             raise ConfigError(f"train.cuda_graph must be true, false or auto; got {self.cuda_graph!r}")
         if self.epochs < 0:

@@ -113,13 +113,16 @@ def test_keep_best_never_ends_above_the_initial_loss(tmp_path, tokenizer, with_r
 
 @pytest.mark.parametrize("let", [False, True])
 def test_keep_best_falls_back_to_rtn_exactly_when_rtn_is_best(tmp_path, tokenizer, let):
-    """keep_best_rtn on. Heavy initial clipping (σ(-3) ≈ 0.05) and no training: RTN has the lowest loss, and the block
-    then computes RTN exactly (σ = 1.0, identity LET), down to the stored codes."""
+    """keep_best_rtn on (auto with LET). Heavy initial clipping (σ(-3) ≈ 0.05) and no training:
+    RTN has the lowest loss, and the block then computes RTN exactly (σ = 1.0, identity LET), down
+    to the stored codes."""
     from omniquant_pl.quant.codes import load_block_codes
     from omniquant_pl.quant.rtn import rtn_quantizer
 
     quant = QuantConfig(wbits=4, group_size=16, lwc_init=-3.0, let=let, abits=8 if let else 16)
-    results, _ = _run(tmp_path, tokenizer, "llama", "rtn", quant=quant, train=TrainConfig(epochs=0, keep_best_rtn=True))
+    # keep_best_rtn true; "auto" (the default) turns it on where LET is learned
+    results, _ = _run(tmp_path, tokenizer, "llama", "rtn", quant=quant,
+                      train=TrainConfig(epochs=0, keep_best_rtn="auto" if let else True))
     assert all(b["restored"] == "rtn" and b["final_loss"] == b["rtn_loss"] for b in results["blocks"])
     rerun_model = TINY_BUILDERS["llama"](layers=2)
     _heavy_tailed_(rerun_model)
@@ -129,12 +132,13 @@ def test_keep_best_falls_back_to_rtn_exactly_when_rtn_is_best(tmp_path, tokenize
         assert torch.equal(codes.dequantize(), rtn_quantizer(weight, quant)(weight)), name
 
 
-def test_keep_best_without_rtn_never_picks_rtn(tmp_path, tokenizer):
-    """train.keep_best_rtn=false: the same heavy clipping, RTN still the lowest loss, yet the block
-    keeps its own (initial) parameters."""
-    quant = QuantConfig(wbits=4, group_size=16, lwc_init=-3.0)
+@pytest.mark.parametrize("let,keep_best_rtn", [(False, False), (True, False), (False, "auto")])
+def test_keep_best_without_rtn_never_picks_rtn(tmp_path, tokenizer, let, keep_best_rtn):
+    """train.keep_best_rtn false (or auto without LET): the same heavy clipping, RTN still the lowest
+    loss, yet the block keeps its own (initial) parameters."""
+    quant = QuantConfig(wbits=4, group_size=16, lwc_init=-3.0, let=let, abits=8 if let else 16)
     results, _ = _run(tmp_path, tokenizer, "llama", "nortn", layers=1, quant=quant, save_model=False,
-                      train=TrainConfig(epochs=0, keep_best_rtn=False))
+                      train=TrainConfig(epochs=0, keep_best_rtn=keep_best_rtn))
     for block in results["blocks"]:
         assert block["rtn_loss"] < block["init_loss"] and "restored" not in block, block
         assert block["final_loss"] == block["init_loss"], block
