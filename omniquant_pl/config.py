@@ -215,10 +215,9 @@ class TrainConfig:
                               ("accelerator", ACCELERATORS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"train.{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
-        if self.keep_best_rtn not in (True, False, "auto"):
-            raise ConfigError(f"train.keep_best_rtn must be true, false or auto; got {self.keep_best_rtn!r}")
-        if self.cuda_graph not in (True, False, "auto"):
-            raise ConfigError(f"train.cuda_graph must be true, false or auto; got {self.cuda_graph!r}")
+        for name in ("keep_best_rtn", "cuda_graph"):
+            if getattr(self, name) not in (True, False, "auto"):
+                raise ConfigError(f"train.{name} must be true, false or auto; got {getattr(self, name)!r}")
         if self.epochs < 0:
             raise ConfigError(f"train.epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:

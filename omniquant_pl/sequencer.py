@@ -523,8 +523,7 @@ class BlockSequencer:
         if cfg.train.report_losses:
             metrics["final_loss"] = module.mean_loss(eval_loader, amp)
             if cfg.train.keep_best:
-                rtn = module.let is not None if cfg.train.keep_best_rtn == "auto" else cfg.train.keep_best_rtn
-                keep_best(index, module, initial_state, metrics, rtn=rtn)
+                keep_best(index, module, initial_state, metrics, rtn=cfg.train.keep_best_rtn)
         learned_state = module.learned_state()
         self._emit("on_block_fit_end", index, module)
         if module.quant_linears:
