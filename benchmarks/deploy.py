@@ -42,6 +42,7 @@ from omniquant_pl.eval.perplexity import evaluate_perplexity
 from omniquant_pl.export import ExportConfig, export_run
 from omniquant_pl.export.gguf import model_to_gguf, tensor_types
 from omniquant_pl.models import load_model_and_tokenizer, resolve_model_path
+from omniquant_pl.versions import software_versions
 
 LLAMA_CPP_TYPES = ("Q4_0", "Q4_1", "Q3_K_M", "Q2_K")
 OURS_EXACT = ("Q4_0", "Q4_1")
@@ -199,7 +200,7 @@ def main() -> None:
         llama_cpp_rows(rows, fp_model, source_gguf, args.work_dir)
     runs = omniquant_rows(rows, args, args.work_dir)
     compressed = compressed_tensors_summary(runs["Q4_0"], fp_model, ids, args)
-    report = {
+    report = {"versions": software_versions(),
         "model": f"{args.model} ({args.gguf_file}, de-quantized to float)",
         "eval": {"text": "WikiText-2 test (wiki.test.raw)", "windows": args.eval_windows, "seqlen": args.eval_seqlen,
                  "protocol": "exp(mean over windows of the window's mean next-token NLL), token ids fed to llama.cpp"},

@@ -39,6 +39,8 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from omniquant_pl.versions import software_versions
+
 BUSY_NOTE = ("other jobs shared the machine (load average {load:.1f} on {cpus} cores at the start): timings are "
              "noisy, and runs with more threads than free cores (the single process at 2 threads) lose most")
 
@@ -173,10 +175,10 @@ def main() -> None:
         save_random_llama(tmp / "model", args.hidden, args.layers)
         perturbed_copy(tmp / "model", tmp / "model-perturbed")
         settings = [compare_once(tmp, args, abits) for abits in args.abits]
-    report = {
+    report = {"versions": software_versions(),
         "what": "benchmarks/distributed.py: torchrun data-parallel calibration vs one process, same global batch",
         "setup": {**{k: v for k, v in vars(args).items() if k != "output"}, "calib": "pydoc",
-                  "cpu_count": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
+                  "cpu_count": os.cpu_count(), "machine": platform.machine(),
                   "load_average_at_start": load_before, "torchrun_threads_per_process": 1},
         "settings": settings,
     }

@@ -28,6 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig, calibrate
+from omniquant_pl.versions import software_versions
 
 
 def _builders() -> dict:
@@ -99,7 +100,7 @@ def main() -> None:
                       f"{sum(b['final_loss'] for b in row['blocks']):.4g}", f"{row['seconds']:.0f}")
     Console(width=max(Console().width, 120)).print(table)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({"device": "cpu", "calibration": "pydoc 8 x 64, 2 epochs, batch 1",
+    args.output.write_text(json.dumps({"versions": software_versions(), "device": "cpu", "calibration": "pydoc 8 x 64, 2 epochs, batch 1",
                                        "evaluation": "pydoc, 4 windows of 64", "rows": rows}, indent=2))
     print(f"wrote {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output}")
 

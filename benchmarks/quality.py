@@ -43,6 +43,7 @@ from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunC
 from omniquant_pl.eval.perplexity import perplexity_on_source
 from omniquant_pl.models import load_model_and_tokenizer
 from omniquant_pl.sequencer import resolve_device
+from omniquant_pl.versions import software_versions
 
 SETTINGS = {"W3A16": (3, 0), "W2A16g64": (2, 64), "W4A16": (4, 0)}
 SCALES = {
@@ -128,7 +129,7 @@ def main() -> None:
             })
             print(f"{tag} {variant}: ppl {rows[-1]['ppl']:.3f} ({rows[-1]['seconds']:.0f} s)", flush=True)
 
-    report = {
+    report = {"versions": software_versions(),
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 de-quantized)",
         "device": str(device),
         "scale": args.scale,
@@ -262,7 +263,7 @@ def official_ids(args: argparse.Namespace) -> None:
         row["ours_vs_official_rerun"] = None if rerun is None else row["ours"] / rerun - 1
     means = official_ids_means(rows)
     print_official_ids_table(rows, means)
-    report = {
+    report = {"versions": software_versions(),
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 de-quantized)", "device": str(device),
         "protocol": "issue 14: official code's calibration ids (16 x 512 per seed; seed 2 is issue 14's), 2 epochs, "
                     "fp32, defaults otherwise; WikiText-2 test, first 8 windows of 2048",

@@ -48,6 +48,7 @@ from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to
 from omniquant_pl.calib.prefetch import on_device
 from omniquant_pl.quant.kernels import use_fused_quantizers
 from omniquant_pl.sequencer import BlockSequencer, autocast_dtype
+from omniquant_pl.versions import software_versions
 
 # Llama-family block shapes: hidden, MLP, heads, kv heads
 SHAPES = {
@@ -301,9 +302,9 @@ def main_model(args, device: torch.device) -> dict:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     setting = f"W{args.wbits}A{args.abits}" + (f"g{args.group_size}" if args.group_size else "")
     setting += (" LWC+LET" if args.let else " LWC") + (" up-down" if args.let and args.let_up_down else "") + (" aug" if args.aug_loss else "")
-    report = {"model": args.model, "gguf_file": args.gguf_file, "setting": setting, "device": name,
+    report = {"versions": software_versions(), "model": args.model, "gguf_file": args.gguf_file, "setting": setting, "device": name,
               "calib_seed": args.calib_seed, "nsamples": args.nsamples, "seqlen": args.seqlen, "epochs": args.epochs,
-              "batch_size": args.batch_size, "torch": torch.__version__, "rows": rows}
+              "batch_size": args.batch_size, "rows": rows}
     table = Table(title=f"{args.model} {setting}, {args.nsamples} x {args.seqlen}, {args.epochs} epochs, {name}")
     for column in ("path", "calibration s", "ms/step (all in)", "peak GiB", "WikiText-2 ppl", "speed-up"):
         table.add_column(column, justify="right")
@@ -380,10 +381,10 @@ def main(argv: list[str] | None = None) -> dict:
     setting = f"W{args.wbits}A{args.abits}" + (f"g{args.group_size}" if args.group_size else "")
     setting += " LWC+LET" if args.let else " LWC"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    report = {
+    report = {"versions": software_versions(),
         "shape": args.shape, "setting": setting, "device": name, "nsamples": args.nsamples,
         "seqlen": args.seqlen, "batch_size": args.batch_size, "epochs": args.epochs,
-        "bf16_matmul_peak_tflops": peak, "torch": torch.__version__, "rows": rows,
+        "bf16_matmul_peak_tflops": peak, "rows": rows,
     }
     table = Table(title=f"{args.shape} block, {setting}, {args.nsamples} x {args.seqlen}, batch {args.batch_size}, "
                         f"{args.steps_per_call[0]} steps per Lightning call, {name}")

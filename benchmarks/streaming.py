@@ -26,6 +26,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from omniquant_pl.versions import software_versions
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 sys.path.insert(0, str(ROOT))
@@ -185,7 +187,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    report = {
+    report = {"versions": software_versions(),
         "model": {"shape": f"Llama {args.layers} x hidden {args.hidden} / MLP {args.intermediate}, 32/4 heads, "
                            f"vocab {args.vocab}, float32", "disk_bytes": size, "disk_gib": size / GiB,
                   "shards": args.layers + 1},

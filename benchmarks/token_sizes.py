@@ -24,10 +24,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from quality import SMOLLM2, official_ids_calibration_file  # noqa: E402
+from quality import SMOLLM2, official_ids_calibration_file
 
-from omniquant_pl.calib.data import calibration_windows  # noqa: E402
-from omniquant_pl.models import load_model_and_tokenizer  # noqa: E402
+from omniquant_pl.calib.data import calibration_windows
+from omniquant_pl.models import load_model_and_tokenizer
+from omniquant_pl.versions import software_versions
 
 
 def main() -> None:
@@ -60,7 +61,7 @@ def main() -> None:
                       f"{row['largest_is_first_token']} of {windows.shape[0]}", f"{row['largest_over_median']:.0f}")
     Console().print(table)
     args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps({
+    args.output.write_text(json.dumps({"versions": software_versions(),
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 de-quantized)", "calib_seed": args.calib_seed,
         "windows": list(windows.shape), "size": "per-token mean square of the FP block output", "blocks": rows,
     }, indent=2))

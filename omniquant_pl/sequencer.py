@@ -58,6 +58,7 @@ from omniquant_pl.quant.kernels import use_fused_quantizers
 from omniquant_pl.quant.rtn import rtn_quantizer
 from omniquant_pl.streaming.blocks import StreamedBlocks
 from omniquant_pl.streaming.load import load_model
+from omniquant_pl.versions import changed_versions, software_versions
 
 log = logging.getLogger(__name__)
 
@@ -307,6 +308,7 @@ class BlockSequencer:
             "model_type": self.model.config.model_type,
             "device": str(self.device),
             "precision": self.precision,
+            "versions": software_versions(),  # the stack that calibrated the blocks
             "blocks": [],
             "perplexity": {},
         }
@@ -328,8 +330,15 @@ class BlockSequencer:
         """Results and learned parameters of finished blocks (empty for a fresh run)."""
         if restored is not None:
             self.results, learned = restored
-            self.results["resumed_at_block"] = len(self.results["blocks"])
-            log.info("resuming %s at block %d", self.output_dir, len(self.results["blocks"]))
+            finished = len(self.results["blocks"])
+            self.results["resumed_at_block"] = finished
+            log.info("resuming %s at block %d", self.output_dir, finished)
+            changed = changed_versions(self.results.get("versions"))
+            if changed:  # the blocks of one run come from two stacks: say so, and record it
+                log.warning("resuming with other software than the finished blocks used (%s); the blocks from %d "
+                            "on are calibrated with it", ", ".join(changed), finished)
+                self.results.setdefault("resumed_with_versions", []).append(
+                    {"at_block": finished, "versions": software_versions()})
             return learned
         self.results = self._fresh_results()
         return {}

@@ -51,6 +51,7 @@ def test_evaluate_an_output_dir_writes_eval_json_there(run_dir, tokenizer):
     assert cli.main(["evaluate", "--model.name_or_path", str(run_dir), *EVAL_ARGS]) == 0
     report = json.loads((run_dir / "eval.json").read_text())
     assert report["run_dir"] == str(run_dir) and list(report["methods"]) == ["omniquant"]
+    assert {"torch", "transformers", "lightning"} <= report["versions"].keys()
     method = report["methods"]["omniquant"]
     assert method["bits"] == "W4A16"
     assert method["disk_bytes"] == (run_dir / "model" / "model.safetensors").stat().st_size

@@ -14,6 +14,7 @@ from omniquant_pl.export import ExportConfig, export_run
 from omniquant_pl.export.gguf_blocks import EXACT_TYPES, expected_dequantized, pack_blocks
 from omniquant_pl.quant import WeightQuantizer
 from omniquant_pl.quant.codes import QuantizedWeight, load_block_codes
+from omniquant_pl.versions import software_versions
 
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("llama_cpp")
@@ -195,7 +196,10 @@ def test_float_export_holds_the_fused_weights(tmp_path, calibrated_run):
     model = _transformers_model(path)
     codes = load_block_codes(run, 1)["self_attn.k_proj"]
     assert torch.equal(model.model.layers[1].self_attn.k_proj.weight, codes.dequantize())
-    assert json.loads((tmp_path / "F32" / "export.json").read_text())["gguf_type"] == "F32"
+    written = json.loads((tmp_path / "F32" / "export.json").read_text())
+    assert written["gguf_type"] == "F32"
+    assert written["versions"] == software_versions(optional=("compressed-tensors", "gguf", "llama-cpp-python"))
+    assert written["versions"]["gguf"]  # the writer's library is named with the stack
 
 
 def test_rope_rows_follow_their_codes():

@@ -1,13 +1,19 @@
 """Falcon: one entry, its block layouts picked by config (7B: parallel attention on one shared
 LayerNorm, multi-query; 40B/180B: ln_attn and ln_mlp, grouped kv heads interleaved per kv head;
 11B: that grouping on one shared norm; RW: sequential, ALiBi, biases), the q|k|v rows of
-query_key_value as data, and q/k/v quantized inside the torch SDPA call Falcon makes itself."""
+query_key_value as data, and q/k/v quantized inside the torch SDPA call of Falcon's sdpa path.
+
+The references are what the installed transformers computes: q/k/v are read where its attention
+hands them to torch's scaled_dot_product_attention (transformers <= 5.24 calls it in Falcon's own
+forward with k/v already repeated per query head for 40B; 5.25 dispatches through the attention
+interface, whose sdpa function repeats multi-query/grouped k/v or passes them with enable_gqa)."""
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import TINY_VOCAB
 from family_checks import (
     block_output,
@@ -17,6 +23,7 @@ from family_checks import (
     fuse_with_random_parameters,
 )
 from test_let import _random_let
+from torch.overrides import TorchFunctionMode
 
 from omniquant_pl import QuantConfig, TrainConfig
 from omniquant_pl.arch import get_arch
@@ -57,6 +64,40 @@ def tiny_falcon(layout: str = "7b", seed: int = 0, layers: int = 2, attn_impleme
     return model
 
 
+class _RecordSDPA(TorchFunctionMode):
+    """Records the q, k and v of every torch scaled_dot_product_attention call ((B, heads, T, head_dim))."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            named = [kwargs[name] for name in ("query", "key", "value")[len(args[:3]):]]
+            self.calls.append(tuple(t.detach().clone() for t in (*args[:3], *named)))
+        return func(*args, **kwargs)
+
+
+def sdpa_inputs(block, hidden_states, block_kwargs, identity_rotary: bool = False):
+    """The q, k, v the installed transformers passes to torch SDPA in one call of `block` (checks it
+    is one call). identity_rotary: cos 1 and sin 0, so q/k are the rows query_key_value wrote."""
+    kwargs = dict(block_kwargs)
+    if identity_rotary and kwargs.get("position_embeddings") is not None:
+        cos, sin = kwargs["position_embeddings"]
+        kwargs["position_embeddings"] = (torch.ones_like(cos), torch.zeros_like(sin))
+    with _RecordSDPA() as recorder, torch.no_grad():
+        run_block(block, hidden_states, kwargs)
+    assert len(recorder.calls) == 1, f"{len(recorder.calls)} SDPA calls in one block forward"
+    return recorder.calls[0]
+
+
+def _as_query_heads(kv: torch.Tensor, heads: int) -> torch.Tensor:
+    """k or v with one head per query head ((B, kv heads, T, d) -> (B, heads, T, d)); each kv head
+    serves its contiguous group of query heads (enable_gqa's and repeat_kv's order)."""
+    return kv.repeat_interleave(heads // kv.shape[1], dim=1)
+
+
 def _block_and_inputs(layout, dtype=torch.float64):
     model = tiny_falcon(layout, layers=1).to(dtype)
     with torch.no_grad():  # q/k 4x: peaked attention, so a q/k scale that breaks RoPE shows plainly
@@ -65,8 +106,8 @@ def _block_and_inputs(layout, dtype=torch.float64):
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_falcon_entry_resolves_each_layout_and_its_rows_match_split_heads(layout):
-    block, spec, _ = _block_and_inputs(layout)
+def test_falcon_entry_resolves_each_layout_and_its_rows_match_the_models_q_k_v(layout):
+    block, spec, captured = _block_and_inputs(layout)
     spec.check_block(block)  # every nn.Linear of the block is named, none is missing
     assert spec == get_arch_for_config(tiny_falcon(layout, layers=1).config)  # export resolves it alike
     norms = {"7b": ("input_layernorm", None), "11b": ("input_layernorm", None), "40b": ("ln_attn", "ln_mlp"),
@@ -76,18 +117,26 @@ def test_falcon_entry_resolves_each_layout_and_its_rows_match_split_heads(layout
     assert (spec.rotary_pairs, spec.let_shifts) == ((None, True) if layout == "rw" else ("half", False))
     let = LETParams(block, spec)
     assert (let.geometry.heads, let.geometry.kv_heads, let.geometry.head_dim) == (HEADS, LAYOUTS[layout][1], HEAD_DIM)
-    # the rows each part names are what transformers' own _split_heads reads as q, k and v
+    # the rows each part names are the q, k and v the model's own attention hands to SDPA (rotary
+    # off, so q/k are exactly what query_key_value wrote), read off the installed transformers
     attention = block.self_attention
-    x = torch.randn(1, 3, HIDDEN, dtype=torch.float64)
-    q, k, v = attention._split_heads(attention.query_key_value(x))  # (1, T, heads or kv heads, head_dim)
+    normed = {}
+
+    def record_input(module, args, kwargs):  # the normed hidden states the attention reads
+        normed["x"] = (args[0] if args else kwargs["hidden_states"]).detach()
+
+    handle = attention.register_forward_pre_hook(record_input, with_kwargs=True)
+    model_qkv = sdpa_inputs(block, captured.hidden_states, captured.block_kwargs, identity_rotary=True)
+    handle.remove()
     linear, layout_rows = attention.query_key_value, spec.fused_rows(QKV)
     bias = linear.bias if linear.bias is not None else torch.zeros(linear.out_features, dtype=torch.float64)
-    for name, split in zip("qkv", (q, k, v)):
+    for name, from_model in zip("qkv", model_qkv):
         rows = [take_rows(tensor, layout_rows, name, let.geometry) for tensor in (linear.weight, bias)]
-        part = torch.nn.functional.linear(x, *rows).unflatten(-1, (-1, HEAD_DIM))  # (1, T, heads, head_dim)
-        if part.shape[2] < split.shape[2]:  # 40B: _split_heads repeats each kv head over its query group
-            part = part.repeat_interleave(HEADS // part.shape[2], dim=2)
-        torch.testing.assert_close(part, split, rtol=1e-12, atol=1e-12)
+        part = torch.nn.functional.linear(normed["x"], *rows).unflatten(-1, (-1, HEAD_DIM)).transpose(1, 2)
+        assert part.shape[1] == (HEADS if name == "q" else LAYOUTS[layout][1])  # (B, heads or kv heads, T, head_dim)
+        if from_model.shape[1] > part.shape[1]:  # the model repeated each kv head over its query group
+            part = _as_query_heads(part, from_model.shape[1])
+        torch.testing.assert_close(part, from_model, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
@@ -170,14 +219,38 @@ def test_fused_block_equals_fake_quant_block_w4a4_with_let(layout):
 @pytest.mark.parametrize("layout", ["7b", "40b"])
 def test_w4a4_hooks_quantize_every_linear_input_and_q_k_v(monkeypatch, layout):
     """Each nn.Linear of the block sees per-token 4-bit inputs (<= 16 levels per token); q, k and v
-    of Falcon's own SDPA call are quantized once per forward, after RoPE."""
+    of the SDPA call of Falcon's sdpa path are quantized once per forward, after RoPE, in the shapes
+    the installed transformers hands to SDPA."""
     module, _, captured, _ = _float_module(QuantConfig(wbits=4, abits=4, let=True), layout)
     assert sorted(module.quant_linears) == sorted([QKV, DENSE, H_TO_4H, "mlp.dense_4h_to_h"])
-    kv_heads = 1 if layout == "7b" else HEADS  # 40B: _split_heads has already repeated k/v per query head
-    check_w4a4_hooks(module, captured.hidden_states, monkeypatch,
-                     [(2, HEADS, 24, HEAD_DIM)] + [(2, kv_heads, 24, HEAD_DIM)] * 2)
+    module.act_quantizers.quantizer.enabled = False
+    shapes = [tuple(t.shape) for t in sdpa_inputs(module.block, captured.hidden_states, captured.block_kwargs)]
+    module.act_quantizers.quantizer.enabled, module.act_quantizers.qkv_calls = True, 0
+    assert shapes[0] == (2, HEADS, 24, HEAD_DIM) and shapes[1] == shapes[2]
+    assert shapes[1][1] in (LAYOUTS[layout][1], HEADS)  # k/v per kv head, or repeated per query head
+    check_w4a4_hooks(module, captured.hidden_states, monkeypatch, shapes)
     module.act_quantizers.remove()
     assert "forward" not in module.block.self_attention.__dict__  # the class's forward again
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_q_k_v_reach_sdpa_quantized_exactly_once_per_call(layout):
+    """With only the q/k/v quantizer installed: one forward makes one SDPA call, counted once, and
+    the q, k, v that reach it are the 4-bit per-token, per-head quantization of the ones the
+    model computes without it (quantized once: each of the three tensors through the quantizer)."""
+    block, spec, captured = _block_and_inputs(layout, dtype=torch.float32)
+    reference = sdpa_inputs(block, captured.hidden_states, captured.block_kwargs)
+    installed = BlockActivationQuantizers(block, spec, 4, linears=False)
+    try:
+        with installed.expect_qkv_quantized("block 0"):
+            quantized = sdpa_inputs(block, captured.hidden_states, captured.block_kwargs)
+        assert installed.qkv_calls == 1
+        for got, plain in zip(quantized, reference):
+            torch.testing.assert_close(got, installed.quantizer(plain), rtol=0, atol=0)
+            assert max(len(torch.unique(row)) for row in got.reshape(-1, HEAD_DIM)) <= 16
+            assert (got - plain).abs().max() > 1e-4
+    finally:
+        installed.remove()
 
 
 @pytest.mark.parametrize("layout", ["7b", "rw"])

@@ -324,3 +324,38 @@ def test_zero_shot_tasks_that_cannot_load_are_a_warning_not_a_lost_run(tmp_path,
     assert "ConnectionError" in results["skipped_eval"]["tasks"] and "omniquant" in results["perplexity"]
     assert (tmp_path / "out" / "model" / "config.json").is_file()
     assert "skipping zero-shot tasks" in caplog.text
+
+
+def test_results_record_the_software_stack_and_a_resume_on_another_one_warns(tmp_path, tokenizer, caplog):
+    """results.json, checkpoint.json and the export name the torch/transformers/lightning that made
+    them; resuming under other versions warns, names them, and records where the stack changed."""
+    from importlib import metadata
+
+    import pytest
+    from conftest import tiny_llama
+    from family_checks import StopAtBlock, tiny_run_config
+
+    from omniquant_pl import QuantConfig, calibrate
+    from omniquant_pl.versions import software_versions
+
+    quant = QuantConfig(wbits=4, group_size=16)
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(tiny_run_config(tmp_path, "run", quant), callbacks=[StopAtBlock(1)], model=tiny_llama(),
+                  tokenizer=tokenizer)
+    checkpoint_path = tmp_path / "run" / "checkpoint.json"
+    state = json.loads(checkpoint_path.read_text())
+    recorded = state["results"]["versions"]
+    assert recorded == software_versions()
+    assert {name: recorded[name] for name in ("torch", "transformers", "lightning")} == {
+        name: metadata.version(name) for name in ("torch", "transformers", "lightning")}
+    state["results"]["versions"]["transformers"] = "5.0.0"  # as if block 0 ran on another stack
+    checkpoint_path.write_text(json.dumps(state))
+    with caplog.at_level("WARNING"):
+        results = calibrate(tiny_run_config(tmp_path, "run", quant, resume=True), model=tiny_llama(),
+                            tokenizer=tokenizer)
+    warned = [r.getMessage() for r in caplog.records if "other software" in r.getMessage()]
+    assert len(warned) == 1 and f"transformers 5.0.0 -> {metadata.version('transformers')}" in warned[0]
+    assert results["versions"]["transformers"] == "5.0.0"  # the stack that started the run stays named
+    assert results["resumed_with_versions"] == [{"at_block": 1, "versions": software_versions()}]
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["resumed_with_versions"][0]["versions"]["transformers"] == metadata.version("transformers")

@@ -7,10 +7,13 @@
   full precision. Modules without a registered quantizer pass through unchanged. SDPA's mask
   function is registered under the same name (AttentionMaskInterface), so transformers builds
   the padding and sliding-window masks it builds for SDPA; without it, attention is plain causal.
-- Models whose attention calls torch's scaled_dot_product_attention itself (Falcon: the
-  spec's attention_hook "sdpa") keep their own attention and masks: within the attention module's
-  forward only, a TorchFunctionMode quantizes q/k/v of that call (no global patching). The model
-  must run its "sdpa" path; use_quantized_attention refuses any other.
+- Models whose "sdpa" attention path reaches torch's scaled_dot_product_attention in a way the
+  registry cannot route (Falcon, the spec's attention_hook "sdpa": its own forward calls it up to
+  transformers 5.24; from 5.25 its sdpa function does, after repeating multi-query/grouped k/v or
+  with enable_gqa) keep their own attention and masks: within the attention module's forward only, a
+  TorchFunctionMode quantizes q/k/v of that call (no global patching). The quantizer works per token
+  and head, so repeated k/v heads get the values their kv head gets. The model must run its "sdpa"
+  path; use_quantized_attention refuses any other.
 - A mixture of experts' 3-D expert tensors (spec.experts): every expert's gate_up and down inputs
   are quantized per token inside the experts module's forward (quant/experts.py); the router's
   input is not (it stays floating point).

@@ -59,8 +59,10 @@ PHI3 = ArchSpec(
 
 # Falcon: LayerNorms, q|k|v fused per kv head in query_key_value ((kv_heads, groups + 2, head_dim):
 # the 40B/180B new_decoder_architecture layout; 7B's multi-query q..q|k|v is it with 1 kv head, and
-# the RW models' per-head q|k|v with kv_heads = heads), a GELU MLP, rotate_half RoPE, and a forward
-# that calls torch's SDPA itself (not transformers' AttentionInterface). The entry is 7B's block:
+# the RW models' per-head q|k|v with kv_heads = heads), a GELU MLP, rotate_half RoPE, and q/k/v
+# quantized inside the torch SDPA call of its "sdpa" path: transformers <= 5.24 makes that call in
+# Falcon's own forward, 5.25 in the sdpa function of its attention interface (k/v repeated per query
+# head or passed with enable_gqa: the same per-token, per-head values). The entry is 7B's block:
 # attention and MLP in parallel on one shared input_layernorm (its scale folds into both).
 FALCON = ArchSpec(
     name="falcon",

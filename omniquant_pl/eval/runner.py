@@ -22,6 +22,7 @@ from torch import nn
 from omniquant_pl.config import EvalConfig, ModelConfig, QuantConfig
 from omniquant_pl.errors import ConfigError, OmniQuantError
 from omniquant_pl.eval.size import disk_bytes, packed_bytes
+from omniquant_pl.versions import software_versions
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +138,8 @@ def evaluate_target(target: EvalTarget, cfg: EvalConfig, baselines: list[str], q
     activations = install_saved_activation_quantizers(model)
     on_disk = disk_bytes(resolve_model_path(target.model.name_or_path), target.model.gguf_file)
     report: dict = {"model": target.requested, "model_type": model.config.model_type, "methods": {},
-                    "perplexity": {}, "zeroshot": {}, "eval": asdict(cfg)}
+                    "perplexity": {}, "zeroshot": {}, "eval": asdict(cfg),
+                    "versions": software_versions(optional=("lm-eval", "gguf"))}
     if target.run_dir is not None:
         report["run_dir"] = str(target.run_dir)
         report["calibration"] = {k: target.run_results.get(k) for k in ("quant_tag", "calibration_source")}

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Literal
 
 from omniquant_pl.errors import ConfigError, OmniQuantError
+from omniquant_pl.versions import software_versions
 
 # the built-in exporters, imported on first use (each registers itself)
 BUILTIN_MODULES = ("omniquant_pl.export.compressed_tensors", "omniquant_pl.export.gguf")
@@ -123,7 +124,9 @@ def export_run(run_dir: str | Path, options: ExportConfig) -> dict:
     try:
         report = exporter(run, options, staging)
         report = {"format": options.format, "run_dir": run.run_dir.name, "quant": run.quant.tag,
-                  "options": {k: v for k, v in asdict(options).items() if k != "output"}, **report, "seconds": round(time.perf_counter() - started, 1)}
+                  "options": {k: v for k, v in asdict(options).items() if k != "output"}, **report,
+                  "seconds": round(time.perf_counter() - started, 1),
+                  "versions": software_versions(optional=("compressed-tensors", "gguf", "llama-cpp-python"))}
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
         if destination.exists():
             destination.rmdir()  # empty (checked above)
