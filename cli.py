@@ -51,12 +51,12 @@ def build_parser():
 
     from omniquant_pl.config import EvalConfig, ModelConfig, QuantConfig, RunConfig
 
-    # allow_abbrev=False everywhere: `--quant.w 5` is refused like a YAML typo, not read as --quant.wbits
+    # allow_abbrev=False, exit_on_error=False everywhere: `--quant.w 5` is refused like a YAML typo, not read as --quant.wbits
     parser = LightningArgumentParser(prog="omniquant", description="OmniQuant calibration for Hugging Face causal LMs",
-                                     allow_abbrev=False, formatter_class=_help_formatter())
+                                     allow_abbrev=False, exit_on_error=False, formatter_class=_help_formatter())
     commands = parser.add_subcommands(dest="command")
 
-    calibrate = LightningArgumentParser(description="Quantize a model block by block with OmniQuant.", allow_abbrev=False,
+    calibrate = LightningArgumentParser(description="Quantize a model block by block with OmniQuant.", allow_abbrev=False, exit_on_error=False,
                                         formatter_class=_help_formatter())
     calibrate.add_argument("--config", action="config", help="YAML config (see configs/)")
     calibrate.add_class_arguments(RunConfig, None)
@@ -69,7 +69,7 @@ def build_parser():
 
     evaluate = LightningArgumentParser(
         description="Perplexity and zero-shot tasks of a model (hub id, folder, saved OmniQuant model or output "
-                    "directory), optionally with its FP/RTN baselines.", allow_abbrev=False)
+                    "directory), optionally with its FP/RTN baselines.", allow_abbrev=False, exit_on_error=False)
     evaluate.add_argument("--config", action="config")
     evaluate.add_class_arguments(ModelConfig, "model", skip={"streaming"})  # evaluate loads the whole model
     evaluate.add_class_arguments(EvalConfig, "eval", skip={"baselines"})
@@ -83,7 +83,7 @@ def build_parser():
     commands.add_subcommand("evaluate", evaluate, help="perplexity and zero-shot tasks of a model")
 
     compare = LightningArgumentParser(description="One table across runs: bits, method, perplexities, tasks, size.",
-                                      allow_abbrev=False)
+                                      allow_abbrev=False, exit_on_error=False)
     compare.add_argument("runs", type=str, nargs="+",
                          help="output directories (eval.json, else results.json) or eval.json files")
     compare.add_argument("--output", type=str, default="outputs/comparison",
@@ -92,7 +92,7 @@ def build_parser():
 
     export = LightningArgumentParser(
         description="Write a calibrated run as a real quantized model: compressed-tensors (vLLM, transformers) "
-                    "or GGUF (llama.cpp, Ollama).", allow_abbrev=False)
+                    "or GGUF (llama.cpp, Ollama).", allow_abbrev=False, exit_on_error=False)
     export.add_argument("run_dir", type=str, help="output directory of a finished calibrate run")
     export.add_argument("--format", type=str, default="compressed-tensors",
                         help="compressed-tensors (vLLM, transformers) or gguf (llama.cpp, Ollama)")
@@ -126,20 +126,28 @@ def run_calibrate(args) -> dict:
 def run_evaluate(args) -> dict:
     from rich.console import Console
 
+    from callbacks.progress import ProgressCallback
     from omniquant_pl.eval.compare import rich_table, rows_of
     from omniquant_pl.eval.runner import check_writable, evaluate_target, report_path, resolve_target
     from omniquant_pl.io import atomic_write_json
+    from omniquant_pl.plan import resolve_device
     from omniquant_pl.preflight import check_evaluation
-    from omniquant_pl.sequencer import resolve_device
 
     target = resolve_target(args.model)
     path = report_path(target.run_dir, args.output)
     check_evaluation(target.model, args.eval, args.accelerator)  # before the model loads
     check_writable(path)  # before the evaluation, not after it
-    report = evaluate_target(target, args.eval, args.baselines, args.quant, resolve_device(args.accelerator))
+    progress = ProgressCallback()
+    try:
+        report = evaluate_target(target, args.eval, args.baselines, args.quant, resolve_device(args.accelerator),
+                                 progress=progress.evaluation_task)
+    finally:
+        progress.on_calibration_end(None, None)  # stops its bars
     console = Console()
     console.print(rich_table(rows_of(Path(args.model.name_or_path).name or args.model.name_or_path, report),
                              title=f"evaluate {args.model.name_or_path}"))
+    for what, reason in report.get("skipped_eval", {}).items():
+        console.print(f"skipped {what}: {reason}", markup=False)
     if path is not None:
         atomic_write_json(report, path)
         console.print(f"eval.json: {path}")
@@ -230,12 +238,18 @@ def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv) in ([], ["-h"], ["--help"]):
         print(OVERVIEW)
         return 0
+    from jsonargparse import ArgumentError
+    from rich.console import Console
+    from rich.logging import RichHandler
+
     from omniquant_pl.errors import OmniQuantError
-    from omniquant_pl.sequencer import quiet_lightning
+    from omniquant_pl.trainer import quiet_lightning
 
     quiet_lightning()
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="jsonargparse")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # one log style on the terminal, under progress bars and in a log file alike
+    logging.basicConfig(level=logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, markup=False)])
     parser = build_parser()
     try:
         check_yaml_files(sys.argv[1:] if argv is None else argv)
@@ -253,6 +267,11 @@ def main(argv: list[str] | None = None) -> int:
             run_export(sub)
     except OmniQuantError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except ArgumentError as err:  # a refused flag or value: one line, not the whole usage
+        command = next((a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")), "")
+        message = " ".join(line.strip() for line in str(err).splitlines() if line.strip())
+        print(f"error: {message} (omniquant {command} --help lists the options)".replace("  ", " "), file=sys.stderr)
         return 2
     except OSError as err:
         if err.errno not in DISK_ERRORS:

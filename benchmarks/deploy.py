@@ -42,6 +42,7 @@ from omniquant_pl.eval.perplexity import evaluate_perplexity
 from omniquant_pl.export import ExportConfig, export_run
 from omniquant_pl.export.gguf import model_to_gguf, tensor_types
 from omniquant_pl.models import load_model_and_tokenizer, resolve_model_path
+from omniquant_pl.results import read_results
 from omniquant_pl.versions import software_versions
 
 LLAMA_CPP_TYPES = ("Q4_0", "Q4_1", "Q3_K_M", "Q2_K")
@@ -160,12 +161,12 @@ def omniquant_rows(rows: Rows, args: argparse.Namespace, work: Path) -> dict[str
         if not (run_dir / "model" / "config.json").is_file():
             calibrate(run_config(args.configs / f"gguf-{gguf_type.lower()}.yaml", args, run_dir))
         runs[gguf_type] = run_dir
-        results = json.loads((run_dir / "results.json").read_text())
+        results = read_results(run_dir / "results.json")
         folder = ensure_export(run_dir, ExportConfig(format="gguf", gguf_type=gguf_type,
                                                      output=str(run_dir / "export" / f"gguf-{gguf_type}")))
-        restored = Counter(block.get("restored", "trained") for block in results["blocks"])
-        rows.add("c", "OmniQuant", gguf_type, next(folder.glob("*.gguf")), quant=results["quant_tag"],
-                 calibration_seconds=round(results["calibration_seconds"], 1), blocks_kept=dict(restored))
+        restored = Counter(block.restored or "trained" for block in results.blocks)
+        rows.add("c", "OmniQuant", gguf_type, next(folder.glob("*.gguf")), quant=results.quant_tag,
+                 calibration_seconds=round(results.calibration_seconds, 1), blocks_kept=dict(restored))
     for gguf_type in OURS_REQUANTIZED:
         folder = ensure_export(runs["Q4_0"], ExportConfig(format="gguf", gguf_type=gguf_type, requantize=True,
                                                           output=str(runs["Q4_0"] / "export" / f"gguf-{gguf_type}")))

@@ -39,6 +39,7 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
+from omniquant_pl.results import read_results
 from omniquant_pl.versions import software_versions
 
 BUSY_NOTE = ("other jobs shared the machine (load average {load:.1f} on {cpus} cores at the start): timings are "
@@ -82,8 +83,8 @@ def run(command: list[str], output_dir: Path, threads: int | None = None) -> dic
     wall = time.perf_counter() - started
     if proc.returncode != 0:
         sys.exit(f"{' '.join(command[:6])} ... failed:\n{proc.stderr[-3000:]}")
-    results = json.loads((output_dir / "results.json").read_text())
-    return {"wall_seconds": wall, "calibration_seconds": results["calibration_seconds"], "results": results,
+    results = read_results(output_dir / "results.json")
+    return {"wall_seconds": wall, "calibration_seconds": results.calibration_seconds, "results": results,
             "output_dir": output_dir}
 
 
@@ -107,8 +108,8 @@ def differences(reference: dict, other: dict) -> dict:
 
     a, b = (load_file(run["output_dir"] / "learned_params.safetensors") for run in (reference, other))
     assert a.keys() == b.keys(), "the two runs learned different parameter sets"
-    pairs = [(x, y) for s, p in zip(reference["results"]["blocks"], other["results"]["blocks"], strict=True)
-             for x, y in [(s["final_loss"], p["final_loss"]), *zip(s["epoch_losses"], p["epoch_losses"], strict=True)]]
+    pairs = [(x, y) for s, p in zip(reference["results"].blocks, other["results"].blocks, strict=True)
+             for x, y in [(s.final_loss, p.final_loss), *zip(s.epoch_losses, p.epoch_losses, strict=True)]]
     return {"learned_max_abs_diff": max((a[k] - b[k]).abs().max().item() for k in a),
             "learned_max_rel_diff": max(((a[k] - b[k]).abs() / a[k].abs().clamp(min=1e-12)).max().item() for k in a),
             "loss_max_rel_diff": max(abs(x - y) / abs(x) for x, y in pairs)}
@@ -131,7 +132,7 @@ def compare_once(tmp: Path, args: argparse.Namespace, abits: int) -> dict:
          *calibrate("model")], tmp / f"a{abits}-parallel")
     reference = next(iter(runs.values()))
     rows = [{"run": name, "wall_seconds": result["wall_seconds"], "calibration_seconds": result["calibration_seconds"],
-             "final_losses": [block["final_loss"] for block in result["results"]["blocks"]],
+             "final_losses": [block.final_loss for block in result["results"].blocks],
              **(differences(reference, result) if result is not reference else {})}
             for name, result in runs.items()]
     return {"quant": f"W4A{abits}g64 LWC+LET", "runs": rows}

@@ -81,9 +81,9 @@ def main() -> None:
                             output_dir=out, save_model=False)
             started = time.perf_counter()
             results = calibrate(cfg, model=build(), tokenizer=tokenizer)
-        ppl = {method: results["perplexity"][method]["pydoc"]["ppl"] for method in ("fp", "rtn", "omniquant")}
-        blocks = [{key: block.get(key) for key in ("block", "rtn_loss", "init_loss", "final_loss", "expert_tokens")
-                   if block.get(key) is not None} for block in results["blocks"]]
+        ppl = {method: results.perplexity[method]["pydoc"].ppl for method in ("fp", "rtn", "omniquant")}
+        blocks = [{key: getattr(block, key) for key in ("block", "rtn_loss", "init_loss", "final_loss", "expert_tokens")
+                   if getattr(block, key) is not None} for block in results.blocks]
         rows.append({"family": label, "setting": quant.tag, "ppl": ppl, "blocks": blocks,
                      "seconds": time.perf_counter() - started})
         for block in blocks:

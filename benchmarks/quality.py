@@ -119,13 +119,14 @@ def main() -> None:
             shutil.rmtree(cfg.output_dir, ignore_errors=True)  # a benchmark always starts fresh
             results = calibrate(cfg, model=copy.deepcopy(base_model), tokenizer=tokenizer)
             if not rtn_done:
-                rows.append({"setting": tag, "method": "RTN", "ppl": results["perplexity"]["rtn"]["wikitext2"]["ppl"], "seconds": 0.0})
+                rows.append({"setting": tag, "method": "RTN", "ppl": results.perplexity["rtn"]["wikitext2"].ppl,
+                             "seconds": 0.0})
                 rtn_done = True
             rows.append({
                 "setting": tag, "method": f"OmniQuant LWC ({variant})",
-                "ppl": results["perplexity"]["omniquant"]["wikitext2"]["ppl"],
-                "seconds": results["calibration_seconds"],
-                "final_over_rtn_block_loss": [b["final_loss"] / b["rtn_loss"] for b in results["blocks"]],
+                "ppl": results.perplexity["omniquant"]["wikitext2"].ppl,
+                "seconds": results.calibration_seconds,
+                "final_over_rtn_block_loss": [b.final_loss / b.rtn_loss for b in results.blocks],
             })
             print(f"{tag} {variant}: ppl {rows[-1]['ppl']:.3f} ({rows[-1]['seconds']:.0f} s)", flush=True)
 
@@ -228,21 +229,21 @@ def official_ids(args: argparse.Namespace) -> None:
             )
             shutil.rmtree(cfg.output_dir, ignore_errors=True)  # a benchmark always starts fresh
             results = calibrate(cfg, model=copy.deepcopy(model), tokenizer=tokenizer)
-            assert results["calibration_ids_sha256"] == ids_by_seed[seed]
-            ppl = results["perplexity"]
+            assert results.calibration_ids_sha256 == ids_by_seed[seed]
+            ppl = results.evaluation
             if bits not in rtn_by_bits:  # RTN and FP do not depend on the calibration ids
-                rtn_by_bits[bits] = (ppl["fp"]["wikitext2"]["ppl"], ppl["rtn"]["wikitext2"]["ppl"])
+                rtn_by_bits[bits] = (ppl.ppl("fp", "wikitext2"), ppl.ppl("rtn", "wikitext2"))
             fp, rtn = rtn_by_bits[bits]
-            ours = ppl["omniquant"]["wikitext2"]["ppl"]
+            ours = ppl.ppl("omniquant", "wikitext2")
             rerun = reruns.get((label, seed)) if args.weights == "fp16" else None
             rows.append({
                 "setting": label, "calib_seed": seed, "calibration_ids_sha256": ids_by_seed[seed],
                 "fp": fp, "rtn": rtn, "official_issue_14": setting["official_ppl"] if seed == 2 else None,
-                "ours": ours, "seconds": results["calibration_seconds"],
-                "epoch_losses": {str(b): results["blocks"][b]["epoch_losses"] for b in REPORTED_BLOCKS
-                                 if b < len(results["blocks"])},
+                "ours": ours, "seconds": results.calibration_seconds,
+                "epoch_losses": {str(b): results.blocks[b].epoch_losses for b in REPORTED_BLOCKS
+                                 if b < len(results.blocks)},
                 # blocks where keep_best kept other parameters than the trained ones: {block: initial | rtn}
-                "kept": {str(b["block"]): b["restored"] for b in results["blocks"] if b.get("restored")},
+                "kept": {str(b.block): b.restored for b in results.blocks if b.restored},
             })
             print(f"{label} seed {seed}: ours {ours:.2f}, official rerun "
                   f"{'-' if rerun is None else f'{rerun:.2f}'} ({rows[-1]['seconds']:.0f} s)", flush=True)

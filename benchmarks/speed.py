@@ -42,12 +42,15 @@ from lightning.pytorch.callbacks import Callback
 from rich.console import Console
 from rich.table import Table
 
+from callbacks import with_defaults
 from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig
-from omniquant_pl.block_module import cached_batch_loader
+from omniquant_pl.calib.batches import cached_batch_loader
+from omniquant_pl.calib.caches import cache_of
 from omniquant_pl.calib.capture import capture_block_inputs, kwargs_to
 from omniquant_pl.calib.prefetch import on_device
-from omniquant_pl.quant.kernels import use_fused_quantizers
-from omniquant_pl.sequencer import BlockSequencer, autocast_dtype
+from omniquant_pl.compile_policy import active_policy
+from omniquant_pl.plan import dtype_of
+from omniquant_pl.sequencer import BlockSequencer
 from omniquant_pl.versions import software_versions
 
 # Llama-family block shapes: hidden, MLP, heads, kv heads
@@ -166,12 +169,14 @@ def prepare(args, compile_mode: str, device: torch.device, callbacks: list,
         output_dir=str(args.work_dir / compile_mode),
         save_model=False,
     )
-    sequencer = BlockSequencer(config, callbacks=callbacks, model=model)
+    sequencer = BlockSequencer(config, callbacks=with_defaults(callbacks), model=model)
     sequencer.setup()
     windows = torch.randint(0, 256, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(1))
     captured = capture_block_inputs(model, sequencer.spec, windows)
-    sequencer.block_kwargs = kwargs_to(captured.block_kwargs, device)
-    inputs = sequencer.cache_inputs(captured.hidden_states, dtype)
+    sequencer.layer_kwargs = [kwargs_to(kwargs, device, dtype_of(sequencer.plan.block_dtype))
+                              for kwargs in captured.layer_kwargs]
+    inputs = cache_of(captured.hidden_states, dtype_of(sequencer.plan.cache_dtype),
+                      torch.device(sequencer.plan.cache_device), device)
     sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -183,15 +188,15 @@ def run_plain_loop(args, compile_mode: str, device: torch.device) -> dict:
     the floor against which Lightning's per-step overhead is measured."""
     sequencer, inputs = prepare(args, compile_mode, device, callbacks=[])
     block = sequencer.blocks[0].to(device)
-    targets = sequencer._propagate(block, inputs)
-    module = sequencer._build_module(0, block)
-    amp = autocast_dtype(sequencer.precision)
+    targets = sequencer._propagate(block, inputs, 0)
+    module = sequencer.build_module(0, block)
+    amp = sequencer.amp
     loader = cached_batch_loader(inputs, targets, batch_size=args.batch_size, shuffle=False, seed=0)
-    compiled = sequencer.compile_mode() == "block" and module.warm_up(loader.dataset[0], amp)
+    compiled = sequencer.plan.compile == "block" and module.warm_up(loader.dataset[0], amp)
     optimizer = module.configure_optimizers()
     module.train()
     seconds, losses = [], []
-    with use_fused_quantizers(sequencer.compile_mode() == "quantizers"):
+    with active_policy(sequencer.compile_policy):
         for _ in range(args.epochs):
             sync(device)
             started = time.perf_counter()
@@ -216,8 +221,8 @@ def run_path(args, compile_mode: str, device: torch.device, steps_per_call: int)
     sequencer, inputs = prepare(args, compile_mode, device, [timer], steps_per_call)
     cache_device = inputs.device
     started = time.perf_counter()
-    with use_fused_quantizers(sequencer.compile_mode() == "quantizers"):
-        _, _, metrics, _ = sequencer.calibrate_block(0, inputs, inputs)
+    with active_policy(sequencer.compile_policy):
+        _, _, result, _ = sequencer.calibrate_block(0, inputs, inputs)
     total = time.perf_counter() - started
     return {
         "path": ("reference (eager)" if compile_mode == "off" else f"compile {compile_mode}")
@@ -225,14 +230,14 @@ def run_path(args, compile_mode: str, device: torch.device, steps_per_call: int)
         "compile": compile_mode,
         "lightning": True,
         "steps_per_call": steps_per_call,
-        "compiled_step": metrics.get("compiled_step", False),
-        "cuda_graph": metrics.get("cuda_graph_step", False),
-        "precision": sequencer.precision,
+        "compiled_step": bool(result.compiled_step),
+        "cuda_graph": bool(result.cuda_graph_step),
+        "precision": sequencer.plan.precision,
         "cache_device": str(cache_device),
         **epoch_timing(args, timer.seconds, timer.steps[-1] if timer.steps else 0, device),
         "block_seconds": total,
         "outside_epochs_seconds": total - sum(timer.seconds),  # targets, warm-up/compile, fuse, propagate
-        "final_epoch_loss": metrics["epoch_losses"][-1] if metrics["epoch_losses"] else None,
+        "final_epoch_loss": result.epoch_losses[-1] if result.epoch_losses else None,
     }
 
 
@@ -267,25 +272,25 @@ def run_model_path(args, compile_mode: str, device: torch.device, baselines: lis
 
         shutil.rmtree(config.output_dir)
     results = calibrate(config)
-    blocks = results["blocks"]
+    blocks = results.blocks
     steps = len(blocks) * args.epochs * -(-args.nsamples // args.batch_size)
-    ppl = results["perplexity"]
     return {
         "path": "reference (eager)" if compile_mode == "off" else f"compile {compile_mode}",
         "compile": compile_mode,
-        "calibration_seconds": results["calibration_seconds"],
-        "total_seconds": results["total_seconds"],
-        "ms_per_step": 1000 * results["calibration_seconds"] / max(steps, 1),
+        "calibration_seconds": results.calibration_seconds,
+        "total_seconds": results.total_seconds,
+        "ms_per_step": 1000 * results.calibration_seconds / max(steps, 1),
         "steps": steps,
-        "peak_gpu_gib": (results.get("peak_accelerator_memory_bytes") or 0) / 2**30 or None,
-        "blocks_below_rtn": sum(b.get("final_loss", 0) < b.get("rtn_loss", 0) for b in blocks),
+        "peak_gpu_gib": (results.peak_accelerator_memory_bytes or 0) / 2**30 or None,
+        "blocks_below_rtn": sum((b.final_loss or 0) < (b.rtn_loss or 0) for b in blocks),
         "batch_size": args.batch_size, "lr_batch_scaling": args.lr_batch_scaling,
-        "final_block_losses": [b.get("final_loss") for b in blocks],
-        "sum_final_block_loss": sum(b.get("final_loss", 0.0) for b in blocks),
-        "perplexity": {method: table["wikitext2"]["ppl"] for method, table in ppl.items() if "wikitext2" in table},
-        "eval_windows": next((t["wikitext2"]["windows"] for t in ppl.values() if "wikitext2" in t), None),
-        "compiled_blocks": sum(bool(b.get("compiled_step")) for b in blocks),
-        "graphed_blocks": sum(bool(b.get("cuda_graph_step")) for b in blocks),  # replayed a recorded step
+        "final_block_losses": [b.final_loss for b in blocks],
+        "sum_final_block_loss": sum(b.final_loss or 0.0 for b in blocks),
+        "perplexity": {method: table["wikitext2"].ppl for method, table in results.perplexity.items()
+                       if "wikitext2" in table},
+        "eval_windows": next((t["wikitext2"].windows for t in results.perplexity.values() if "wikitext2" in t), None),
+        "compiled_blocks": sum(bool(b.compiled_step) for b in blocks),
+        "graphed_blocks": sum(bool(b.cuda_graph_step) for b in blocks),  # replayed a recorded step
         "calib_seed": args.calib_seed,
     }
 

@@ -93,8 +93,8 @@ def run_child(args) -> None:
     print(json.dumps({
         "seconds": time.perf_counter() - started,
         "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        "streaming": results["streaming"],
-        "ppl": {method: table["pydoc"]["ppl"] for method, table in results["perplexity"].items()},
+        "streaming": results.plan.streaming,
+        "ppl": {method: table["pydoc"].ppl for method, table in results.perplexity.items()},
     }))
 
 

@@ -3,7 +3,8 @@
 The block runs through transformers' own module (attention included); its linears are swapped
 for QuantLinears. The loss (train.loss: MSE by default, see losses.py) compares the quantized
 block's output with the cached target of the full-precision block (plus, with `aug_loss`, the FP
-block's output on the quantized inputs).
+block's output on the quantized inputs). How each step runs (eager, compiled, a CUDA graph) is
+block_step.py's; the batches come from calib/batches.py.
 """
 from __future__ import annotations
 
@@ -17,115 +18,25 @@ import lightning as L
 import torch
 from torch import nn
 from torch.func import functional_call
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader
 
-from omniquant_pl.arch.attention_hooks import BlockActivationQuantizers
 from omniquant_pl.arch.base import ArchSpec
 from omniquant_pl.arch.registry import check_supported
+from omniquant_pl.block_step import StepRunner, block_loss
 from omniquant_pl.calib.capture import run_block
 from omniquant_pl.calib.prefetch import on_device
+from omniquant_pl.compile_policy import CompilePolicy
 from omniquant_pl.config import QuantConfig, TrainConfig
 from omniquant_pl.distributed import global_mean
-from omniquant_pl.graph_step import GraphedTrainStep
 from omniquant_pl.let.init import init_let_from_ranges
 from omniquant_pl.let.params import LETParams
-from omniquant_pl.losses import LOSSES
+from omniquant_pl.quant.activation_hooks import BlockActivationQuantizers
 from omniquant_pl.quant.codes import QuantizedWeight
 from omniquant_pl.quant.experts import QuantExperts, quantize_block_experts, restore_block_experts
 from omniquant_pl.quant.linear import QuantLinear, quantize_block_linears, restore_block_linears, set_submodule
 from omniquant_pl.quant.lwc import WeightQuantizer, clipping_disabled
 
 log = logging.getLogger(__name__)
-
-
-def block_loss(module: BlockModule, inputs: torch.Tensor, target: torch.Tensor,
-               aug_target: torch.Tensor | None) -> torch.Tensor:
-    """train.loss (MSE by default) of the quantized block's output to the FP target (+ to the aug
-    target), in fp32."""
-    loss_of = LOSSES[module.train_config.loss]
-    output = module(inputs)
-    loss = loss_of(output, target)
-    if aug_target is not None:
-        loss = loss + loss_of(output, aug_target)
-    return loss
-
-
-_compiled_block_loss = None
-_block_compile_failed = False
-_cuda_graph_failed = False
-
-
-def _first_line(err: Exception) -> str:
-    return f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-
-
-def compiled_block_loss():
-    """`block_loss` under torch.compile: forward and backward each become one graph, shared by
-    every block of a model (parameters are graph inputs, so a new block does not recompile)."""
-    global _compiled_block_loss
-    if _compiled_block_loss is None:
-        import torch._dynamo
-
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _compiled_block_loss = torch.compile(block_loss)
-    return _compiled_block_loss
-
-
-class CachedBatches(Dataset):
-    """Batches of (quantized inputs, targets[, aug targets]) sliced from caches (views, no copy).
-    A list of indices gives a chunk: the list of those batches."""
-
-    def __init__(self, *caches: torch.Tensor, batch_size: int) -> None:
-        self.caches = caches
-        self.batch_size = batch_size
-
-    def __len__(self) -> int:
-        return -(-self.caches[0].shape[0] // self.batch_size)
-
-    def __getitem__(self, index: int | list[int]) -> tuple[torch.Tensor, ...] | list[tuple[torch.Tensor, ...]]:
-        if isinstance(index, list):
-            return [self[i] for i in index]
-        rows = slice(index * self.batch_size, (index + 1) * self.batch_size)
-        return tuple(cache[rows] for cache in self.caches)  # each (B, seqlen, hidden)
-
-
-class BatchOrder(Sampler):
-    """Batch indices of an epoch: in order, or a permutation seeded by (seed, epoch) alone, so the
-    order never depends on how often the loader was iterated (Lightning calls set_epoch). With
-    `chunk`, yields lists of that many consecutive indices of the same order (the last may be
-    shorter)."""
-
-    def __init__(self, num_batches: int, shuffle: bool, seed: int, chunk: int | None = None) -> None:
-        self.num_batches, self.shuffle, self.seed, self.chunk = num_batches, shuffle, seed, chunk
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.num_batches if self.chunk is None else -(-self.num_batches // self.chunk)
-
-    def __iter__(self):
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.num_batches, generator=generator).tolist()
-        else:
-            order = list(range(self.num_batches))
-        if self.chunk is None:
-            yield from order
-        else:
-            for start in range(0, self.num_batches, self.chunk):
-                yield order[start : start + self.chunk]
-
-
-def cached_batch_loader(*caches: torch.Tensor, batch_size: int, shuffle: bool, seed: int,
-                        steps_per_call: int | None = None) -> DataLoader:
-    """Batches of the caches (see BatchOrder); with `steps_per_call`, chunks of that many batches."""
-    dataset = CachedBatches(*caches, batch_size=batch_size)
-    order = BatchOrder(len(dataset), shuffle, seed, steps_per_call)
-    # its own generator: iterating the loader leaves the global RNG alone
-    return DataLoader(dataset, batch_size=None, sampler=order, generator=torch.Generator().manual_seed(seed))
-
 
 class BlockModule(L.LightningModule):
     """Quantized copy of block `index`, trained to match the FP block's cached outputs."""
@@ -139,6 +50,7 @@ class BlockModule(L.LightningModule):
         quant: QuantConfig,
         train: TrainConfig,
         input_ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        compile_policy: CompilePolicy | None = None,
     ) -> None:
         super().__init__()
         check_supported(spec, quant.let, quant.abits)  # a weight-only spec never reaches the LET or activation code
@@ -175,14 +87,10 @@ class BlockModule(L.LightningModule):
         self.quantized_weights: dict[str, QuantizedWeight] = {}
         self.epoch_losses: list[float] = []
         self.epoch_steps = 0  # optimizer steps of the current epoch so far
-        self.compile_block = False  # set by warm_up()
         # manual optimization: each training_step runs the optimizer steps of a chunk of batches
         # (train.steps_per_call), so Lightning's per-call overhead is paid once per chunk
         self.automatic_optimization = False
-        # train.cuda_graph: each step replays a recorded CUDA graph
-        self.graph_step_dtype: torch.dtype | None = None
-        self.use_cuda_graph = False
-        self._graphed_step = None
+        self.step_runner = StepRunner(compile_policy)  # eager, compiled or a recorded CUDA graph
 
     # -- parameters --------------------------------------------------------------------------
     def weight_quantizers(self) -> dict[str, WeightQuantizer]:
@@ -293,66 +201,34 @@ class BlockModule(L.LightningModule):
 
     def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         inputs, target, *aug_target = batch
-        loss_fn = compiled_block_loss() if self.compile_block else block_loss
-        return loss_fn(self, inputs, target, aug_target[0] if aug_target else None)
+        return self.step_runner.loss_function()(self, inputs, target, aug_target[0] if aug_target else None)
 
     def warm_up(self, batch: tuple[torch.Tensor, ...], autocast_dtype: torch.dtype | None) -> bool:
-        """Compile the training step (`train.compile: block`) with one forward/backward on
-        `batch` (gradients dropped, parameters unchanged). On a compiler failure warn and stay
-        eager for the rest of the run. Returns whether the compiled step is in use."""
-        global _block_compile_failed
-        if _block_compile_failed:
-            return False
-        self.compile_block = True
-        self.train()
-        batch = tuple(t.to(self.device, non_blocking=True) for t in batch)
-        if self.act_quantizers is not None:  # the compiled step skips forward's q/k/v check
-            with torch.no_grad(), torch.autocast(self.device.type, dtype=autocast_dtype,
-                                                 enabled=autocast_dtype is not None):
-                self(batch[0][:1])
-        try:
-            with torch.autocast(self.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                loss = self.loss(batch)
-            loss.backward()
-        except Exception as err:  # noqa: BLE001 - any compiler failure: calibrate eagerly instead
-            log.warning("compiling the block step failed (%s); running eagerly", _first_line(err))
-            _block_compile_failed = True
-            self.compile_block = False
-        finally:
-            for param in self.parameters():
-                param.grad = None
-        return self.compile_block
+        """Compile the training step (see StepRunner.warm_up); returns whether it is compiled."""
+        return self.step_runner.warm_up(self, batch, autocast_dtype)
 
     def enable_cuda_graph(self, autocast_dtype: torch.dtype | None) -> None:
-        """Record each fit's step as a CUDA graph (see graph_step.py); CUDA only."""
-        self.use_cuda_graph = True
-        self.graph_step_dtype = autocast_dtype
+        self.step_runner.enable_cuda_graph(autocast_dtype)
 
-    def on_train_start(self) -> None:
-        self._graphed_step = None  # a new fit (a retry) has a new optimizer: record again
+    @property
+    def use_cuda_graph(self) -> bool:
+        return self.step_runner.use_cuda_graph
+
+    @property
+    def compile_block(self) -> bool:
+        return self.step_runner.compiled
 
     @property
     def graphed(self) -> bool:
         """Whether the last fit replayed a recorded CUDA graph."""
-        return self._graphed_step is not None
+        return self.step_runner.graphed_step is not None
 
-    def _recorded_step(self, batch: tuple[torch.Tensor, ...]) -> GraphedTrainStep | None:
-        """The fit's recorded step (recorded on the first full-size batch), or None where recording
-        failed or no full-size batch came yet."""
-        global _cuda_graph_failed
-        full_size = batch[0].shape[0] == self.train_config.batch_size
-        if self._graphed_step is None and full_size and not _cuda_graph_failed:
-            try:
-                self._graphed_step = GraphedTrainStep(self.loss, self.optimizers().optimizer, batch,
-                                                      self.graph_step_dtype)
-            except Exception as err:  # noqa: BLE001 - keep calibrating with the plain step
-                log.warning("recording the step as a CUDA graph failed (%s); running it eagerly", _first_line(err))
-                _cuda_graph_failed = True
-        return self._graphed_step
+    def on_train_start(self) -> None:
+        self.step_runner.new_fit()
 
     def optimizer_step_on(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """One AdamW step on one batch; returns its loss (detached)."""
-        recorded = self._recorded_step(batch) if self.use_cuda_graph else None
+        recorded = self.step_runner.recorded_step(self, batch)
         if recorded is not None and recorded.accepts(batch):
             return recorded(batch)
         optimizer = self.optimizers()  # through the precision plugin (autocast, loss scaling)
@@ -456,3 +332,15 @@ class BlockModule(L.LightningModule):
         if self.act_quantizers is not None:
             self.act_quantizers = BlockActivationQuantizers(self.block, self.spec, self.quant_config.abits)
         return self.block
+
+
+def report_unrouted_experts(module: BlockModule, initial_state: dict[str, torch.Tensor]) -> list[int]:
+    """Log the calibration tokens each expert received; experts that received none keep their
+    initial clipping (no gradient reached them), and the run says so. Returns them."""
+    log.info("block %d: calibration tokens per expert %s", module.index, module.expert_tokens)
+    unrouted = module.keep_initial_clipping_of_unrouted(initial_state)
+    if unrouted:
+        log.warning("block %d: experts %s received no calibration tokens; their weights keep the initial clipping "
+                    "(no gradient reached them); more or longer calibration samples would route tokens to them",
+                    module.index, unrouted)
+    return unrouted

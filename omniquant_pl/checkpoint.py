@@ -23,6 +23,7 @@ import torch
 from omniquant_pl.config import RunConfig
 from omniquant_pl.errors import OmniQuantError
 from omniquant_pl.io import atomic_save_safetensors, atomic_write_json
+from omniquant_pl.results import RunResults
 
 CHECKPOINT = "checkpoint.json"
 LEARNED = "learned_params.safetensors"  # all blocks, written when the run ends (and by older versions)
@@ -65,15 +66,15 @@ def learned_block_path(output_dir: Path, index: int) -> Path:
     return Path(output_dir) / LEARNED_DIR / f"block_{index:03d}.safetensors"
 
 
-def write_checkpoint(output_dir: Path, config: RunConfig, results: dict, index: int,
+def write_checkpoint(output_dir: Path, config: RunConfig, results: RunResults, index: int,
                      block_learned: dict[str, torch.Tensor]) -> None:
     """Count block `index` as finished: its parameters (names relative to the block) first."""
     atomic_save_safetensors(block_learned, learned_block_path(output_dir, index), {"quant": config.quant.tag})
     state = {
         "config_hash": config_hash(config),
         "config_identity": config_identity(config),
-        "finished_blocks": len(results["blocks"]),
-        "results": results,
+        "finished_blocks": results.finished_blocks,
+        "results": results.to_dict(),
     }
     atomic_write_json(state, output_dir / CHECKPOINT)
 
@@ -138,7 +139,7 @@ def _load_learned(output_dir: Path, finished: int) -> dict[str, torch.Tensor]:
     return learned
 
 
-def load_checkpoint(output_dir: Path, config: RunConfig) -> tuple[dict, dict[str, torch.Tensor]] | None:
+def load_checkpoint(output_dir: Path, config: RunConfig) -> tuple[RunResults, dict[str, torch.Tensor]] | None:
     """(results so far, learned parameters) of a compatible checkpoint, None if there is none."""
     output_dir = Path(output_dir)
     state = read_checkpoint_state(output_dir)
@@ -150,7 +151,7 @@ def load_checkpoint(output_dir: Path, config: RunConfig) -> tuple[dict, dict[str
             f"cannot resume {output_dir}: it was calibrated with a different config "
             f"({'; '.join(diffs[:4]) or 'unknown differences'}); use the original config or a new output_dir"
         )
-    return state["results"], _load_learned(output_dir, int(state["finished_blocks"]))
+    return RunResults.from_dict(state["results"]), _load_learned(output_dir, int(state["finished_blocks"]))
 
 
 def existing_progress(output_dir: Path) -> int:

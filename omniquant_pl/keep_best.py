@@ -1,4 +1,5 @@
-"""train.keep_best: end each block with the lowest-loss of its trained, initial and RTN parameters."""
+"""train.keep_best: end each block with the lowest-loss of its trained, initial and (plan.keep_best_rtn)
+RTN parameters."""
 from __future__ import annotations
 
 import logging
@@ -7,20 +8,20 @@ import math
 import torch
 
 from omniquant_pl.block_module import BlockModule
+from omniquant_pl.results import BlockResult
 
 log = logging.getLogger(__name__)
 
 
-def keep_best(index: int, module: BlockModule, initial_state: dict[str, torch.Tensor], metrics: dict,
-              rtn: bool | str) -> None:
+def keep_best(index: int, module: BlockModule, initial_state: dict[str, torch.Tensor], result: BlockResult,
+              rtn: bool) -> None:
     """Keep whichever of the trained and initial parameters (and, with `rtn`, round-to-nearest) gave
     the lowest block loss (ties: trained first; non-finite losses never win), so no block ends worse
-    than its start (or than RTN). `rtn` is train.keep_best_rtn: ``auto`` = where the block learns LET.
-    Updates `metrics` (final_loss; trained_loss and restored when it switched)."""
-    losses = {"trained": metrics["final_loss"], "initial": metrics["init_loss"]}
-    weigh_rtn = (module.let is not None) if rtn == "auto" else rtn
-    if weigh_rtn:
-        losses["rtn"] = metrics["rtn_loss"]
+    than its start (or than RTN). Updates `result` (final_loss; trained_loss and restored when it
+    switched)."""
+    losses = {"trained": result.final_loss, "initial": result.init_loss}
+    if rtn:
+        losses["rtn"] = result.rtn_loss
     best = min(losses, key=lambda name: losses[name] if math.isfinite(losses[name]) else math.inf)
     if best == "trained" or not math.isfinite(losses[best]):
         return
@@ -30,5 +31,4 @@ def keep_best(index: int, module: BlockModule, initial_state: dict[str, torch.Te
         module.make_rtn()
     log.warning("block %d: training ended at loss %.4g; kept the %s parameters (loss %.4g)",
                 index, losses["trained"], best, losses[best])
-    metrics["trained_loss"], metrics["final_loss"] = losses["trained"], losses[best]
-    metrics["restored"] = best
+    result.trained_loss, result.final_loss, result.restored = losses["trained"], losses[best], best

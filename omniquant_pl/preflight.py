@@ -1,4 +1,4 @@
-"""Checks before the model loads (STYLE rule 12): what a run can get wrong that needs the model's
+"""Checks before the model loads: what a run can get wrong that needs the model's
 config.json, the file system or the machine, but not the weights. Each fails in one line (or warns).
 
 The model's shapes come from a weightless skeleton built on the meta device from its config, so the

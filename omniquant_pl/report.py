@@ -6,6 +6,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from omniquant_pl.results import EvalResults, RunResults
+
 
 def _fmt(value: float | None) -> str:
     if value is None:
@@ -13,47 +15,57 @@ def _fmt(value: float | None) -> str:
     return f"{value:.4g}"
 
 
-def summary_tables(results: dict[str, Any]) -> list[Table]:
-    blocks = Table(title=f"{results.get('quant_tag', '')} per-block loss (MSE to the FP block output)")
+def summary_tables(results: RunResults) -> list[Table]:
+    blocks = Table(title=f"{results.quant_tag} per-block loss ({results.config['train']['loss']} to the FP block output)")
     for column in ("block", "RTN loss", "init loss", "final loss", "final/RTN", "seconds"):
         blocks.add_column(column, justify="right")
-    for m in results.get("blocks", []):
-        ratio = m["final_loss"] / m["rtn_loss"] if m.get("rtn_loss") and "final_loss" in m else None
-        blocks.add_row(
-            str(m["block"]), _fmt(m.get("rtn_loss")), _fmt(m.get("init_loss")), _fmt(m.get("final_loss")),
-            _fmt(ratio), f"{m.get('seconds', 0):.1f}",
-        )
-    measured = [m for m in results.get("blocks", []) if "final_loss" in m]
+    for m in results.blocks:
+        ratio = m.final_loss / m.rtn_loss if m.rtn_loss and m.final_loss is not None else None
+        blocks.add_row(str(m.block), _fmt(m.rtn_loss), _fmt(m.init_loss), _fmt(m.final_loss), _fmt(ratio),
+                       f"{m.seconds:.1f}")
+    measured = [m for m in results.blocks if m.final_loss is not None and m.rtn_loss is not None]
     if measured:
-        rtn, init, final = (sum(m[k] for m in measured) for k in ("rtn_loss", "init_loss", "final_loss"))
+        rtn, init, final = (sum(getattr(m, k) for m in measured) for k in ("rtn_loss", "init_loss", "final_loss"))
         blocks.add_section()
         blocks.add_row("total", _fmt(rtn), _fmt(init), _fmt(final), _fmt(final / rtn if rtn else None),
-                       f"{sum(m.get('seconds', 0) for m in measured):.1f}")
-    ppl = Table(title="perplexity")
-    ppl.add_column("method")
-    datasets = sorted({d for table in results.get("perplexity", {}).values() for d in table})
+                       f"{sum(m.seconds for m in measured):.1f}")
+    return [blocks, perplexity_table(results.evaluation)]
+
+
+def perplexity_table(evaluation: EvalResults, title: str = "perplexity") -> Table:
+    """Perplexity by method and dataset, with a row for every dataset or task set that was skipped."""
+    table = Table(title=title)
+    table.add_column("method")
+    datasets = list(dict.fromkeys(d for by_dataset in evaluation.perplexity.values() for d in by_dataset))
     for dataset in datasets:
-        ppl.add_column(dataset, justify="right")
-    for method, table in results.get("perplexity", {}).items():
-        ppl.add_row(method, *[_fmt(table[d]["ppl"]) if d in table else "-" for d in datasets])
-    return [blocks, ppl]
+        table.add_column(f"{dataset} ({_windows(evaluation, dataset)})", justify="right")
+    for method, by_dataset in evaluation.perplexity.items():
+        table.add_row(method, *[_fmt(by_dataset[d].ppl) if d in by_dataset else "-" for d in datasets])
+    for what, reason in evaluation.skipped.items():
+        table.add_row(f"skipped {what}", reason[:100], *[""] * max(len(datasets) - 1, 0))
+    return table
 
 
-def print_summary(results: dict[str, Any], console: Console | None = None) -> None:
+def _windows(evaluation: EvalResults, dataset: str) -> str:
+    shapes = {(r.windows, r.seqlen) for by_dataset in evaluation.perplexity.values() for d, r in by_dataset.items()
+              if d == dataset}
+    return ", ".join(f"{w}×{s}" if s else f"{w} windows" for w, s in sorted(shapes, key=str))
+
+
+def print_summary(results: RunResults, console: Console | None = None) -> None:
     console = console or Console()
     for table in summary_tables(results):
         console.print(table)
     console.print(timing_line(results))
 
 
-def timing_line(results: dict[str, Any]) -> str:
+def timing_line(results: RunResults) -> str:
     """Calibration and wall time; after a resume, which numbers span all sessions and which this one."""
-    calibration = results.get("calibration_seconds", 0.0)
-    total = results.get("total_seconds", 0.0)
-    if "resumed_at_block" not in results:
+    calibration, total = results.calibration_seconds, results.total_seconds or 0.0
+    if results.resumed_at_block is None:
         return f"calibration: {calibration:.1f} s; total (load, calibration, evaluation, save): {total:.1f} s"
     return (f"calibration: {calibration:.1f} s over all sessions (this session resumed at block "
-            f"{results['resumed_at_block']} and calibrated for {results.get('session_seconds', 0.0):.1f} s); "
+            f"{results.resumed_at_block} and calibrated for {results.session_seconds or 0.0:.1f} s); "
             f"this session's total: {total:.1f} s")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import platform
 from importlib import metadata
 
+OMNIQUANT_PL_VERSION = "0.1.0"  # pyproject.toml's version (a test keeps them equal)
 # Distributions whose versions shape a result; the optional ones are recorded when installed.
 CORE = ("torch", "transformers", "lightning")
 OPTIONAL = ("compressed-tensors", "gguf", "llama-cpp-python", "lm-eval")
@@ -23,9 +24,7 @@ def _installed(distribution: str) -> str | None:
 
 def software_versions(optional: tuple[str, ...] = ()) -> dict[str, str]:
     """{"python", "omniquant-pl", torch, transformers, lightning[, each installed `optional`]}."""
-    from omniquant_pl import __version__
-
-    versions = {"python": platform.python_version(), "omniquant-pl": __version__}
+    versions = {"python": platform.python_version(), "omniquant-pl": OMNIQUANT_PL_VERSION}
     for name in CORE:
         versions[name] = _installed(name) or "not installed"
     for name in optional:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from omniquant_pl.hooks import CalibrationCallback
+from omniquant_pl.callback import CalibrationCallback
 
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 WRITE_EVENTS = {"os.mkdir", "os.rename", "os.remove", "os.rmdir", "os.link", "os.symlink", "shutil.rmtree",

@@ -79,8 +79,8 @@ def check_cut_and_resume(tmp_path, tokenizer, build, quant: QuantConfig, clean: 
                   tokenizer=tokenizer)
     resumed = calibrate(tiny_run_config(tmp_path, "cut", quant, resume=True, **train), model=build(),
                         tokenizer=tokenizer)
-    assert resumed["resumed_at_block"] == stop_at
-    assert [b["final_loss"] for b in resumed["blocks"]] == [b["final_loss"] for b in clean["blocks"]]
+    assert resumed.resumed_at_block == stop_at
+    assert [b.final_loss for b in resumed.blocks] == [b.final_loss for b in clean.blocks]
     learned = load_file(tmp_path / "clean" / "learned_params.safetensors")
     again = load_file(tmp_path / "cut" / "learned_params.safetensors")
     assert again.keys() == learned.keys() and all(torch.equal(again[k], learned[k]) for k in learned)
@@ -95,9 +95,9 @@ def check_calibrates_and_resumes(tmp_path, tokenizer, build, blocks: int, stop_a
 
     quant = QuantConfig(wbits=4, abits=4, let=True, group_size=16)
     clean = calibrate(tiny_run_config(tmp_path, "clean", quant), model=build(), tokenizer=tokenizer)
-    assert [b["block"] for b in clean["blocks"]] == list(range(blocks))
-    assert all(torch.isfinite(torch.tensor(b["final_loss"])) for b in clean["blocks"])
-    assert torch.isfinite(torch.tensor(clean["perplexity"]["omniquant"]["pydoc"]["ppl"]))
+    assert [b.block for b in clean.blocks] == list(range(blocks))
+    assert all(torch.isfinite(torch.tensor(b.final_loss)) for b in clean.blocks)
+    assert torch.isfinite(torch.tensor(clean.perplexity["omniquant"]["pydoc"].ppl))
     return check_cut_and_resume(tmp_path, tokenizer, build, quant, clean, stop_at)
 
 

@@ -27,4 +27,4 @@ class RecordBlocks(CalibrationCallback):
 
     def on_block_end(self, sequencer, index, metrics) -> None:
         with self.path.open("a") as handle:
-            handle.write(f"{index} {metrics['final_loss']:.6g}\n")
+            handle.write(f"{index} {metrics.final_loss:.6g}\n")

@@ -53,16 +53,15 @@ def compute(tmp: Path) -> dict:
                            eval=EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=2, baselines=["fp", "rtn"]),
                            output_dir=str(out), save_model=False)
         results = calibrate(config, model=TINY_BUILDERS[builder](), tokenizer=tokenizer)
-        results = results if isinstance(results, dict) else results.to_dict()
         learned = load_file(out / "learned_params.safetensors")
         codes = {}
         for path in sorted((out / "quantized").glob("block_*.safetensors")):
             codes.update({f"{path.stem}/{key}": _digest(value) for key, value in load_file(path).items()})
         runs[name] = {
-            "blocks": [{key: block.get(key) for key in ("rtn_loss", "init_loss", "final_loss", "epoch_losses")}
-                       for block in results["blocks"]],
-            "perplexity": {method: {ds: r["ppl"] for ds, r in table.items()}
-                           for method, table in results["perplexity"].items()},
+            "blocks": [{key: getattr(block, key) for key in ("rtn_loss", "init_loss", "final_loss", "epoch_losses")}
+                       for block in results.blocks],
+            "perplexity": {method: {ds: r.ppl for ds, r in table.items()}
+                           for method, table in results.perplexity.items()},
             "learned": {key: _digest(value) for key, value in sorted(learned.items())},
             "codes": codes,
         }

@@ -17,12 +17,12 @@ from omniquant_pl import (
     calibrate,
 )
 from omniquant_pl.arch import get_arch
-from omniquant_pl.arch.attention_hooks import ATTENTION_NAME, use_quantized_attention
 from omniquant_pl.arch.registry import get_blocks
 from omniquant_pl.block_module import BlockModule
 from omniquant_pl.calib.capture import capture_block_inputs
 from omniquant_pl.errors import AttentionNotQuantizedError
 from omniquant_pl.quant.act import PerTokenActQuantizer
+from omniquant_pl.quant.activation_hooks import ATTENTION_NAME, use_quantized_attention
 
 SEQLEN = 12
 WINDOW = 4  # < SEQLEN: the window changes every logit after position WINDOW

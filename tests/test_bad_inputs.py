@@ -262,8 +262,8 @@ def test_float16_model_on_cpu_calibrates(tmp_path, tiny_model_dir, monkeypatch):
         eval=EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=1, baselines=[]), output_dir=str(tmp_path / "out"),
         save_model=False,
     ))
-    assert results["precision"] == "32-true"
-    assert all(torch.isfinite(torch.tensor(b["final_loss"])) for b in results["blocks"])
+    assert results.plan.precision == "32-true"
+    assert all(torch.isfinite(torch.tensor(b.final_loss)) for b in results.blocks)
 
 
 def test_hub_id_without_network_is_refused_at_once_or_read_from_the_cache(monkeypatch, tmp_path, capsys):

@@ -7,11 +7,11 @@ from conftest import TINY_BUILDERS
 
 from omniquant_pl import QuantConfig, TrainConfig
 from omniquant_pl.arch import get_arch
-from omniquant_pl.arch.attention_hooks import use_quantized_attention
 from omniquant_pl.arch.registry import get_blocks
 from omniquant_pl.block_module import BlockModule
 from omniquant_pl.calib.capture import capture_block_inputs, run_block
 from omniquant_pl.quant import WeightQuantizer
+from omniquant_pl.quant.activation_hooks import use_quantized_attention
 from omniquant_pl.quant.codes import QuantizedWeight, load_block_codes, save_block_codes
 
 

@@ -91,7 +91,7 @@ def test_two_processes_equal_one_process_with_the_global_batch(tmp_path, llama_d
         for key in reference:
             torch.testing.assert_close(learned[key], reference[key], rtol=RTOL, atol=ATOL)
         results, expected = (json.loads((d / "results.json").read_text()) for d in (parallel, single))
-        assert results["processes"] == 2 and expected["processes"] == 1
+        assert results["plan"]["processes"] == 2 and expected["plan"]["processes"] == 1
         for block, block_expected in zip(results["blocks"], expected["blocks"], strict=True):
             assert len(block["epoch_losses"]) == 2
             torch.testing.assert_close(block["epoch_losses"], block_expected["epoch_losses"], rtol=RTOL, atol=0)

@@ -107,10 +107,25 @@ def test_compare_keeps_calibrates_baselines_beside_eval_json_and_splits_window_s
         "quant_tag": "W4A16",
         "perplexity": {"omniquant": {"pydoc": {"ppl": 480.0, "windows": 8, "seqlen": 64}}}}))
     rows = collect([str(run_dir)])
-    assert [r.method for r in rows] == ["omniquant", "fp", "rtn"]  # eval.json's omniquant replaces calibrate's
+    assert [r.method for r in rows] == ["fp", "rtn", "omniquant"]  # one row per method, baselines first
     header, body = columns(rows)
-    assert header[3:5] == ["pydoc ppl (8×64)", "pydoc ppl (3×64)"]
-    assert [cells[3:5] for cells in body] == [["480.00", "-"], ["-", "400.00"], ["-", "900.00"]]
+    assert header[3:5] == ["pydoc ppl (3×64)", "pydoc ppl (8×64)"]
+    assert [cells[3:5] for cells in body] == [["400.00", "-"], ["900.00", "-"], ["-", "480.00"]]  # re-evaluated
+
+
+def test_compare_merges_eval_json_into_the_runs_rows_keeping_calibrates_other_datasets(run_dir):
+    """eval.json evaluated omniquant on wikitext2 only: the run's omniquant row keeps calibrate's pydoc
+    perplexity beside it, and its FP/RTN rows stay."""
+    from omniquant_pl.eval.compare import collect
+
+    (run_dir / "eval.json").write_text(json.dumps({
+        "perplexity": {"omniquant": {"wikitext2": {"ppl": 30.0, "windows": 8, "seqlen": 64}}},
+        "methods": {"omniquant": {"bits": "W4A16", "disk_bytes": 123}}}))
+    rows = collect([str(run_dir)])
+    omniquant = rows[-1]
+    assert [r.method for r in rows] == ["fp", "rtn", "omniquant"]
+    assert omniquant.perplexity["wikitext2"]["ppl"] == 30.0 and omniquant.perplexity["pydoc"]["ppl"] == 500.0
+    assert omniquant.disk_bytes == 123
 
 
 def test_evaluate_and_compare_errors_are_one_line(run_dir, tmp_path, capsys):
@@ -150,3 +165,25 @@ def test_packed_size_estimate():
     outputs = sum(m.weight.shape[0] for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear))
     # 4-bit weights + fp16 scale and zero point per output channel
     assert packed_bytes(model, QuantConfig(wbits=4)) == fp - linear * 2 + linear // 2 + outputs * 4
+
+
+def test_evaluate_records_a_dataset_that_cannot_load_as_a_visible_skip(run_dir, monkeypatch, capsys):
+    """One failure policy for `omniquant evaluate` and the calibration's evaluation: a source that
+    cannot load (here: offline) is skipped, recorded in eval.json and printed; the others are measured."""
+    from omniquant_pl.eval import perplexity
+
+    real = perplexity.perplexity_on_source
+
+    def offline(model, tokenizer, source, *args, **kwargs):
+        if source == "wikitext2":
+            raise ConfigError("wikitext2: no local copy and the hub is unreachable (offline)")
+        return real(model, tokenizer, source, *args, **kwargs)
+
+    monkeypatch.setattr(perplexity, "perplexity_on_source", offline)
+    monkeypatch.setattr("omniquant_pl.preflight.check_evaluation", lambda *a, **k: None)
+    assert cli.main(["evaluate", "--model.name_or_path", str(run_dir), "--eval.datasets", "[wikitext2,pydoc]",
+                     "--eval.seqlen", "64", "--eval.max_windows", "3"]) == 0
+    report = json.loads((run_dir / "eval.json").read_text())
+    assert "offline" in report["skipped_eval"]["wikitext2"]
+    assert list(report["perplexity"]["omniquant"]) == ["pydoc"]
+    assert "skipped wikitext2: wikitext2: no local copy" in capsys.readouterr().out

@@ -27,8 +27,8 @@ def _run_model(run_dir, activation_bits=None):
     from transformers import AutoModelForCausalLM
 
     from omniquant_pl.arch import get_arch
-    from omniquant_pl.arch.attention_hooks import BlockActivationQuantizers
     from omniquant_pl.arch.registry import get_blocks
+    from omniquant_pl.quant.activation_hooks import BlockActivationQuantizers
 
     model = AutoModelForCausalLM.from_pretrained(run_dir / "model")
     if activation_bits:

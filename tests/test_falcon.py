@@ -27,7 +27,6 @@ from torch.overrides import TorchFunctionMode
 
 from omniquant_pl import QuantConfig, TrainConfig
 from omniquant_pl.arch import get_arch
-from omniquant_pl.arch.attention_hooks import BlockActivationQuantizers, use_quantized_attention
 from omniquant_pl.arch.base import FusedRows, LinearGroup, NormGroup
 from omniquant_pl.arch.registry import get_arch_for_config, get_blocks
 from omniquant_pl.block_module import BlockModule
@@ -35,6 +34,7 @@ from omniquant_pl.calib.capture import capture_block_inputs, run_block
 from omniquant_pl.errors import AttentionNotQuantizedError
 from omniquant_pl.let.params import LETParams
 from omniquant_pl.let.rows import take_rows
+from omniquant_pl.quant.activation_hooks import BlockActivationQuantizers, use_quantized_attention
 
 HIDDEN, HEADS, HEAD_DIM = 64, 4, 16
 QKV, DENSE, H_TO_4H = "self_attention.query_key_value", "self_attention.dense", "mlp.dense_h_to_4h"

@@ -19,11 +19,11 @@ from test_let import _random_let
 
 from omniquant_pl import QuantConfig, TrainConfig
 from omniquant_pl.arch import get_arch
-from omniquant_pl.arch.attention_hooks import ATTENTION_NAME, use_quantized_attention
 from omniquant_pl.arch.registry import get_blocks
 from omniquant_pl.block_module import BlockModule
 from omniquant_pl.calib.capture import run_block
 from omniquant_pl.let.params import LETParams
+from omniquant_pl.quant.activation_hooks import ATTENTION_NAME, use_quantized_attention
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE, WINDOW = 64, 4, 2, 16, 128, 4
 LAYER_TYPES = ("sliding_attention", "full_attention", "sliding_attention")

@@ -163,10 +163,10 @@ def test_weight_only_run_learns_clipping_and_ends_on_the_grid(neox_run):
 
     output, results, warnings = neox_run
     assert sum(WARNING in message for message in warnings) == 1, warnings  # once per run
-    assert results["model_type"] == "gpt_neox" and len(results["blocks"]) == 2
-    for block in results["blocks"]:  # LWC trained (keep_best alone would only give <=)
-        assert block["final_loss"] < min(0.98 * block["rtn_loss"], block["init_loss"]), block
-    assert set(results["perplexity"]) == {"fp", "rtn", "omniquant"}  # the RTN baseline runs on the generic spec
+    assert results.model_type == "gpt_neox" and len(results.blocks) == 2
+    for block in results.blocks:  # LWC trained (keep_best alone would only give <=)
+        assert block.final_loss < min(0.98 * block.rtn_loss, block.init_loss), block
+    assert set(results.perplexity) == {"fp", "rtn", "omniquant"}  # the RTN baseline runs on the generic spec
     saved = AutoModelForCausalLM.from_pretrained(output / "model")
     for index, block in enumerate(saved.gpt_neox.layers):
         codes = load_block_codes(output, index)
@@ -194,7 +194,7 @@ def test_weight_only_run_resumes_to_the_same_parameters(neox_run, tmp_path, toke
     _heavy_tailed_(model)
     results = calibrate(_config(resumed, QuantConfig(wbits=3, group_size=16), resume=True, save_model=False,
                                 eval=EvalConfig(datasets=[])), model=model, tokenizer=tokenizer)
-    assert results["resumed_at_block"] == 1 and len(results["blocks"]) == 2
+    assert results.resumed_at_block == 1 and len(results.blocks) == 2
     expected, got = load_file(output / "learned_params.safetensors"), load_file(resumed / "learned_params.safetensors")
     assert got.keys() == expected.keys() and any(k.startswith("layers.1.") for k in expected)
     assert all(torch.equal(got[k], expected[k]) for k in expected)

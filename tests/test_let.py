@@ -7,11 +7,11 @@ from conftest import TINY_BUILDERS
 from torch.func import functional_call
 
 from omniquant_pl.arch import get_arch
-from omniquant_pl.arch.attention_hooks import use_quantized_attention
 from omniquant_pl.arch.registry import get_blocks
 from omniquant_pl.calib.capture import capture_block_inputs, run_block
 from omniquant_pl.let.params import LETParams
 from omniquant_pl.let.transforms import qk_channel_scale
+from omniquant_pl.quant.activation_hooks import use_quantized_attention
 
 FAMILIES = sorted(TINY_BUILDERS)
 
@@ -193,10 +193,10 @@ def test_w4a4_lwc_let_lowers_block_loss_well_below_rtn(tmp_path, tokenizer, fami
 
     with_let = _tiny_run(tmp_path, tokenizer, family, QuantConfig(wbits=4, abits=4, let=True, let_alpha=0.75))
     lwc_only = _tiny_run(tmp_path, tokenizer, family, QuantConfig(wbits=4, abits=4, let=False))
-    (block,), (lwc_block,) = with_let["blocks"], lwc_only["blocks"]
-    assert block["final_loss"] < 0.5 * block["rtn_loss"], block
-    assert block["final_loss"] < 0.8 * lwc_block["final_loss"], (block, lwc_block)
-    assert {"fp", "rtn", "omniquant"} <= set(with_let["perplexity"])
+    (block,), (lwc_block,) = with_let.blocks, lwc_only.blocks
+    assert block.final_loss < 0.5 * block.rtn_loss, block
+    assert block.final_loss < 0.8 * lwc_block.final_loss, (block, lwc_block)
+    assert {"fp", "rtn", "omniquant"} <= set(with_let.perplexity)
 
 
 def test_opt_weight_only_let_learns_shifts_and_beats_lwc_alone(tmp_path, tokenizer):
@@ -210,12 +210,12 @@ def test_opt_weight_only_let_learns_shifts_and_beats_lwc_alone(tmp_path, tokeniz
     assert module.let.qkv_shift is not None and module.let.fc1_shift is not None
     with_let = _tiny_run(tmp_path, tokenizer, "opt", QuantConfig(wbits=3, let=True), epochs=10)
     lwc_only = _tiny_run(tmp_path, tokenizer, "opt", QuantConfig(wbits=3, let=False), epochs=10)
-    (block_let,), (block_lwc,) = with_let["blocks"], lwc_only["blocks"]
-    assert block_let["final_loss"] < 0.5 * block_lwc["final_loss"], (block_let, block_lwc)
+    (block_let,), (block_lwc,) = with_let.blocks, lwc_only.blocks
+    assert block_let.final_loss < 0.5 * block_lwc.final_loss, (block_let, block_lwc)
 
 
 def test_fp16_amp_is_replaced_for_8bit_activations():
-    from omniquant_pl.sequencer import overflow_safe_precision
+    from omniquant_pl.plan import overflow_safe_precision
 
     assert overflow_safe_precision("16-mixed", 8, bf16_supported=True) == "bf16-mixed"
     assert overflow_safe_precision("16-mixed", 8, bf16_supported=False) == "32-true"
@@ -244,12 +244,12 @@ def test_32_true_on_a_half_precision_model_trains_in_fp32_and_gives_the_model_ba
         output_dir=str(tmp_path / "out"), save_model=False,
     )
     results = calibrate(config, model=model, tokenizer=tokenizer)
-    assert results["precision"] == "32-true"
-    assert all(0 < b["final_loss"] <= b["rtn_loss"] for b in results["blocks"]), results["blocks"]
+    assert results.plan.precision == "32-true"
+    assert all(0 < b.final_loss <= b.rtn_loss for b in results.blocks), results.blocks
     assert {p.dtype for p in model.parameters()} == {torch.float16}
     import math
 
-    assert math.isfinite(results["perplexity"]["omniquant"]["pydoc"]["ppl"])
+    assert math.isfinite(results.perplexity["omniquant"]["pydoc"].ppl)
     codes = load_block_codes(tmp_path / "out", 1)
     q_proj = model.model.layers[1].self_attn.q_proj.weight
     assert torch.equal(codes["self_attn.q_proj"].dequantize().to(torch.float16), q_proj.data)
@@ -284,8 +284,8 @@ def test_nonfinite_loss_restores_and_retries_at_lower_lr(tmp_path, tokenizer):
                     eval=EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=1, baselines=[]),
                     output_dir=str(tmp_path / "nan"), save_model=False)
     results = calibrate(cfg, callbacks=[PoisonOnce()], model=model, tokenizer=tokenizer)
-    (block,) = results["blocks"]
-    assert len(block["nonfinite_retries"]) == 1 and block["nonfinite_retries"][0]["next_lr_scale"] == 0.5
-    assert len(block["epoch_losses"]) == 3 and all(map(__import__("math").isfinite, block["epoch_losses"]))
+    (block,) = results.blocks
+    assert len(block.nonfinite_retries) == 1 and block.nonfinite_retries[0]["next_lr_scale"] == 0.5
+    assert len(block.epoch_losses) == 3 and all(map(__import__("math").isfinite, block.epoch_losses))
     assert json.loads((tmp_path / "nan" / "results.json").read_text())["blocks"][0]["nonfinite_retries"]
-    assert torch.isfinite(torch.tensor(results["perplexity"]["omniquant"]["pydoc"]["ppl"]))
+    assert torch.isfinite(torch.tensor(results.perplexity["omniquant"]["pydoc"].ppl))

@@ -8,7 +8,8 @@ from conftest import TINY_BUILDERS
 from omniquant_pl import QuantConfig, TrainConfig
 from omniquant_pl.arch import get_arch
 from omniquant_pl.arch.registry import get_blocks
-from omniquant_pl.block_module import BlockModule, block_loss
+from omniquant_pl.block_module import BlockModule
+from omniquant_pl.block_step import block_loss
 from omniquant_pl.calib.capture import capture_block_inputs
 from omniquant_pl.errors import ConfigError
 from omniquant_pl.losses import LOSSES, mse, relative_mse

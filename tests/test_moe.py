@@ -15,12 +15,12 @@ from test_let import _random_let
 
 from omniquant_pl import QuantConfig, TrainConfig
 from omniquant_pl.arch import get_arch
-from omniquant_pl.arch.attention_hooks import use_quantized_attention
 from omniquant_pl.arch.base import NormGroup
 from omniquant_pl.block_module import BlockModule
 from omniquant_pl.calib.capture import run_block
 from omniquant_pl.let.params import LETParams
 from omniquant_pl.quant.act import PerTokenActQuantizer
+from omniquant_pl.quant.activation_hooks import use_quantized_attention
 from omniquant_pl.quant.codes import load_block_codes
 from omniquant_pl.quant.experts import expert_token_counts
 
@@ -214,10 +214,10 @@ def test_calibrates_end_to_end_counts_tokens_per_expert_and_resumes(family, quan
     with caplog.at_level(logging.WARNING):
         clean = calibrate(tiny_run_config(tmp_path, "clean", quant, keep_best=False), model=model(), tokenizer=tokenizer)
     assert "block 0: experts [3] received no calibration tokens" in caplog.text
-    for block in clean["blocks"]:
-        assert len(block["expert_tokens"]) == EXPERTS and sum(block["expert_tokens"]) == 4 * 32 * TOP_K
-    assert clean["blocks"][0]["expert_tokens"][EXPERTS - 1] == 0
-    assert all(count > 0 for count in clean["blocks"][1]["expert_tokens"])
+    for block in clean.blocks:
+        assert len(block.expert_tokens) == EXPERTS and sum(block.expert_tokens) == 4 * 32 * TOP_K
+    assert clean.blocks[0].expert_tokens[EXPERTS - 1] == 0
+    assert all(count > 0 for count in clean.blocks[1].expert_tokens)
     learned = load_file(tmp_path / "clean" / "learned_params.safetensors")
     for name in ("gate_up_proj", "down_proj"):
         upper = learned[f"layers.0.mlp.experts.{name}.lwc.upper"].view(EXPERTS, -1)
@@ -225,7 +225,7 @@ def test_calibrates_end_to_end_counts_tokens_per_expert_and_resumes(family, quan
         assert not torch.all(upper[0] == QuantConfig().lwc_init)  # a routed one learned
     codes = load_block_codes(tmp_path / "clean", 0)
     assert codes["mlp.experts.down_proj"].shape == (EXPERTS * HIDDEN, INTERMEDIATE)
-    assert torch.isfinite(torch.tensor(clean["perplexity"]["omniquant"]["pydoc"]["ppl"]))
+    assert torch.isfinite(torch.tensor(clean.perplexity["omniquant"]["pydoc"].ppl))
     check_cut_and_resume(tmp_path, tokenizer, model, quant, clean, stop_at=1, keep_best=False)
 
 

@@ -17,11 +17,11 @@ from family_checks import (
 from test_let import _random_let
 
 from omniquant_pl import QuantConfig, TrainConfig
-from omniquant_pl.arch.attention_hooks import use_quantized_attention
 from omniquant_pl.arch.base import FusedRows, LinearGroup
 from omniquant_pl.block_module import BlockModule
 from omniquant_pl.calib.capture import run_block
 from omniquant_pl.let.params import LETParams
+from omniquant_pl.quant.activation_hooks import use_quantized_attention
 
 HIDDEN, HEADS, KV_HEADS, HEAD_DIM, INTERMEDIATE = 64, 4, 2, 16, 128
 Q_ROWS, KV_ROWS = HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM  # qkv_proj rows: q 0..63, k 64..95, v 96..127

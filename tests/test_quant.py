@@ -148,7 +148,7 @@ def test_quant_linear_fuses_to_identical_linear():
 
 def test_fused_quantizers_match_eager_values_and_gradients():
     """The torch.compile'd quantizer kernel (train.compile: quantizers) computes the same math."""
-    from omniquant_pl.quant.kernels import use_fused_quantizers
+    from omniquant_pl.compile_policy import CompilePolicy, active_policy
 
     torch.manual_seed(0)
     weight = torch.randn(48, 64) * torch.rand(48, 1) * 2
@@ -168,8 +168,41 @@ def test_fused_quantizers_match_eager_values_and_gradients():
         return w_q.detach(), y.detach(), quantizer.upper_logit.grad.clone(), quantizer.lower_logit.grad.clone(), x.grad.clone()
 
     eager = run()
-    with use_fused_quantizers(True):
+    policy = CompilePolicy("quantizers")
+    with active_policy(policy):
         fused = run()
+    assert policy.failed == {}
     for a, b in zip(eager, fused):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     assert eager[2].abs().sum() > 0  # the clipping logits do get gradients
+
+
+def test_a_compile_failure_turns_compiling_off_for_that_run_only(monkeypatch, caplog):
+    """The fallback is held by the run's CompilePolicy: its run goes on eagerly (one warning), and a
+    later run in the same process compiles again."""
+    from omniquant_pl import compile_policy
+    from omniquant_pl.compile_policy import CompilePolicy, active_policy
+    from omniquant_pl.quant import fake_quant
+
+    calls = []
+
+    def broken(fn, **options):
+        def fail(*args):
+            calls.append("compiled")
+            raise RuntimeError("no compiler here")
+        return fail
+
+    monkeypatch.setattr(fake_quant, "compiled", broken)
+    quantizer = WeightQuantizer((8, 16), bits=3)
+    weight = torch.randn(8, 16)
+    expected = quantizer(weight)
+    first, second = CompilePolicy("quantizers"), CompilePolicy("quantizers")
+    with active_policy(first):
+        torch.testing.assert_close(quantizer(weight), expected, rtol=0, atol=0)  # eager after the failure
+        quantizer(weight)
+    assert calls == ["compiled"] and "fused quantizers failed (RuntimeError: no compiler here)" in caplog.text
+    assert not first.allows("quantizers") and second.allows("quantizers")
+    with active_policy(second):
+        quantizer(weight)
+    assert calls == ["compiled", "compiled"]  # the next run tried again
+    assert compile_policy.current_policy() is None  # nothing left active outside a run

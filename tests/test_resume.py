@@ -76,7 +76,8 @@ def test_sigkill_mid_block_then_resume_matches_uninterrupted(tmp_path, tiny_mode
     clean_results = json.loads((clean_dir / "results.json").read_text())
     assert resumed_results["resumed_at_block"] == 1
     assert [b["final_loss"] for b in resumed_results["blocks"]] == [b["final_loss"] for b in clean_results["blocks"]]
-    assert resumed_results["perplexity"]["omniquant"]["pydoc"]["ppl"] == clean_results["perplexity"]["omniquant"]["pydoc"]["ppl"]
+    assert (resumed_results["perplexity"]["omniquant"]["pydoc"]["ppl"]
+            == clean_results["perplexity"]["omniquant"]["pydoc"]["ppl"])
 
 
 def test_mismatched_resume_and_accidental_overwrite_are_refused(tmp_path, tiny_model_dir, capsys):
@@ -126,7 +127,7 @@ def test_readme_custom_callback_example_runs(tmp_path, tiny_model_dir):
     rows = [line.split() for line in log_path.read_text().splitlines()]
     assert [r[0] for r in rows] == ["0", "1"]
     assert all(int(r[1]) == 2 for r in rows)  # the plateau rule ended every block after 2 of 6 epochs
-    assert all(len(b["epoch_losses"]) == 2 for b in results["blocks"])
+    assert all(len(b.epoch_losses) == 2 for b in results.blocks)
     assert (tmp_path / "out" / "block_losses.png").is_file()
 
 
@@ -355,7 +356,7 @@ def test_results_record_the_software_stack_and_a_resume_on_another_one_warns(tmp
                             tokenizer=tokenizer)
     warned = [r.getMessage() for r in caplog.records if "other software" in r.getMessage()]
     assert len(warned) == 1 and f"transformers 5.0.0 -> {metadata.version('transformers')}" in warned[0]
-    assert results["versions"]["transformers"] == "5.0.0"  # the stack that started the run stays named
-    assert results["resumed_with_versions"] == [{"at_block": 1, "versions": software_versions()}]
+    assert results.versions["transformers"] == "5.0.0"  # the stack that started the run stays named
+    assert results.resumed_with_versions == [{"at_block": 1, "versions": software_versions()}]
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["resumed_with_versions"][0]["versions"]["transformers"] == metadata.version("transformers")

@@ -32,11 +32,11 @@ def test_smollm2_w3a16_lwc_beats_rtn_and_saved_model_reproduces(tmp_path):
         output_dir=str(tmp_path / "run"),
     )
     results = calibrate(cfg)
-    ppl = {method: table[eval_source]["ppl"] for method, table in results["perplexity"].items()}
+    ppl = {method: table[eval_source].ppl for method, table in results.perplexity.items()}
     assert ppl["fp"] < 40
     assert ppl["omniquant"] < 0.7 * ppl["rtn"], ppl
-    assert len(results["blocks"]) == 30
-    assert sum(b["final_loss"] < b["rtn_loss"] for b in results["blocks"]) >= 25
+    assert len(results.blocks) == 30
+    assert sum(b.final_loss < b.rtn_loss for b in results.blocks) >= 25
 
     model_dir = tmp_path / "run" / "model"
     reloaded = AutoModelForCausalLM.from_pretrained(model_dir)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -72,7 +71,7 @@ def test_lightning_chunked_steps_train_exactly_like_a_plain_pytorch_loop(steps_p
     shuffled batches) must give the parameters of a hand-written loop over the same batch order."""
     import lightning as L
 
-    from omniquant_pl.block_module import cached_batch_loader
+    from omniquant_pl.calib.batches import cached_batch_loader
     from omniquant_pl.config import QuantConfig
 
     quant = QuantConfig(wbits=3, let=True)
@@ -99,7 +98,7 @@ def test_lightning_chunked_steps_train_exactly_like_a_plain_pytorch_loop(steps_p
 
 def _plain_loop_epoch_losses(module, inputs, targets, batch_size, seed, epochs):
     """A hand-written AdamW loop over the same shuffled batches as the Lightning path."""
-    from omniquant_pl.block_module import cached_batch_loader
+    from omniquant_pl.calib.batches import cached_batch_loader
 
     optimizer = module.configure_optimizers()
     batches = cached_batch_loader(inputs, targets, batch_size=batch_size, shuffle=True, seed=seed)
@@ -126,8 +125,8 @@ def test_recorded_step_bookkeeping_trains_like_the_plain_step(recording_fails, m
     its warm-up steps, the run warns, undoes them and goes on with the plain step."""
     import lightning as L
 
-    from omniquant_pl import block_module, graph_step
-    from omniquant_pl.block_module import cached_batch_loader
+    from omniquant_pl import graph_step
+    from omniquant_pl.calib.batches import cached_batch_loader
     from omniquant_pl.config import QuantConfig
 
     calls = {"recorded": 0, "replays": 0}
@@ -145,7 +144,6 @@ def test_recorded_step_bookkeeping_trains_like_the_plain_step(recording_fails, m
         return replay
 
     monkeypatch.setattr(graph_step, "record_cuda_graph", record_by_calling)
-    monkeypatch.setattr(block_module, "_cuda_graph_failed", False)
     quant, epochs = QuantConfig(wbits=3, let=True), 4
     train = TrainConfig(epochs=epochs, batch_size=2, shuffle=True, steps_per_call=2)
     lit, inputs, targets = _tiny_block_module(quant, train, samples=5)  # batches of 2, 2 and 1
@@ -175,7 +173,7 @@ def test_recorded_step_bookkeeping_trains_like_the_plain_step(recording_fails, m
 
 
 def test_chunked_loader_keeps_the_batch_order_and_reshuffles_by_epoch_only():
-    from omniquant_pl.block_module import cached_batch_loader
+    from omniquant_pl.calib.batches import cached_batch_loader
 
     rows = torch.arange(10.0).view(10, 1, 1)
     plain = cached_batch_loader(rows, batch_size=2, shuffle=True, seed=1)
@@ -216,12 +214,12 @@ def test_cuda_graph_mode_without_a_gpu_trains_like_the_default(tmp_path, tokeniz
     default_results, default = run("default", "auto", 16)
     assert "train.cuda_graph" not in caplog.text  # auto: off on the CPU, without a word
     graph_results, graph = run("graph", True, 1)
-    assert not any(block.get("cuda_graph_step") for block in graph_results["blocks"])
-    assert caplog.text.count("train.cuda_graph needs a CUDA device") == 1
+    assert not any(block.cuda_graph_step for block in graph_results.blocks)
+    assert caplog.text.count("train.cuda_graph needs one CUDA process") == 1
     for key in default:
         torch.testing.assert_close(default[key], graph[key], rtol=1e-6, atol=1e-7)
-    assert [b["final_loss"] for b in default_results["blocks"]] == pytest.approx(
-        [b["final_loss"] for b in graph_results["blocks"]], rel=1e-6)
+    assert [b.final_loss for b in default_results.blocks] == pytest.approx(
+        [b.final_loss for b in graph_results.blocks], rel=1e-6)
 
 
 @pytest.mark.parametrize("choice, device, precision, compile_mode, expected", [
@@ -234,22 +232,15 @@ def test_cuda_graph_mode_without_a_gpu_trains_like_the_default(tmp_path, tokeniz
     (False, "cuda", "bf16-mixed", "block", False),
 ])
 def test_cuda_graph_auto_is_on_only_for_the_compiled_step_on_cuda(choice, device, precision, compile_mode, expected):
-    from omniquant_pl.sequencer import BlockSequencer
+    from omniquant_pl.plan import resolve_cuda_graph
 
-    from omniquant_pl.distributed import Processes
-
-    sequencer = SimpleNamespace(config=SimpleNamespace(train=TrainConfig(cuda_graph=choice)),
-                                device=torch.device(device), precision=precision, processes=Processes())
-    sequencer.compile_mode = lambda: compile_mode
-    sequencer.cuda_graph_possible = lambda: BlockSequencer.cuda_graph_possible(sequencer)
-    assert BlockSequencer.cuda_graph_enabled(sequencer) is expected
+    assert resolve_cuda_graph(choice, torch.device(device), precision, compile_mode, distributed=False) is expected
     # a data-parallel run never records the step (a graph cannot hold DDP's all-reduce)
-    sequencer.processes = Processes(world_size=2, rank=0, local_rank=0, local_world_size=2)
-    assert BlockSequencer.cuda_graph_enabled(sequencer) is False
+    assert resolve_cuda_graph(choice, torch.device(device), precision, compile_mode, distributed=True) is False
 
 
 def test_cuda_graph_rejects_other_values():
-    with pytest.raises(ConfigError, match="train.cuda_graph must be true, false or auto"):
+    with pytest.raises(ConfigError, match="train.cuda_graph must be one of true, false, auto"):
         TrainConfig(cuda_graph="yes")
 
 

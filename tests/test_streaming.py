@@ -96,15 +96,15 @@ def test_streamed_run_equals_full_load_run(full_and_streamed):
     from transformers import AutoModelForCausalLM
 
     (full, full_dir), (streamed, streamed_dir, spy) = full_and_streamed
-    assert full["streaming"] is False and streamed["streaming"] is True
+    assert full.plan.streaming is False and streamed.plan.streaming is True
     # FP baseline and calibration read every block once, RTN baseline once, and one block at a time
     assert spy.loaded == [0, 1, 2] * 3 and spy.most == 1
     _assert_same_tensors(load_file(full_dir / "learned_params.safetensors"),
                          load_file(streamed_dir / "learned_params.safetensors"))
-    assert [b["final_loss"] for b in streamed["blocks"]] == [b["final_loss"] for b in full["blocks"]]
+    assert [b.final_loss for b in streamed.blocks] == [b.final_loss for b in full.blocks]
     for method in ("fp", "rtn", "omniquant"):
-        torch.testing.assert_close(streamed["perplexity"][method]["pydoc"]["ppl"],
-                                   full["perplexity"][method]["pydoc"]["ppl"], rtol=1e-5, atol=0)
+        torch.testing.assert_close(streamed.perplexity[method]["pydoc"].ppl,
+                                   full.perplexity[method]["pydoc"].ppl, rtol=1e-5, atol=0)
     saved, expected = streamed_dir / "model", full_dir / "model"
     _assert_same_tensors(_model_tensors(saved), _model_tensors(expected))
     index = json.loads((saved / "model.safetensors.index.json").read_text())
@@ -126,12 +126,12 @@ def test_streamed_run_cut_and_resumed_equals_uninterrupted(full_and_streamed, sh
         calibrate(_run_config(sharded_llama, tmp_path / "cut", "on"), callbacks=[StopAtBlock(2)])
     assert not (tmp_path / "cut" / "model").exists()
     resumed = calibrate(_run_config(sharded_llama, tmp_path / "cut", True, resume=True))
-    assert resumed["resumed_at_block"] == 2 and resumed["streaming"] is True
-    assert [b["final_loss"] for b in resumed["blocks"]] == [b["final_loss"] for b in clean["blocks"]]
+    assert resumed.resumed_at_block == 2 and resumed.plan.streaming is True
+    assert [b.final_loss for b in resumed.blocks] == [b.final_loss for b in clean.blocks]
     _assert_same_tensors(load_file(tmp_path / "cut" / "learned_params.safetensors"),
                          load_file(clean_dir / "learned_params.safetensors"))
     _assert_same_tensors(_model_tensors(tmp_path / "cut" / "model"), _model_tensors(clean_dir / "model"))
-    assert resumed["perplexity"]["omniquant"] == clean["perplexity"]["omniquant"]
+    assert resumed.perplexity["omniquant"] == clean.perplexity["omniquant"]
     # a run may resume with another streaming choice: it changes memory, not results
     from omniquant_pl.checkpoint import config_hash
 

@@ -72,7 +72,26 @@ def rows_of(name: str, report: dict) -> list[Row]:
     return rows
 
 
+METHOD_ORDER = ("fp", "rtn", "omniquant")  # a run's rows: its baselines first, then the quantized model
+
+
+def _merged(rows: list[Row], newer: Row) -> None:
+    """Add `newer` (a later report's row) to `rows`: into the row of the same method, where its
+    datasets, tasks and sizes replace the older ones and the older report's others stay."""
+    older = next((row for row in rows if row.method == newer.method), None)
+    if older is None:
+        rows.append(newer)
+        return
+    older.bits = newer.bits
+    older.perplexity.update(newer.perplexity)
+    older.zeroshot.update(newer.zeroshot)
+    older.disk_bytes = newer.disk_bytes if newer.disk_bytes is not None else older.disk_bytes
+    older.packed_bytes = newer.packed_bytes if newer.packed_bytes is not None else older.packed_bytes
+
+
 def collect(runs: list[str]) -> list[Row]:
+    """One row per run and method: a run directory's results.json (calibrate: its FP, RTN and
+    OmniQuant rows) with its eval.json (evaluate, later) merged in, datasets evaluated again replaced."""
     if not runs:
         raise ConfigError("give at least one run: omniquant compare outputs/run1 outputs/run2/eval.json ...")
     names: dict[str, int] = {}
@@ -81,13 +100,12 @@ def collect(runs: list[str]) -> list[Row]:
         name, reports = load_reports(run)
         names[name] = names.get(name, 0) + 1
         label = name if names[name] == 1 else f"{name}#{names[name]}"
-        # a method evaluated by `omniquant evaluate` (eval.json) replaces calibrate's row of it;
-        # calibrate's other rows (its FP and RTN baselines) stay
-        seen: set[str] = set()
-        for report in reports:
-            fresh = [row for row in rows_of(label, report) if row.method not in seen]
-            seen |= {row.method for row in fresh}
-            rows += fresh
+        run_rows: list[Row] = []
+        for report in reversed(reports):  # results.json first, then eval.json on top of it
+            for row in rows_of(label, report):
+                _merged(run_rows, row)
+        order = {method: i for i, method in enumerate(METHOD_ORDER)}
+        rows += sorted(run_rows, key=lambda row: order.get(row.method, len(order)))
     return rows
 
 
@@ -144,8 +162,8 @@ def rich_table(rows: list[Row], title: str = "comparison"):
 
     header, body = columns(rows)
     table = Table(title=title)
-    for i, name in enumerate(header):
-        table.add_column(name, justify="left" if i < 3 else "right")
+    for i, name in enumerate(header):  # run names are never cut: they fold onto a second line
+        table.add_column(name, justify="left" if i < 3 else "right", overflow="fold", min_width=len(name) if i else None)
     for cells in body:
         table.add_row(*cells)
     return table
@@ -175,7 +193,7 @@ def bar_chart(rows: list[Row], path: Path) -> bool:
                for t in tasks for m in ("acc", "acc_norm")]
     fig, axes = plt.subplots(len(panels), 1, figsize=(max(6, 1.2 * len(rows) + 2), 3.2 * len(panels)), squeeze=False)
     short = [f"{r.method}\n{r.bits}" for r in rows]
-    labels = [label if short.count(label) == 1 else f"{label}\n{r.run[-18:]}" for label, r in zip(short, rows)]
+    labels = [label if short.count(label) == 1 else f"{label}\n{r.run}" for label, r in zip(short, rows)]
     for ax, (title, values, log_scale) in zip(axes[:, 0], panels):
         heights = [v if v is not None else 0.0 for v in values]
         ax.bar(range(len(rows)), heights, color=[f"C{i % 10}" for i in range(len(rows))])

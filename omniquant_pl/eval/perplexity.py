@@ -66,8 +66,10 @@ def evaluate_perplexity(
     max_windows: int = 0,
     batch_size: int = 1,
     device: torch.device | str | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> tuple[float, int]:
-    """Perplexity of `model` on 1-D `token_ids`; returns (ppl, number of windows used)."""
+    """Perplexity of `model` on 1-D `token_ids`; returns (ppl, number of windows used). `on_batch(done,
+    total)` is called after each batch of windows (a progress bar)."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
     windows = evaluation_windows(token_ids, seqlen, max_windows)  # (n, seqlen)
     n_windows = windows.shape[0]
@@ -78,6 +80,8 @@ def evaluate_perplexity(
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits
         metric.update(window_mean_nll(logits, batch))
+        if on_batch is not None:
+            on_batch(min(start + batch_size, n_windows), n_windows)
     model.train(was_training)
     ppl = metric.compute().item()
     return (ppl if math.isfinite(ppl) else float("inf")), n_windows
@@ -92,16 +96,21 @@ def perplexity_on_source(
     batch_size: int = 1,
     device: torch.device | str | None = None,
     evaluate: Callable[..., tuple[float, int]] | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Perplexity on the evaluation split of a text source (see calib.data.load_text); a source's
     protocol cap on windows (c4_new: 256) applies on top of `max_windows`; the paper's C4 draws
     its 256 windows document by document. `evaluate` replaces evaluate_perplexity (same arguments:
-    a streamed model's block-by-block evaluation)."""
+    a streamed model's block-by-block evaluation); `on_batch`: see evaluate_perplexity."""
     text = load_text(source, "eval")
     if text.documents:  # windows drawn document by document (the paper's C4), already (n, seqlen)
         ids = document_windows_cached(tokenizer, text, text.document_windows, seqlen, text.document_seed).reshape(-1)
     else:
         ids = tokenize_cached(tokenizer, text)
     caps = [n for n in (max_windows, text.max_windows) if n]
-    ppl, windows = (evaluate or evaluate_perplexity)(model, ids, seqlen, min(caps, default=0), batch_size, device)
+    cap = min(caps, default=0)
+    if evaluate is not None:
+        ppl, windows = evaluate(model, ids, seqlen, cap, batch_size, device)
+    else:
+        ppl, windows = evaluate_perplexity(model, ids, seqlen, cap, batch_size, device, on_batch=on_batch)
     return {"ppl": ppl, "windows": windows, "seqlen": seqlen, "source": text.description}

@@ -9,7 +9,6 @@ and sizes, so `omniquant compare` reads both.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +21,8 @@ from torch import nn
 from omniquant_pl.config import EvalConfig, ModelConfig, QuantConfig
 from omniquant_pl.errors import ConfigError, OmniQuantError
 from omniquant_pl.eval.size import disk_bytes, packed_bytes
+from omniquant_pl.results import RunResults, read_results
+from omniquant_pl.saved_model import saved_meta
 from omniquant_pl.versions import software_versions
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class EvalTarget:
     model: ModelConfig  # what to load
     requested: str  # model.name_or_path as given
     run_dir: Path | None = None  # an OmniQuant output directory
-    run_results: dict | None = None  # its results.json
+    run_results: RunResults | None = None  # its results.json
 
 
 def resolve_target(model: ModelConfig) -> EvalTarget:
@@ -49,33 +50,31 @@ def resolve_target(model: ModelConfig) -> EvalTarget:
             f"'{folder}' is an OmniQuant output directory without a saved model (model/config.json); "
             "re-run calibrate with save_model: true, or evaluate a model folder"
         )
-    results = json.loads((folder / "results.json").read_text())
+    results = read_results(folder / "results.json")
     return EvalTarget(replace(model, name_or_path=str(folder / "model"), gguf_file=None), model.name_or_path,
                       folder, results)
 
 
 def saved_quant(model: nn.Module) -> QuantConfig | None:
     """The quantization settings a saved OmniQuant model records in config.omniquant (None = FP)."""
-    meta = getattr(model.config, "omniquant", None)
-    if not meta:
-        return None
-    return QuantConfig(wbits=meta["wbits"], abits=meta.get("abits", 16), group_size=meta.get("group_size", 0),
-                       symmetric=meta.get("symmetric", False), grid=meta.get("grid", "minmax"))
+    meta = saved_meta(model)
+    return None if meta is None else meta.quant_config()
 
 
 def install_saved_activation_quantizers(model: nn.Module) -> dict | None:
     """A saved weight-activation model: put its activation quantizers back (they stay installed)."""
-    activations = (getattr(model.config, "omniquant", None) or {}).get("activations")
-    if activations:
-        from omniquant_pl.arch import get_arch
-        from omniquant_pl.arch.attention_hooks import BlockActivationQuantizers, use_quantized_attention
-        from omniquant_pl.arch.registry import get_blocks
+    meta = saved_meta(model)
+    if meta is None or meta.activations is None:
+        return None
+    from omniquant_pl.arch import get_arch
+    from omniquant_pl.arch.registry import get_blocks
+    from omniquant_pl.quant.activation_hooks import BlockActivationQuantizers, use_quantized_attention
 
-        spec = get_arch(model)
-        use_quantized_attention(model)
-        for block in get_blocks(model, spec):
-            BlockActivationQuantizers(block, spec, activations["bits"])
-    return activations
+    spec = get_arch(model)
+    use_quantized_attention(model)
+    for block in get_blocks(model, spec):
+        BlockActivationQuantizers(block, spec, meta.activations.bits)
+    return asdict(meta.activations)
 
 
 def rtn_method(model: nn.Module, quant: QuantConfig) -> contextlib.AbstractContextManager:
@@ -108,28 +107,13 @@ def plan_methods(model: nn.Module, baselines: list[str], quant: QuantConfig
     return plans
 
 
-def evaluate_method(model: nn.Module, tokenizer, cfg: EvalConfig, device: torch.device) -> tuple[dict, dict]:
-    """Perplexity per dataset and accuracy per task of the model as it is now."""
-    from omniquant_pl.eval.perplexity import perplexity_on_source
-
-    perplexity, zeroshot = {}, {}
-    with torch.no_grad():
-        for dataset in cfg.datasets:
-            perplexity[dataset] = perplexity_on_source(model, tokenizer, dataset, cfg.seqlen, cfg.max_windows,
-                                                       cfg.batch_size, device)
-            log.info("%s: ppl %.4f (%d windows)", dataset, perplexity[dataset]["ppl"], perplexity[dataset]["windows"])
-    if cfg.tasks:
-        from omniquant_pl.eval.zeroshot import run_tasks
-
-        zeroshot = run_tasks(model, tokenizer, cfg.tasks, cfg.num_fewshot, cfg.task_limit, cfg.task_include_path,
-                             max(cfg.batch_size, 8), device)
-    return perplexity, zeroshot
-
-
 def evaluate_target(target: EvalTarget, cfg: EvalConfig, baselines: list[str], quant: QuantConfig,
-                    device: torch.device) -> dict:
-    """Load the target once and evaluate every planned method; returns the eval.json report."""
+                    device: torch.device, progress=None) -> dict:
+    """Load the target once and evaluate every planned method (eval/evaluate.py's path and failure
+    policy: a dataset or task that cannot load is a recorded skip); returns the eval.json report."""
+    from omniquant_pl.eval.evaluate import evaluate_into
     from omniquant_pl.models import load_model_and_tokenizer, resolve_model_path
+    from omniquant_pl.results import EvalResults
 
     if not cfg.datasets and not cfg.tasks:
         raise ConfigError("nothing to evaluate: give --eval.datasets [...] and/or --eval.tasks [...]")
@@ -137,26 +121,26 @@ def evaluate_target(target: EvalTarget, cfg: EvalConfig, baselines: list[str], q
     model.to(device)
     activations = install_saved_activation_quantizers(model)
     on_disk = disk_bytes(resolve_model_path(target.model.name_or_path), target.model.gguf_file)
-    report: dict = {"model": target.requested, "model_type": model.config.model_type, "methods": {},
-                    "perplexity": {}, "zeroshot": {}, "eval": asdict(cfg),
-                    "versions": software_versions(optional=("lm-eval", "gguf"))}
-    if target.run_dir is not None:
-        report["run_dir"] = str(target.run_dir)
-        report["calibration"] = {k: target.run_results.get(k) for k in ("quant_tag", "calibration_source")}
-    if activations:
-        report["activations"] = activations
+    evaluation = EvalResults()
+    methods: dict[str, dict] = {}
     for method, tag, method_quant, context in plan_methods(model, baselines, quant):
         started = time.perf_counter()
         with context():
-            perplexity, zeroshot = evaluate_method(model, tokenizer, cfg, device)
-        report["perplexity"][method] = perplexity
-        if zeroshot:
-            report["zeroshot"][method] = zeroshot
-        report["methods"][method] = {
+            evaluate_into(evaluation, method, model, tokenizer, cfg, device, progress=progress)
+        methods[method] = {
             "bits": tag, "quant": asdict(method_quant) if method_quant else None,
             "disk_bytes": None if method == "rtn" else on_disk,  # RTN is not saved anywhere
             "packed_bytes": packed_bytes(model, method_quant), "seconds": round(time.perf_counter() - started, 1),
         }
+    report: dict = {"model": target.requested, "model_type": model.config.model_type, "methods": methods,
+                    **evaluation.to_dict(), "eval": asdict(cfg), "versions": software_versions(optional=("lm-eval",
+                                                                                                         "gguf"))}
+    if target.run_dir is not None:
+        report["run_dir"] = str(target.run_dir)
+        report["calibration"] = {"quant_tag": target.run_results.quant_tag,
+                                 "calibration_source": target.run_results.calibration_source}
+    if activations:
+        report["activations"] = activations
     return report
 
 

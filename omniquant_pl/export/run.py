@@ -19,6 +19,7 @@ from omniquant_pl.arch.registry import get_arch_for_config
 from omniquant_pl.config import QuantConfig
 from omniquant_pl.errors import OmniQuantError
 from omniquant_pl.quant.codes import QuantizedWeight, load_block_codes
+from omniquant_pl.results import RunResults, read_results
 
 WEIGHTS_INDEX = "model.safetensors.index.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -55,7 +56,7 @@ class SafetensorsFolder:
 @dataclass
 class CalibratedRun:
     run_dir: Path
-    results: dict
+    results: RunResults
     quant: QuantConfig
     spec: ArchSpec
     model_dir: Path
@@ -72,18 +73,18 @@ class CalibratedRun:
         if not results_path.is_file():
             raise OmniQuantError(f"'{run_dir}' is not an OmniQuant output directory (no results.json); "
                                  "give the output_dir of a calibrate run")
-        results = json.loads(results_path.read_text())
+        results = read_results(results_path)
         model_dir = run_dir / "model"
         if not (model_dir / "config.json").is_file():
             raise OmniQuantError(f"'{run_dir}' has no saved model (model/config.json): export needs a run calibrated "
                                  "with save_model: true; re-run calibrate with --save_model true --resume true")
         hf_config = AutoConfig.from_pretrained(model_dir)
         layers = int(hf_config.num_hidden_layers)
-        finished = len(results.get("blocks", []))
+        finished = results.finished_blocks
         if finished < layers:
             raise OmniQuantError(f"'{run_dir}' finished {finished} of {layers} blocks; finish it with calibrate "
                                  "--resume true before exporting")
-        quant = QuantConfig(**results["config"]["quant"])
+        quant = QuantConfig(**results.config["quant"])
         spec = get_arch_for_config(hf_config)
         if spec.experts is not None:
             raise OmniQuantError(f"'{run_dir}' is a {spec.name} model: its expert tensors "
@@ -100,7 +101,7 @@ class CalibratedRun:
     @property
     def model_config(self) -> dict:
         """The run's `model` settings (name_or_path, gguf_file, ...)."""
-        return self.results["config"]["model"]
+        return self.results.config["model"]
 
     def block_prefix(self, index: int) -> str:
         return f"{self.spec.backbone}.{self.spec.layers}.{index}."

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from omniquant_pl.quant.kernels import fake_quantize_rows
+from omniquant_pl.quant.fake_quant import fake_quantize_rows
 from omniquant_pl.quant.primitives import QuantGrid
 
 

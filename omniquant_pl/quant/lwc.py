@@ -10,7 +10,7 @@ from torch import nn
 
 from omniquant_pl.errors import ConfigError
 from omniquant_pl.quant.codes import QuantizedWeight
-from omniquant_pl.quant.kernels import fake_quantize_rows, row_grid
+from omniquant_pl.quant.fake_quant import fake_quantize_rows, row_grid
 from omniquant_pl.quant.primitives import QuantGrid, quantize_codes
 
 # σ(30) = 1 - 9e-14, which is 1.0 in fp32 (and in bf16): x · σ(30) == x exactly

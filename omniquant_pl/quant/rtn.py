@@ -7,10 +7,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from omniquant_pl.arch.attention_hooks import activation_quantization, use_quantized_attention
 from omniquant_pl.arch.base import ArchSpec
-from omniquant_pl.arch.registry import check_supported, get_blocks
+from omniquant_pl.arch.registry import check_supported, get_blocks, warn_if_weight_only
 from omniquant_pl.config import QuantConfig
+from omniquant_pl.quant.activation_hooks import activation_quantization, use_quantized_attention
 from omniquant_pl.quant.lwc import WeightQuantizer
 
 
@@ -19,6 +19,16 @@ def rtn_quantizer(weight: torch.Tensor, quant: QuantConfig) -> WeightQuantizer:
         tuple(weight.shape), quant.wbits, quant.group_size, quant.symmetric, learnable_clipping=False,
         gguf_grid=quant.grid == "gguf",
     )
+
+
+def check_quantizable(spec: ArchSpec, blocks: nn.ModuleList, quant: QuantConfig) -> None:
+    """Before any work: the spec supports what `quant` asks (one warning for a weight-only spec), it
+    names every linear of a block, and a quantizer can be built for each of them."""
+    check_supported(spec, quant.let, quant.abits)
+    warn_if_weight_only(spec, len(blocks))
+    spec.check_block(blocks[0])
+    for name in spec.linear_names:
+        rtn_quantizer(blocks[0].get_submodule(name).weight, quant)
 
 
 @contextlib.contextmanager

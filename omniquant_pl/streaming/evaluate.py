@@ -90,8 +90,8 @@ def streamed_perplexity(
 def streamed_evaluator(model: nn.Module, spec: ArchSpec, blocks, rtn_quant=None) -> Callable[..., tuple[float, int]]:
     """An evaluate_perplexity stand-in (same arguments) over `blocks` (a StreamedBlocks: each block as
     the run has it now); with `rtn_quant` (a QuantConfig), the RTN baseline of those settings."""
-    from omniquant_pl.arch.attention_hooks import use_quantized_attention
     from omniquant_pl.arch.registry import check_supported
+    from omniquant_pl.quant.activation_hooks import use_quantized_attention
     from omniquant_pl.quant.rtn import rtn_block
 
     context = None

@@ -176,7 +176,7 @@ class BlockActivationQuantizers:
             raise AttentionNotQuantizedError(
                 f"{what}: {self.quantizer.grid.bits}-bit activations, but q/k/v were not quantized: the model's "
                 f"attention runs '{routed_to}', not '{self.routed_name}'; call "
-                "omniquant_pl.arch.attention_hooks.use_quantized_attention(model) before building blocks "
+                "omniquant_pl.quant.activation_hooks.use_quantized_attention(model) before building blocks "
                 "(models whose attention bypasses transformers' AttentionInterface need abits 16)"
             )
 

@@ -2,21 +2,17 @@
 
 Eager, `lwc_fake_quantize` is ~15 elementwise kernels over the whole weight in each direction
 (fp32 copies, round, clamp, STE...): on a 7B-shaped block that costs more than the matmuls. Fused
-(`use_fused_quantizers(True)`) it is one reduction and one elementwise kernel per direction, with
-the same math. Functions take only tensors and Python scalars, so one compiled graph serves every
-block of a model; a failure to compile falls back to eager with a warning.
+(a run with `train.compile: quantizers`, see compile_policy.py) it is one reduction and one
+elementwise kernel per direction, with the same math. Functions take only tensors and Python
+scalars, so one compiled graph serves every block of a model; a failure to compile falls back to
+eager with a warning.
 """
 from __future__ import annotations
 
-import contextlib
-import logging
-from collections.abc import Callable, Iterator
-
 import torch
 
+from omniquant_pl.compile_policy import compiled, current_policy
 from omniquant_pl.quant.primitives import RowGrid, fake_quantize, fit_row_grid
-
-log = logging.getLogger(__name__)
 
 
 def row_grid(
@@ -62,21 +58,6 @@ def lwc_fake_quantize(
     return fake_quantize(x, row_grid(x, upper_logit, lower_logit, qmin, qmax, rule), qmin, qmax, rule).to(rows.dtype)
 
 
-_fused: Callable[..., torch.Tensor] | None = None
-_enabled = False
-
-
-def _compiled() -> Callable[..., torch.Tensor]:
-    global _fused
-    if _fused is None:
-        import torch._dynamo
-
-        # every linear shape, grad mode and batch size is one graph: allow plenty of them
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _fused = torch.compile(lwc_fake_quantize, dynamic=False)
-    return _fused
-
-
 def fake_quantize_rows(
     rows: torch.Tensor,
     upper_logit: torch.Tensor | None,
@@ -85,23 +66,12 @@ def fake_quantize_rows(
     qmax: int,
     rule: str,
 ) -> torch.Tensor:
-    """`lwc_fake_quantize`, fused when enabled (falls back to eager if compilation fails)."""
-    global _enabled
-    if _enabled:
+    """`lwc_fake_quantize`, fused where the run's compile policy asks for ``quantizers`` (eager after
+    a compiler failure, for the rest of that run)."""
+    policy = current_policy()
+    if policy is not None and policy.allows("quantizers"):
         try:
-            return _compiled()(rows, upper_logit, lower_logit, qmin, qmax, rule)
+            return compiled(lwc_fake_quantize, dynamic=False)(rows, upper_logit, lower_logit, qmin, qmax, rule)
         except Exception as err:  # noqa: BLE001 - any compiler failure: keep calibrating, eagerly
-            log.warning("fused quantizers unavailable (%s: %s); running them eagerly", type(err).__name__, err)
-            _enabled = False
+            policy.fail("quantizers", err)
     return lwc_fake_quantize(rows, upper_logit, lower_logit, qmin, qmax, rule)
-
-
-@contextlib.contextmanager
-def use_fused_quantizers(enabled: bool) -> Iterator[None]:
-    """Run every quantizer through the fused (compiled) kernels inside the context."""
-    global _enabled
-    previous, _enabled = _enabled, bool(enabled)
-    try:
-        yield
-    finally:
-        _enabled = previous
