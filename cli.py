@@ -234,27 +234,36 @@ def check_yaml_files(argv: list[str]) -> None:
             raise OmniQuantError(f"config file '{path}' is not UTF-8 text; give a YAML file") from None
 
 
+def log_handler() -> logging.Handler:
+    """One log style: rich's on a terminal (above the progress bars), the same columns in plain text
+    for a file or a pipe (no wrapping at 80 columns, no colour codes)."""
+    if sys.stderr.isatty():
+        from rich.console import Console
+        from rich.logging import RichHandler
+
+        return RichHandler(console=Console(stderr=True), show_path=False, markup=False)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("[%(asctime)s] %(levelname)-8s %(message)s", datefmt="%x %X"))
+    return handler
+
+
 def main(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv) in ([], ["-h"], ["--help"]):
         print(OVERVIEW)
         return 0
     from jsonargparse import ArgumentError
-    from rich.console import Console
-    from rich.logging import RichHandler
 
     from omniquant_pl.errors import OmniQuantError
     from omniquant_pl.trainer import quiet_lightning
 
     quiet_lightning()
     warnings.filterwarnings("ignore", category=DeprecationWarning, module="jsonargparse")
-    # one log style on the terminal, under progress bars and in a log file alike
-    logging.basicConfig(level=logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=Console(stderr=True), show_path=False, markup=False)])
+    logging.basicConfig(level=logging.INFO, handlers=[log_handler()])
     parser = build_parser()
     try:
         check_yaml_files(sys.argv[1:] if argv is None else argv)
         cfg = parser.parse_args(argv)
-        init = parser.instantiate_classes(cfg)
+        init = getattr(parser, "instantiate", parser.instantiate_classes)(cfg)  # renamed in jsonargparse 4.49
         command = init.command
         sub = init[command]
         if command == "calibrate":

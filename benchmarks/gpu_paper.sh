@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 17: SmolLM2-135M at the paper's scale on one GPU (128 x 2048 WikiText-2 calibration windows,
+# SmolLM2-135M at the paper's scale on one GPU (128 x 2048 WikiText-2 calibration windows,
 # seed 2, whole 147-window WikiText-2 test split), FP and RTN measured in the same runs.
 # usage: bash benchmarks/gpu_paper.sh MODEL_DIR GGUF_FILE OUT_DIR BUDGET_SECONDS
 #   1. W3A16 (LWC, 20 epochs), compiled step recorded as a CUDA graph, alone on the GPU: the timing

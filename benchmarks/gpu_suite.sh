@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 6's speed table on one GPU, each part under its own time limit, results as JSON + logs.
+# The speed table on one GPU, each part under its own time limit, results as JSON + logs.
 # usage: bash benchmarks/gpu_suite.sh MODEL_DIR GGUF_FILE OUT_DIR [parts...]
 # Parts, the default list in order of what is still owed:
 #   model-compare      the same at 2 epochs: reference (eager), compiled, compiled + CUDA graph, each

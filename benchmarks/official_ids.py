@@ -1,4 +1,4 @@
-"""Issue 14's side-by-side protocol, shared by `quality.py --protocol official-ids` (ours) and
+"""The official-ids side-by-side protocol, shared by `quality.py --protocol official-ids` (ours) and
 `official_omniquant.py` (the official code): its settings, the calibration ids' hash, and the
 official code's reruns. No heavy imports: the official code runs in another environment
 (transformers 4.35), where this module is imported too.
@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-# The official code (OpenGVLab/OmniQuant 95fae1b, fp32 on a CPU) measured on these ids in issue 14;
+# The official code (OpenGVLab/OmniQuant 95fae1b, fp32 on a CPU) measured on these ids in its first run;
 # `official_ppl` is its WikiText-2 perplexity over the first 8 test windows (FP 19.27).
 OFFICIAL_IDS_SHA256 = "7452374b9933b3d8"  # the 16 x 512 calibration ids of seed 2 both stacks trained on
 OFFICIAL_IDS_SETTINGS = {

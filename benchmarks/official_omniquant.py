@@ -1,9 +1,9 @@
-"""Rerun the official OmniQuant code on issue 14's protocol, on the ids ours calibrates on.
+"""Rerun the official OmniQuant code on the official-ids protocol, on the ids ours calibrates on.
 
 The official code (OpenGVLab/OmniQuant, commit 95fae1b) is not part of this project: bring a
 checkout and an environment it runs in (transformers 4.35, which still has the per-layer rotary
 embedding its Llama layer copies). Three lines of it are changed, at run time, in a temporary copy,
-so that it runs in fp32 on a CPU as issue 14 ran it:
+so that it runs in fp32 on a CPU as the official-ids protocol runs it:
 
 - `quantize/int_linear.py`: the weight buffer is a detached tensor. On a GPU the `qlayer.float()`
   of the fp16 model makes that copy; on an fp32 model it keeps the Parameter and the temporary
@@ -143,7 +143,7 @@ def run_one(omniquant, inputs: Path, label: str, seed: int) -> dict:
     quant, train = setting["quant"], setting["train"]
     let = quant.get("let", False)
     wbits, abits = quant["wbits"], quant.get("abits", 16)
-    # the official code loads fp16 weights (torch_dtype=float16); issue 14 computed in fp32
+    # the official code loads fp16 weights (torch_dtype=float16); the protocol computes in fp32
     model = AutoModelForCausalLM.from_pretrained(inputs / "model-fp16", torch_dtype=torch.float16).float().eval()
     if let:
         model = multi_head_copy(model)
@@ -188,7 +188,7 @@ def merge(runs: list[dict], path: Path) -> None:
     kept = [run for run in report["runs"] if (run["setting"], run["calib_seed"]) not in fresh]
     report.update({
         "official": f"OpenGVLab/OmniQuant {COMMIT}, fp32 on a CPU (benchmarks/official_omniquant.py's three patches)",
-        "protocol": "issue 14: 16 x 512 wiki.valid.tokens windows per calibration seed (seed 2 = issue 14's ids), "
+        "protocol": "official-ids protocol: 16 x 512 wiki.valid.tokens windows per calibration seed (seed 2 = the ids of the first official run), "
                     "2 epochs, batch 1, AdamW wd 0, fp16-rounded weights; WikiText-2 test, first 8 windows of 2048",
         "runs": sorted(kept + runs, key=lambda run: (run["setting"], run["calib_seed"])),
     })

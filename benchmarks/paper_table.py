@@ -1,11 +1,11 @@
-"""The paper-scale SmolLM2-135M table (issue 17): FP / RTN / ours beside the official code's numbers.
+"""The paper-scale SmolLM2-135M table: FP / RTN / ours beside the official code's numbers.
 
     python benchmarks/paper_table.py            # reads benchmarks/results/paper-smollm2-135m-*-<card>.json
 
 Each JSON comes from `bash benchmarks/gpu_paper.sh` (or `benchmarks/speed.py --model ... --baselines`):
 128 x 2048 WikiText-2 validation windows (seed 2), whole WikiText-2 test split (147 x 2048).
 The official column is the official OmniQuant code on one H100 with the same model, data and
-protocol, as given in issue 17. Prints the markdown table and writes it beside the JSON files.
+protocol (128 x 2048 WikiText-2 windows, the whole test split). Prints the markdown table and writes it beside the JSON files.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = ["W3A16", "W3A16g64", "W2A16g64", "W6A6", "W4A4"]
-# official OmniQuant code, H100 (issue 17): FP, RTN, OmniQuant perplexity, calibration seconds
+# official OmniQuant code, H100 (its reference run): FP, RTN, OmniQuant perplexity, calibration seconds
 OFFICIAL = {
     "W3A16": {"fp": 21.97, "rtn": 748.9, "omniquant": 65.99, "seconds": 1120},
     "W3A16g64": {"fp": 21.97, "rtn": 78.85},

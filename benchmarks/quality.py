@@ -2,16 +2,16 @@
 
     python benchmarks/quality.py --scale reduced        # 2-core CPU, about an hour
     python benchmarks/quality.py --scale paper          # GPU: 128 x 2048, 20/40 epochs, full test set
-    python benchmarks/quality.py --protocol official-ids   # issue 14's side by side, about 20 min on 2 CPU cores
+    python benchmarks/quality.py --protocol official-ids   # the official-ids side by side, about 20 min on 2 CPU cores
 
-`--protocol official-ids` calibrates on the very token ids the official code used in issue 14
+`--protocol official-ids` calibrates on the very token ids the official code used in its first measured run
 (16 x 512 windows of wiki.valid.tokens read with its BOM, seed 2; checked by hash), 2 epochs, fp32,
 our defaults otherwise, and prints ours next to the official code's perplexity at W3A16 (two LWC
-learning rates), W4A4 and W6A6: issue 14's number and the official code rerun here on the same ids
+learning rates), W4A4 and W6A6: the first official run's number and the official code rerun here on the same ids
 (benchmarks/official_omniquant.py). `--calib-seeds 2 3 4 5` runs every row on the windows of each
 seed (sampled as the official code samples them) and adds the means; rows of other seeds or
 settings already in the results file (`--output` to name one) stay, so seeds can be added later;
-`--official-inputs DIR` writes what official_omniquant.py needs. `--set train.keep_best=false` gives issue 14's own
+`--official-inputs DIR` writes what official_omniquant.py needs. `--set train.keep_best=false` gives the first official run's own
 protocol (the official code has no keep_best). `--set quant.FIELD=VALUE` / `--set train.FIELD=VALUE` runs an
 ablation row (e.g. `--set quant.let_up_down=false`).
 
@@ -59,18 +59,18 @@ REPORTED_BLOCKS = (0, 5, 11, 29)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--protocol", choices=["lwc", "official-ids"], default="lwc",
-                        help="lwc: FP/RTN/LWC across bit widths; official-ids: issue 14's side by side")
+                        help="lwc: FP/RTN/LWC across bit widths; official-ids: the official-ids side by side")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="official-ids: change one quant./train. field in every row (an ablation)")
     parser.add_argument("--weights", choices=["fp16", "fp32"], default="fp16",
                         help="official-ids: the weights both stacks start from. fp16 (default): the model's "
                              "weights rounded to float16, as the official code loads them (torch_dtype=float16; "
-                             "issue 14's RTN column is RTN on these); fp32: the GGUF's de-quantized fp32 weights")
+                             "the first official run's RTN column is RTN on these); fp32: the GGUF's de-quantized fp32 weights")
     parser.add_argument("--only", nargs="+", choices=list(OFFICIAL_IDS_SETTINGS), default=None,
                         help="official-ids: run only these rows")
     parser.add_argument("--calib-seeds", nargs="+", type=int, default=[2], metavar="SEED",
                         help="official-ids: calibration seeds (16 x 512 windows each, sampled as the official "
-                             "code samples them; seed 2 is issue 14's ids, checked by hash); each row runs once "
+                             "code samples them; seed 2 is the first official run's ids, checked by hash); each row runs once "
                              "per seed and the table adds the mean")
     parser.add_argument("--official-inputs", type=Path, default=None, metavar="DIR",
                         help="official-ids: only write what benchmarks/official_omniquant.py runs the official "
@@ -188,7 +188,7 @@ def official_ids_calibration_file(directory: Path) -> Path:
 
 
 def official_ids(args: argparse.Namespace) -> None:
-    """Issue 14's side by side: ours on the official code's calibration ids, next to its numbers."""
+    """The official-ids side by side: ours on the official code's calibration ids, next to its numbers."""
     import hashlib
 
     from omniquant_pl.calib.data import calibration_windows
@@ -207,7 +207,7 @@ def official_ids(args: argparse.Namespace) -> None:
                    for seed, windows in windows_by_seed.items()}
     if 2 in ids_by_seed and ids_by_seed[2] != OFFICIAL_IDS_SHA256:
         sys.exit(f"calibration ids differ from the official run's ({ids_by_seed[2]} != {OFFICIAL_IDS_SHA256}): "
-                 "the tokenizer or wiki.valid.tokens is not the one issue 14 used")
+                 "the tokenizer or wiki.valid.tokens is not the one the first official run used")
     if args.official_inputs is not None:
         write_official_inputs(args.official_inputs, model, tokenizer, windows_by_seed)
         return
@@ -238,7 +238,7 @@ def official_ids(args: argparse.Namespace) -> None:
             rerun = reruns.get((label, seed)) if args.weights == "fp16" else None
             rows.append({
                 "setting": label, "calib_seed": seed, "calibration_ids_sha256": ids_by_seed[seed],
-                "fp": fp, "rtn": rtn, "official_issue_14": setting["official_ppl"] if seed == 2 else None,
+                "fp": fp, "rtn": rtn, "official_first_run": setting["official_ppl"] if seed == 2 else None,
                 "ours": ours, "seconds": results.calibration_seconds,
                 "epoch_losses": {str(b): results.blocks[b].epoch_losses for b in REPORTED_BLOCKS
                                  if b < len(results.blocks)},
@@ -266,12 +266,12 @@ def official_ids(args: argparse.Namespace) -> None:
     print_official_ids_table(rows, means)
     report = {"versions": software_versions(),
         "model": "SmolLM2-135M-Instruct (GGUF Q4_1 de-quantized)", "device": str(device),
-        "protocol": "issue 14: official code's calibration ids (16 x 512 per seed; seed 2 is issue 14's), 2 epochs, "
+        "protocol": "official-ids protocol: official code's calibration ids (16 x 512 per seed; seed 2 is the first official run's), 2 epochs, "
                     "fp32, defaults otherwise; WikiText-2 test, first 8 windows of 2048",
         "weights": "rounded to float16, as the official loads them" if args.weights == "fp16" else "fp32 (GGUF de-quantized)",
         "calibration_ids_sha256": OFFICIAL_IDS_SHA256, "calib_seeds": sorted({row["calib_seed"] for row in rows}),
         "overrides": args.overrides,
-        "official": "OpenGVLab/OmniQuant 95fae1b: issue 14's numbers (seed 2), and reruns on this machine by "
+        "official": "OpenGVLab/OmniQuant 95fae1b: the first official run's numbers (seed 2), and reruns on this machine by "
                     "benchmarks/official_omniquant.py (fp32 on a CPU, fp16-rounded weights)",
         "rows": rows, "means": means,
     }
@@ -330,8 +330,8 @@ def print_official_ids_table(rows: list[dict], means: list[dict]) -> None:
     def number(value, digits=2):
         return "-" if value is None else f"{value:.{digits}f}"
 
-    table = Table(title="SmolLM2-135M on the official code's calibration ids (issue 14): WikiText-2 ppl, 8 windows")
-    columns = ("setting", "seed", "FP", "RTN", "official (issue 14)", "official rerun", "ours", "ours vs rerun",
+    table = Table(title="SmolLM2-135M on the official code's calibration ids: WikiText-2 ppl, 8 windows")
+    columns = ("setting", "seed", "FP", "RTN", "official (first run)", "official rerun", "ours", "ours vs rerun",
                *(f"block {b}" for b in REPORTED_BLOCKS))
     for column in columns:
         table.add_column(column, justify="left" if column == "setting" else "right")
@@ -339,7 +339,7 @@ def print_official_ids_table(rows: list[dict], means: list[dict]) -> None:
         losses = [" -> ".join(f"{x:.4g}" for x in row["epoch_losses"].get(str(b), [])) for b in REPORTED_BLOCKS]
         versus = row["ours_vs_official_rerun"]
         table.add_row(row["setting"], str(row["calib_seed"]), number(row["fp"]), number(row["rtn"], 1),
-                      number(row["official_issue_14"]), number(row["official_rerun"]), number(row["ours"]),
+                      number(row["official_first_run"]), number(row["official_rerun"]), number(row["ours"]),
                       "-" if versus is None else f"{100 * versus:+.1f} %", *losses)
     for mean in means:
         if len(mean["seeds"]) > 1:

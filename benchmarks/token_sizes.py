@@ -1,6 +1,6 @@
 """How much of a block's output the largest tokens hold: SmolLM2-135M's massive activations.
 
-    python benchmarks/token_sizes.py            # seed 2's 16 x 512 calibration windows (issue 14's ids)
+    python benchmarks/token_sizes.py            # seed 2's 16 x 512 calibration windows (the official-ids protocol's)
 
 For each block, over every token of the calibration windows: the share of the summed per-token
 mean square of the FP block's output held by the largest token of each window, how many of those

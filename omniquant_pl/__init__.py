@@ -15,8 +15,12 @@ def calibrate(config: RunConfig, callbacks: list | None = None, model=None, toke
     from omniquant_pl.preflight import check_run
     from omniquant_pl.sequencer import BlockSequencer
 
+    callbacks = with_defaults(callbacks)
     check_run(config, model)  # everything that can be refused before the model loads
-    return BlockSequencer(config, callbacks=with_defaults(callbacks), model=model, tokenizer=tokenizer).run()
+    for callback in callbacks:
+        if isinstance(callback, CalibrationCallback):
+            callback.check_config(config)
+    return BlockSequencer(config, callbacks=callbacks, model=model, tokenizer=tokenizer).run()
 
 
 __all__ = [

@@ -51,6 +51,9 @@ class CalibrationCallback(Callback):
 
     rank_zero_only: bool = False
 
+    def check_config(self, config: RunConfig) -> None:
+        """Refuse (raise a one-line OmniQuantError) a run this callback cannot serve, before the model loads."""
+
     def on_calibration_start(self, run: CalibrationRun) -> None:
         """Model loaded, nothing calibrated yet."""
 
@@ -65,3 +68,7 @@ class CalibrationCallback(Callback):
 
     def on_calibration_end(self, run: CalibrationRun, results: RunResults) -> None:
         """Every block is done; `results` will be written to results.json after this."""
+
+    def on_run_end(self, run: CalibrationRun, results: RunResults) -> None:
+        """The model is saved (save_model) and results.json written; what is added to `results` now is
+        written again after this (exports, checks of the saved files)."""

@@ -52,11 +52,32 @@ def _windows(evaluation: EvalResults, dataset: str) -> str:
     return ", ".join(f"{w}×{s}" if s else f"{w} windows" for w, s in sorted(shapes, key=str))
 
 
+def llama_cpp_lines(results: RunResults) -> list:
+    """The llama.cpp check (callbacks.llama_cpp): a table of both files' perplexity, the relative
+    difference, and the exported file's generation."""
+    report = results.llama_cpp
+    windows = next(iter(report["rows"].values()))["windows"]
+    table = Table(title=f"llama.cpp, {report['gguf_type']}: perplexity on {report['dataset']} "
+                        f"({windows} x {report['seqlen']} tokens)")
+    for column in ("file", "MB", "perplexity"):
+        table.add_column(column, justify="left" if column == "file" else "right")
+    fp = results.evaluation.ppl("fp", report["dataset"])
+    if fp is not None:
+        table.add_row("full precision (torch)", "", _fmt(fp))
+    for name, row in report["rows"].items():
+        table.add_row(name, f"{row['file_bytes'] / 1e6:.1f}", f"{row['ppl']:.3f}")
+    ours, theirs = (report["rows"][k]["ppl"] for k in ("OmniQuant export", "llama.cpp quantizer"))
+    return [table, f"OmniQuant vs llama.cpp's own {report['gguf_type']}: {100 * (ours / theirs - 1):+.1f} % perplexity",
+            f"llama.cpp, from the exported file: {report['generation']['prompt']}{report['generation']['text']}"]
+
+
 def print_summary(results: RunResults, console: Console | None = None) -> None:
     console = console or Console()
     for table in summary_tables(results):
         console.print(table)
     console.print(timing_line(results))
+    for line in llama_cpp_lines(results) if results.llama_cpp else []:
+        console.print(line, markup=False) if isinstance(line, str) else console.print(line)
 
 
 def timing_line(results: RunResults) -> str:

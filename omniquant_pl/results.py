@@ -117,6 +117,7 @@ class RunResults:
     peak_host_memory_bytes: int | None = None
     loss_plot: str | None = None
     saved_model: str | None = None
+    llama_cpp: dict | None = None  # callbacks.llama_cpp.LlamaCppCheck: the run's GGUF next to llama.cpp's own
     schema_version: int = SCHEMA_VERSION
     extra: dict[str, Any] = field(default_factory=dict)
 

@@ -3,9 +3,7 @@
 For block i: cache the FP block's outputs on the FP-chain inputs (targets), build the block's
 LightningModule on the quantized-chain inputs, fit, fuse (a callback), propagate the quantized
 block's outputs to block i+1, move the block back to CPU and checkpoint. Only one block and the
-activation caches live on the accelerator. The rest has its own module: plan.py, calib/caches.py,
-trainer.py, resume.py, checkpoint.py, results.py, saved_model.py, streaming/, distributed.py.
-"""
+activation caches live on the accelerator. Policies live in plan.py, trainer.py and resume.py."""
 from __future__ import annotations
 
 import logging
@@ -172,8 +170,8 @@ class BlockSequencer:
         if self.writes_files:
             write_learned(self.output_dir, self.config, learned)
         results.calibration_seconds = sum(block.seconds for block in results.blocks)
-        if self.device.type == "cuda":
-            results.peak_accelerator_memory_bytes = torch.cuda.max_memory_allocated()
+        results.peak_accelerator_memory_bytes = torch.cuda.max_memory_allocated() if self.device.type == "cuda" \
+            else None
         results.peak_host_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self._emit("on_calibration_end", results)
         if not self.writes_files:
@@ -184,7 +182,9 @@ class BlockSequencer:
                                                  self.streamed))
         elif self.streamed is not None:
             self.streamed.discard()
-        results.total_seconds = time.perf_counter() - started
+        results.total_seconds = time.perf_counter() - started  # load, calibration, evaluation, save
+        self._write_results()
+        self._emit("on_run_end", results)  # exports and checks of the saved files (callbacks)
         self._write_results()
         return results
 

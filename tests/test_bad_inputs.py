@@ -1,4 +1,4 @@
-"""Bad inputs (issue 13): each ends in a one-line error that says what was received, what is allowed
+"""Bad inputs: each ends in a one-line error that says what was received, what is allowed
 and what to do (or a warning), before the model loads, with nothing written to the output directory.
 
 The model folders here hold a real config.json and tokenizer but a dummy weights file, and loading

@@ -211,3 +211,58 @@ def test_rope_rows_follow_their_codes():
     codes = QuantizedWeight(torch.arange(32, dtype=torch.uint8).view(16, 2), torch.rand(16, 1), None, 4)
     moved = QuantizedWeight(rope_interleave_rows(codes.codes, 2), rope_interleave_rows(codes.scale, 2), None, 4)
     assert torch.equal(moved.dequantize(), rope_interleave_rows(codes.dequantize(), 2))
+
+
+def test_llama_cpp_check_scores_the_export_next_to_llama_cpps_own_quantizer(tmp_path, tiny_model_dir, capsys):
+    """The main job's callback, named in YAML: before calibration it writes llama.cpp's own Q4_0 of the
+    still unquantized model; after the run it exports the run exactly, scores both files in llama.cpp on
+    the evaluation windows, generates from the export, and the summary prints it all."""
+    pytest.importorskip("llama_cpp")
+    import yaml
+
+    import cli
+    from omniquant_pl.export.llama_cpp import quantize_gguf  # noqa: F401  (llama.cpp is importable)
+    from omniquant_pl.results import read_results
+
+    if "opt" in tiny_model_dir.name:
+        pytest.skip("GGUF export covers the LLaMA family")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tiny_model_dir)}, "quant": GRIDS["Q4_0"],
+        "calib": {"source": "pydoc", "nsamples": 4, "seqlen": 64}, "train": {"epochs": 1, "keep_best_rtn": True},
+        "eval": {"datasets": ["pydoc"], "seqlen": 64, "max_windows": 2, "baselines": ["fp"]},
+        "output_dir": str(tmp_path / "out"),
+        "trainer": {"callbacks": [{"class_path": "callbacks.llama_cpp.LlamaCppCheck",
+                                   "init_args": {"gguf_type": "Q4_0", "prompt": "The", "max_tokens": 4}}]},
+    }))
+    assert cli.main(["calibrate", "--config", str(config)]) == 0
+    check = read_results(tmp_path / "out" / "results.json").llama_cpp
+    assert check["gguf_type"] == "Q4_0" and check["dataset"] == "pydoc" and check["seqlen"] == 64
+    ours, theirs = check["rows"]["OmniQuant export"], check["rows"]["llama.cpp quantizer"]
+    assert (tmp_path / "out" / theirs["file"]).is_file() and (tmp_path / "out" / ours["file"]).is_file()
+    assert ours["windows"] == theirs["windows"] == 2 and 1 < ours["ppl"] < 1e4 and 1 < theirs["ppl"] < 1e4
+    assert isinstance(check["generation"]["text"], str)
+    printed = capsys.readouterr().out
+    assert "llama.cpp quantizer" in printed and "OmniQuant vs llama.cpp's own Q4_0" in printed
+
+
+def test_llama_cpp_check_refuses_a_grid_that_does_not_store_as_its_type_before_loading(tmp_path, tiny_model_dir,
+                                                                                        capsys, monkeypatch):
+    import yaml
+
+    import cli
+
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({
+        "model": {"name_or_path": str(tiny_model_dir)}, "quant": {"wbits": 3, "group_size": 32},
+        "calib": {"source": "pydoc", "nsamples": 2, "seqlen": 32}, "train": {"epochs": 1},
+        "eval": {"datasets": [], "baselines": []}, "output_dir": str(tmp_path / "out"),
+        "trainer": {"callbacks": [{"class_path": "callbacks.llama_cpp.LlamaCppCheck"}]},
+    }))
+    from omniquant_pl import sequencer
+
+    monkeypatch.setattr(sequencer, "load_model", lambda *a, **k: pytest.fail("the model loaded"))
+    assert cli.main(["calibrate", "--config", str(config)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "LlamaCppCheck compares exact exports: this run (W3A16g32, asymmetric) is not on Q4_0's grid" in last
+    assert "configs/smollm2-135m/quickstart.yaml" in last and "--requantize" not in last

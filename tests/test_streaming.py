@@ -1,4 +1,4 @@
-"""model.streaming (issue 16): a run that reads one block at a time from the model's safetensors shards
+"""model.streaming: a run that reads one block at a time from the model's safetensors shards
 and writes the output model block by block ends exactly where a full-load run ends: the same learned
 parameters, the same saved tensors, the same perplexities; it resumes; `auto` and bad inputs."""
 from __future__ import annotations

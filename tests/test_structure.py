@@ -95,3 +95,11 @@ def _long_definitions() -> list[str]:
 def test_no_class_over_300_lines_no_function_over_80_and_a_short_sequencer():
     assert _long_definitions() == []
     assert len((ROOT / "omniquant_pl" / "sequencer.py").read_text().splitlines()) <= MAX_SEQUENCER_LINES
+
+
+def test_the_recorded_package_version_is_pyproject_s():
+    import tomllib
+
+    from omniquant_pl.versions import OMNIQUANT_PL_VERSION
+
+    assert tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"] == OMNIQUANT_PL_VERSION

@@ -1,4 +1,4 @@
-"""QuantLinear: an nn.Linear whose weight is fake-quantized on the fly (inputs: see attention_hooks)."""
+"""QuantLinear: an nn.Linear whose weight is fake-quantized on the fly (inputs: see activation_hooks)."""
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
