@@ -47,7 +47,6 @@ QKV_QUANTIZER_ATTR = "_omniquant_qkv_quantizer"
 # Attribute of an attention module holding the BlockActivationQuantizers that count its q/k/v
 # quantizer's eager calls (touched only outside torch.compile: no guards, no recompiles).
 QKV_CALL_COUNTER_ATTR = "_omniquant_qkv_call_counter"
-_registered = False
 
 
 def _quantize_qkv(module: nn.Module, query, key, value):
@@ -116,10 +115,10 @@ def use_quantized_attention(model: nn.Module) -> None:
                 "with --model.attn_implementation sdpa"
             )
         return
-    global _registered
-    if not _registered:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if ATTENTION_NAME not in ALL_ATTENTION_FUNCTIONS:  # registered once per process, in transformers' registry
         _register_quantized_attention()
-        _registered = True
     if model.config._attn_implementation != ATTENTION_NAME:
         log.info("attention: %s -> %s (q/k/v activation quantization)", model.config._attn_implementation, ATTENTION_NAME)
         model.set_attn_implementation(ATTENTION_NAME)
