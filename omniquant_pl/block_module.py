@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 
 from omniquant_pl.arch.base import ArchSpec
 from omniquant_pl.arch.registry import check_supported
-from omniquant_pl.block_step import StepRunner, block_loss
+from omniquant_pl.block_step import StepRunner, block_loss, block_optimizers
 from omniquant_pl.calib.capture import run_block
 from omniquant_pl.calib.prefetch import on_device
 from omniquant_pl.compile_policy import CompilePolicy
@@ -33,6 +33,7 @@ from omniquant_pl.let.params import LETParams
 from omniquant_pl.quant.activation_hooks import BlockActivationQuantizers
 from omniquant_pl.quant.codes import QuantizedWeight
 from omniquant_pl.quant.experts import QuantExperts, quantize_block_experts, restore_block_experts
+from omniquant_pl.quant.freedoms import FREEDOMS
 from omniquant_pl.quant.linear import QuantLinear, quantize_block_linears, restore_block_linears, set_submodule
 from omniquant_pl.quant.lwc import WeightQuantizer, clipping_disabled
 
@@ -73,7 +74,8 @@ class BlockModule(L.LightningModule):
                 init_let_from_ranges(self.let, block, let_spec, input_ranges, quant.let_alpha)
         def make_quantizer(shape: tuple[int, int]) -> WeightQuantizer:
             return WeightQuantizer(shape, bits=quant.wbits, group_size=quant.group_size, symmetric=quant.symmetric,
-                                   gguf_grid=quant.grid == "gguf", learnable_clipping=quant.lwc, init=quant.lwc_init)
+                                   gguf_grid=quant.grid == "gguf", learnable_clipping=quant.lwc, init=quant.lwc_init,
+                                   learn_rounding=quant.rounding, learn_weights=quant.train_weights)
 
         self.quant_linears: dict[str, QuantLinear] = quantize_block_linears(
             block, spec.linear_names, lambda linear: make_quantizer(tuple(linear.weight.shape)))
@@ -103,23 +105,32 @@ class BlockModule(L.LightningModule):
                                for name, quantizer in self.quant_experts.quantizers.items()})
         return quantizers
 
+    def freedom_parameters(self, freedom: str) -> list[nn.Parameter]:
+        """Every weight quantizer's parameters of one learned freedom (quant/freedoms.py)."""
+        return [p for quantizer in self.weight_quantizers().values() for p in quantizer.freedom_parameters(freedom)]
+
     def lwc_parameters(self) -> list[nn.Parameter]:
-        params = []
-        for quantizer in self.weight_quantizers().values():
-            if quantizer.learnable:
-                params += [quantizer.upper_logit, quantizer.lower_logit]
-        return params
+        return self.freedom_parameters("lwc")
 
     def let_parameters(self) -> list[nn.Parameter]:
         return list(self.let.parameters()) if self.let is not None else []
 
-    def learned_state(self) -> dict[str, torch.Tensor]:
-        """Learned parameters by name (``<linear>.lwc.upper``, ``let.qkv_scale`` ...), for safetensors."""
-        state = {f"let.{name}": p.detach().float().cpu().clone() for name, p in (self.let.named_parameters() if self.let else [])}
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for freedom in FREEDOMS for p in self.freedom_parameters(freedom)] + self.let_parameters()
+
+    def _freedom_tensors(self):
+        """(state key, parameter) of every learned freedom of every weight quantizer."""
         for name, quantizer in self.weight_quantizers().items():
-            if quantizer.learnable:
-                state[f"{name}.lwc.upper"] = quantizer.upper_logit.detach().float().cpu().clone()
-                state[f"{name}.lwc.lower"] = quantizer.lower_logit.detach().float().cpu().clone()
+            for freedom in FREEDOMS.values():
+                for attr, key in zip(freedom.attributes, freedom.state_keys):
+                    if getattr(quantizer, attr) is not None:
+                        yield f"{name}.{key}", getattr(quantizer, attr)
+
+    def learned_state(self) -> dict[str, torch.Tensor]:
+        """Learned parameters by name (``<linear>.lwc.upper``, ``<linear>.rounding``, ``let.qkv_scale`` ...),
+        for safetensors."""
+        state = {f"let.{name}": p.detach().float().cpu().clone() for name, p in (self.let.named_parameters() if self.let else [])}
+        state.update({key: param.detach().float().cpu().clone() for key, param in self._freedom_tensors()})
         return state
 
     def load_learned_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -127,15 +138,14 @@ class BlockModule(L.LightningModule):
         with torch.no_grad():
             for name, param in (self.let.named_parameters() if self.let else []):
                 param.copy_(state[f"let.{name}"])
-            for name, quantizer in self.weight_quantizers().items():
-                if quantizer.learnable:
-                    quantizer.upper_logit.copy_(state[f"{name}.lwc.upper"])
-                    quantizer.lower_logit.copy_(state[f"{name}.lwc.lower"])
+            for key, param in self._freedom_tensors():
+                param.copy_(state[key])
 
     @torch.no_grad()
     def make_rtn(self) -> None:
-        """Set the learned parameters so the block computes round-to-nearest exactly: clipping factors
-        σ(γ) = σ(β) = 1.0 (fp32) and the identity LET."""
+        """Set the learned parameters so the block computes round-to-nearest exactly: every freedom at its
+        identity (clipping factors σ(γ) = σ(β) = 1.0 in fp32, no rounding offsets or weight deltas) and
+        the identity LET."""
         for quantizer in self.weight_quantizers().values():
             quantizer.disable_clipping()
         if self.let is not None:
@@ -165,7 +175,7 @@ class BlockModule(L.LightningModule):
         if unrouted and self.quant_experts is not None:
             module = self.spec.experts.module
             initial = {name: (initial_state[f"{module}.{name}.lwc.upper"], initial_state[f"{module}.{name}.lwc.lower"])
-                       for name, quantizer in self.quant_experts.quantizers.items() if quantizer.learnable}
+                       for name, quantizer in self.quant_experts.quantizers.items() if quantizer.upper_logit is not None}
             self.quant_experts.reset_experts(unrouted, initial)
         return unrouted
 
@@ -231,11 +241,14 @@ class BlockModule(L.LightningModule):
         recorded = self.step_runner.recorded_step(self, batch)
         if recorded is not None and recorded.accepts(batch):
             return recorded(batch)
-        optimizer = self.optimizers()  # through the precision plugin (autocast, loss scaling)
-        optimizer.zero_grad()
+        optimizers = self.optimizers()  # through the precision plugin (autocast, loss scaling)
+        optimizers = optimizers if isinstance(optimizers, list) else [optimizers]
+        for optimizer in optimizers:
+            optimizer.zero_grad()
         loss = self.loss(batch)
         self.manual_backward(loss)
-        optimizer.step()
+        for optimizer in optimizers:
+            optimizer.step()
         return loss.detach()
 
     def on_train_epoch_start(self) -> None:
@@ -266,22 +279,8 @@ class BlockModule(L.LightningModule):
         self.log("block", float(self.index), on_epoch=True, sync_dist=True)
         self.log("train_loss", epoch_loss, on_epoch=True, prog_bar=True, sync_dist=True)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
-        train = self.train_config
-        scale = self.lr_scale * train.lr_multiplier
-        groups = [
-            {"params": self.lwc_parameters(), "lr": train.lwc_lr * scale, "name": "lwc"},
-            {"params": self.let_parameters(), "lr": train.let_lr * scale, "name": "let"},
-        ]
-        groups = [g for g in groups if g["params"]]
-        if not groups:  # nothing to learn (RTN): a no-op optimizer keeps the loop uniform
-            groups = [{"params": [nn.Parameter(torch.zeros((), device=self.device))], "lr": 0.0}]
-        # fused on CUDA: one kernel for all parameters per step; capturable: its step count lives
-        # on the GPU, so the step can be recorded in a CUDA graph. Elsewhere foreach (torch's
-        # default there is a loop over parameters): the same values bit for bit, ~2x faster
-        on_cuda = self.device.type == "cuda"
-        return torch.optim.AdamW(groups, weight_decay=self.train_config.weight_decay, fused=on_cuda or None,
-                                 foreach=None if on_cuda else True, capturable=self.use_cuda_graph and on_cuda)
+    def configure_optimizers(self):
+        return block_optimizers(self)
 
     # -- outside the Trainer -----------------------------------------------------------------
     @torch.no_grad()

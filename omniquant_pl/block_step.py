@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import lightning as L
 import torch
+from torch import nn
 
 from omniquant_pl.compile_policy import CompilePolicy, compiled
 from omniquant_pl.graph_step import GraphedTrainStep
 from omniquant_pl.losses import LOSSES
+from omniquant_pl.quant.freedoms import FREEDOMS
 
 # `module` below is a block_module.BlockModule (not imported: it imports this module)
 
@@ -84,7 +86,7 @@ class StepRunner:
     def recorded_step(self, module: L.LightningModule, batch: tuple[torch.Tensor, ...]) -> GraphedTrainStep | None:
         """The fit's recorded step (recorded on the first full-size batch), or None where recording is
         off or failed, or no full-size batch came yet."""
-        if not self.use_cuda_graph:
+        if not self.use_cuda_graph or isinstance(module.optimizers(), list):  # a graph records one optimizer
             return None
         full_size = batch[0].shape[0] == module.train_config.batch_size
         if self.graphed_step is None and full_size and self.policy.allows("cuda_graph"):
@@ -94,3 +96,41 @@ class StepRunner:
             except Exception as err:  # noqa: BLE001 - keep calibrating with the plain step
                 self.policy.fail("cuda_graph", err)
         return self.graphed_step
+
+
+class SignSGD(torch.optim.Optimizer):
+    """p <- p - lr·sign(grad): AutoRound's optimizer for rounding offsets (train.rounding_optimizer:
+    signsgd). The step size is the same for every offset whatever its gradient's size."""
+
+    def __init__(self, params, lr: float = 5e-3) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.add_(param.grad.sign(), alpha=-group["lr"])
+        return loss
+
+
+def block_optimizers(module: L.LightningModule):
+    """AdamW over every learned freedom and LET, one parameter group each at its learning rate (and
+    SignSGD for the rounding offsets with train.rounding_optimizer: signsgd). AdamW is fused on CUDA
+    (capturable, so the step can be recorded in a CUDA graph) and multi-tensor elsewhere: the same
+    values bit for bit as torch's default loop, ~2x faster."""
+    train = module.train_config
+    scale = module.lr_scale * train.lr_multiplier
+    groups = [{"params": module.freedom_parameters(name), "lr": getattr(train, freedom.lr_field) * scale, "name": name}
+              for name, freedom in FREEDOMS.items()]
+    groups.append({"params": module.let_parameters(), "lr": train.let_lr * scale, "name": "let"})
+    groups = [g for g in groups if g["params"]]
+    signed = [g for g in groups if g["name"] == "rounding" and train.rounding_optimizer == "signsgd"]
+    # nothing else to learn (RTN): a no-op AdamW keeps the loop uniform
+    groups = [g for g in groups if g not in signed] or [{"params": [nn.Parameter(torch.zeros((), device=module.device))],
+                                                        "lr": 0.0}]
+    on_cuda = module.device.type == "cuda"
+    adamw = torch.optim.AdamW(groups, weight_decay=train.weight_decay, fused=on_cuda or None,
+                              foreach=None if on_cuda else True, capturable=module.use_cuda_graph and on_cuda)
+    return [adamw, SignSGD(signed)] if signed else adamw

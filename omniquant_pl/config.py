@@ -107,6 +107,13 @@ class QuantConfig:
             and down_proj, starting at identity (beyond the paper; an exact equivalence, since the
             gate's activation multiplies up's output elementwise): it smooths down_proj's input.
             A run checkpointed before this option resumes with ``let_up_down: false``.
+        rounding: also learn a rounding offset per weight (in code units, clamped to ±0.5) added
+            before rounding (beyond the paper; AutoRound's idea). Starts at 0 (round to nearest);
+            ``train.rounding_lr`` trains it. The codes stay on the grid: every exporter works.
+        train_weights: also learn a delta per weight, added before quantization, so the block trains
+            its weights as well as their grid (beyond the paper; EfficientQAT's Block-AP idea). Starts
+            at 0; ``train.weight_lr`` trains it. Keeps an fp32 copy of the block's weights and its
+            AdamW state on the device while the block trains.
     """
 
     wbits: int = 4
@@ -119,6 +126,8 @@ class QuantConfig:
     let: bool = False
     let_alpha: float = 0.5
     let_up_down: bool = True
+    rounding: bool = False
+    train_weights: bool = False
 
     def __post_init__(self) -> None:
         check_bits("quant.wbits", self.wbits, unquantized=False)
@@ -176,6 +185,10 @@ class TrainConfig:
         batch_size: calibration windows per step; under torchrun the global batch, split evenly over
             the processes (the same result at any process count).
         lwc_lr: AdamW learning rate of the clipping logits.
+        rounding_lr: learning rate of the rounding offsets (quant.rounding).
+        rounding_optimizer: ``adamw`` (default) or ``signsgd`` (AutoRound's: every offset steps by
+            rounding_lr in the direction of its gradient's sign).
+        weight_lr: AdamW learning rate of the weight deltas (quant.train_weights).
         let_lr: AdamW learning rate of the LET parameters.
         weight_decay: AdamW weight decay.
         aug_loss: also match the FP block run on the quantized inputs (paper's W2 setting).
@@ -220,6 +233,9 @@ class TrainConfig:
     epochs: int = 20
     batch_size: int = 1
     lwc_lr: float = 1e-2
+    rounding_lr: float = 5e-3
+    rounding_optimizer: Literal["adamw", "signsgd"] = "adamw"
+    weight_lr: float = 1e-5
     let_lr: float = 5e-3
     weight_decay: float = 0.0
     aug_loss: bool = False

@@ -277,7 +277,7 @@ class BlockSequencer:
             result.init_loss = module.mean_loss(eval_loader, amp)
         initial_state = module.learned_state()
         self._emit("on_block_start", index, module)
-        if cfg.train.epochs > 0 and (module.lwc_parameters() or module.let_parameters()):
+        if cfg.train.epochs > 0 and module.trainable_parameters():
             self.trainers.fit_with_retries(index, module, loader, initial_state, result)
             module.to(self.device)  # Lightning's teardown leaves a GPU module on the CPU
             if module.use_cuda_graph:

@@ -62,7 +62,7 @@ def tiny_run_config(tmp_path, name: str, quant: QuantConfig, resume: bool = Fals
     32-token pydoc window, written under tmp_path/name without the model."""
     return RunConfig(model=ModelConfig("in-memory"), quant=quant,
                      calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32),
-                     train=TrainConfig(epochs=1, batch_size=2, **train),
+                     train=TrainConfig(**{"epochs": 1, "batch_size": 2, **train}),
                      eval=EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=1, baselines=[]),
                      output_dir=str(tmp_path / name), save_model=False, resume=resume)
 

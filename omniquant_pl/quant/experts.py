@@ -99,7 +99,7 @@ class QuantExperts(nn.Module):
         """Put back the initial clipping logits of the rows of `experts` (`initial[name]`: the
         quantizer's (upper, lower) logits at the start)."""
         for name, quantizer in self.quantizers.items():
-            if not quantizer.learnable:
+            if quantizer.upper_logit is None:  # no LWC: no clipping to put back
                 continue
             for logit, start in zip((quantizer.upper_logit, quantizer.lower_logit), initial[name]):
                 per_expert = logit.view(self.num_experts, -1, 1)  # (E, rows per expert, 1)

@@ -51,11 +51,13 @@ def lwc_fake_quantize(
     qmin: int,
     qmax: int,
     rule: str,
+    rounding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Fake quantization of each row (last dim) of `rows` on its `row_grid`, in fp32, returned in
-    the dtype of `rows`."""
+    the dtype of `rows`; `rounding` (rows, row_size): learned offsets in code units (see freedoms.py)."""
     x = rows.float()
-    return fake_quantize(x, row_grid(x, upper_logit, lower_logit, qmin, qmax, rule), qmin, qmax, rule).to(rows.dtype)
+    grid = row_grid(x, upper_logit, lower_logit, qmin, qmax, rule)
+    return fake_quantize(x, grid, qmin, qmax, rule, rounding).to(rows.dtype)
 
 
 def fake_quantize_rows(
@@ -65,13 +67,15 @@ def fake_quantize_rows(
     qmin: int,
     qmax: int,
     rule: str,
+    rounding: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """`lwc_fake_quantize`, fused where the run's compile policy asks for ``quantizers`` (eager after
     a compiler failure, for the rest of that run)."""
     policy = current_policy()
     if policy is not None and policy.allows("quantizers"):
         try:
-            return compiled(lwc_fake_quantize, dynamic=False)(rows, upper_logit, lower_logit, qmin, qmax, rule)
+            return compiled(lwc_fake_quantize, dynamic=False)(rows, upper_logit, lower_logit, qmin, qmax, rule,
+                                                              rounding)
         except Exception as err:  # noqa: BLE001 - any compiler failure: keep calibrating, eagerly
             policy.fail("quantizers", err)
-    return lwc_fake_quantize(rows, upper_logit, lower_logit, qmin, qmax, rule)
+    return lwc_fake_quantize(rows, upper_logit, lower_logit, qmin, qmax, rule, rounding)

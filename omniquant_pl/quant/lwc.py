@@ -1,4 +1,5 @@
-"""Learnable Weight Clipping (LWC): per output channel / group, clip to xmax·σ(γ), xmin·σ(β)."""
+"""The weight quantizer: Learnable Weight Clipping (LWC: per output channel / group, clip to
+xmax·σ(γ), xmin·σ(β)) and the other learned freedoms of freedoms.py (rounding offsets, weight deltas)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,10 +12,8 @@ from torch import nn
 from omniquant_pl.errors import ConfigError
 from omniquant_pl.quant.codes import QuantizedWeight
 from omniquant_pl.quant.fake_quant import fake_quantize_rows, row_grid
+from omniquant_pl.quant.freedoms import FREEDOMS, NO_CLIPPING_LOGIT, ROUNDING_LIMIT
 from omniquant_pl.quant.primitives import QuantGrid, quantize_codes
-
-# σ(30) = 1 - 9e-14, which is 1.0 in fp32 (and in bf16): x · σ(30) == x exactly
-NO_CLIPPING_LOGIT = 30.0
 
 
 def suggest_group_size(requested: int, in_features: list[int]) -> int:
@@ -33,7 +32,10 @@ class WeightQuantizer(nn.Module):
 
     With `learnable_clipping`, each row (channel or group) owns two logits γ (`upper_logit`) and
     β (`lower_logit`), initialised to `init` (σ(4.0) ≈ 0.982), that shrink its range before the
-    grid is fitted. Without it the quantizer is round-to-nearest (RTN) min-max. On min-max grids an
+    grid is fitted. `learn_rounding` adds a per-weight rounding offset (`rounding`, code units, used
+    clamped to ±0.5) and `learn_weights` a per-weight delta (`weight_delta`) added to the weight
+    before it is quantized (see freedoms.py); both start at 0, where the quantizer is LWC's. Without
+    any freedom the quantizer is round-to-nearest (RTN) min-max. On min-max grids an
     asymmetric row's range always includes 0, so its zero point is an integer on the grid (what
     integer formats store); it differs from the official code only for rows whose weights share one
     sign. `gguf_grid` selects llama.cpp's grids (see QuantGrid). `quantize()` hands out the grid as
@@ -49,6 +51,8 @@ class WeightQuantizer(nn.Module):
         learnable_clipping: bool = True,
         init: float = 4.0,
         gguf_grid: bool = False,
+        learn_rounding: bool = False,
+        learn_weights: bool = False,
     ) -> None:
         super().__init__()
         out_features, in_features = weight_shape
@@ -73,40 +77,60 @@ class WeightQuantizer(nn.Module):
         else:
             self.register_parameter("upper_logit", None)
             self.register_parameter("lower_logit", None)
+        for name, on in (("rounding", learn_rounding), ("weight_delta", learn_weights)):
+            self.register_parameter(name, nn.Parameter(torch.zeros(weight_shape)) if on else None)  # (out, in)
 
     @property
     def learnable(self) -> bool:
-        return self.upper_logit is not None
+        """Whether it learns anything (any freedom on)."""
+        return any(p is not None for p in self.freedom_parameters())
+
+    def freedom_parameters(self, name: str | None = None) -> list[nn.Parameter]:
+        """The parameters of freedom `name` (see freedoms.FREEDOMS), or of all of them."""
+        names = [name] if name is not None else list(FREEDOMS)
+        return [p for n in names for attr in FREEDOMS[n].attributes if (p := getattr(self, attr)) is not None]
 
     @torch.no_grad()
     def disable_clipping(self) -> None:
-        """Set both logits so that σ = 1.0 exactly in fp32: the learned quantizer computes RTN."""
-        if self.learnable:
-            self.upper_logit.fill_(NO_CLIPPING_LOGIT)
-            self.lower_logit.fill_(NO_CLIPPING_LOGIT)
+        """Set every freedom to its identity (σ(γ) = σ(β) = 1.0 exactly in fp32, zero rounding offsets
+        and weight deltas): the learned quantizer computes RTN."""
+        for freedom in FREEDOMS.values():
+            for attr in freedom.attributes:
+                if getattr(self, attr) is not None:
+                    getattr(self, attr).fill_(freedom.identity)
 
     def _clipping_logits(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if self.learnable and self.clipping_enabled:
+        if self.upper_logit is not None and self.clipping_enabled:
             return self.upper_logit, self.lower_logit
         return None, None
 
+    def _rows(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(rows of the weight to quantize, (out·groups, row_size); their rounding offsets or None)."""
+        if self.weight_delta is not None and self.clipping_enabled:
+            weight = weight.float() + self.weight_delta  # in fp32: a half weight would drop small deltas
+        rounding = None
+        if self.rounding is not None and self.clipping_enabled:
+            rounding = self.rounding.clamp(-ROUNDING_LIMIT, ROUNDING_LIMIT).reshape(-1, self.row_size)
+        return weight.reshape(-1, self.row_size), rounding
+
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        rows = weight.reshape(-1, self.row_size)  # (out·in/row_size, row_size)
+        rows, rounding = self._rows(weight)  # (out·in/row_size, row_size)
         upper, lower = self._clipping_logits()
         grid = self.grid
-        quantized = fake_quantize_rows(rows, upper, lower, grid.qmin, grid.qmax, grid.rule)
-        return quantized.reshape(weight.shape)
+        quantized = fake_quantize_rows(rows, upper, lower, grid.qmin, grid.qmax, grid.rule, rounding)
+        return quantized.reshape(weight.shape).to(weight.dtype)
 
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
         """The integer codes, scales and zero points of `weight` (out, in): their `dequantize()` is
         the forward's value computed eagerly in fp32 (the same ops, bit for bit)."""
         out_features, in_features = weight.shape
-        rows = weight.reshape(-1, self.row_size).float()  # (out·groups, row_size)
+        rows, rounding = self._rows(weight)
+        rows = rows.float()  # (out·groups, row_size)
         upper, lower = self._clipping_logits()
         grid = self.grid
         row = row_grid(rows, upper, lower, grid.qmin, grid.qmax, grid.rule)
-        codes = quantize_codes(rows, row, grid.qmin, grid.qmax, grid.rule)
+        codes = quantize_codes(rows, row, grid.qmin, grid.qmax, grid.rule, rounding)
         groups = in_features // self.row_size
 
         def per_group(value: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -123,12 +147,13 @@ class WeightQuantizer(nn.Module):
     def extra_repr(self) -> str:
         granularity = f"group={self.row_size}" if self.group_size else "per-channel"
         sym = ("sym" if self.grid.symmetric else "asym") + ("-gguf" if self.grid.gguf else "")
-        return f"bits={self.grid.bits}, {granularity}, {sym}, lwc={self.learnable}"
+        learned = "+".join(name for name in FREEDOMS if self.freedom_parameters(name)) or "none"
+        return f"bits={self.grid.bits}, {granularity}, {sym}, learns={learned}"
 
 
 @contextlib.contextmanager
 def clipping_disabled(module: nn.Module) -> Iterator[None]:
-    """Temporarily turn every WeightQuantizer in `module` into plain RTN (clip factor 1)."""
+    """Temporarily turn every WeightQuantizer in `module` into plain RTN (no freedom applies)."""
     quantizers = [m for m in module.modules() if isinstance(m, WeightQuantizer)]
     previous = [q.clipping_enabled for q in quantizers]
     for q in quantizers:

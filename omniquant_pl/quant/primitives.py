@@ -130,15 +130,20 @@ def fit_row_grid(xmin: torch.Tensor, xmax: torch.Tensor, extreme: torch.Tensor |
     raise ValueError(f"unknown quantization rule {rule!r}; one of {RULES}")
 
 
-def quantize_codes(x: torch.Tensor, grid: RowGrid, qmin: int, qmax: int, rule: str) -> torch.Tensor:
-    """Integer codes of `x` (fp32 values, STE rounding) on `grid`."""
+def quantize_codes(x: torch.Tensor, grid: RowGrid, qmin: int, qmax: int, rule: str,
+                   rounding: torch.Tensor | None = None) -> torch.Tensor:
+    """Integer codes of `x` (fp32 values, STE rounding) on `grid`. `rounding`: a learned offset in code
+    units added right before the rounding (None: round to nearest, as llama.cpp and the paper)."""
+    def shifted(t: torch.Tensor) -> torch.Tensor:
+        return t if rounding is None else t + rounding
+
     if rule.startswith("minmax"):
-        return torch.clamp(round_ste(x / grid.code_scale) + grid.code_offset, qmin, qmax)
+        return torch.clamp(round_ste(shifted(x / grid.code_scale)) + grid.code_offset, qmin, qmax)
     if rule == "gguf_asym":  # llama.cpp: (int)((x - min)·id + 0.5), at most 2^b - 1
-        return torch.clamp(trunc_ste((x - grid.code_offset) * grid.code_scale + 0.5), qmin, qmax)
+        return torch.clamp(trunc_ste(shifted((x - grid.code_offset) * grid.code_scale + 0.5)), qmin, qmax)
     if rule == "gguf_sym":  # llama.cpp: (int)(x·id + 2^(b-1) + 0.5) - 2^(b-1), on [0, 2^b - 1]
-        return torch.clamp(trunc_ste(x * grid.code_scale + (0.5 - qmin)), 0, qmax - qmin) + qmin
-    return torch.clamp(round_half_away_ste(x * grid.code_scale), qmin, qmax)  # gguf_q8: roundf(x·id)
+        return torch.clamp(trunc_ste(shifted(x * grid.code_scale + (0.5 - qmin))), 0, qmax - qmin) + qmin
+    return torch.clamp(round_half_away_ste(shifted(x * grid.code_scale)), qmin, qmax)  # gguf_q8: roundf(x·id)
 
 
 def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | float, rule: str) -> torch.Tensor:
@@ -148,9 +153,10 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor 
     return q * scale + offset
 
 
-def fake_quantize(x: torch.Tensor, grid: RowGrid, qmin: int, qmax: int, rule: str) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, grid: RowGrid, qmin: int, qmax: int, rule: str,
+                  rounding: torch.Tensor | None = None) -> torch.Tensor:
     """Quantize to the integer grid and de-quantize back; the grid broadcasts against `x`."""
-    return dequantize_codes(quantize_codes(x, grid, qmin, qmax, rule), grid.scale, grid.offset, rule)
+    return dequantize_codes(quantize_codes(x, grid, qmin, qmax, rule, rounding), grid.scale, grid.offset, rule)
 
 
 def check_bits(name: str, bits: int, unquantized: bool = True) -> None:
