@@ -217,9 +217,7 @@ def check_yaml_files(argv: list[str]) -> None:
 
     from omniquant_pl.errors import OmniQuantError
 
-    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
-    paths += [arg.removeprefix("--config=") for arg in argv if arg.startswith("--config=")]
-    for path in paths:
+    for path in config_files(argv):
         if not Path(path).is_file():
             continue  # the parser reports a missing file
         try:
@@ -232,6 +230,27 @@ def check_yaml_files(argv: list[str]) -> None:
                                  "(indentation, a missing ':' or an unclosed bracket), see configs/ for examples") from None
         except UnicodeDecodeError:
             raise OmniQuantError(f"config file '{path}' is not UTF-8 text; give a YAML file") from None
+
+
+def config_files(argv: list[str]) -> list[str]:
+    """The --config files given, in order."""
+    paths = [argv[i + 1] for i, arg in enumerate(argv[:-1]) if arg == "--config"]
+    return paths + [arg.removeprefix("--config=") for arg in argv if arg.startswith("--config=")]
+
+
+def resume_named_folder(argv: list[str], sub) -> None:
+    """`--config RUN/config.yaml --resume true` continues RUN, the folder the user named, even where
+    the config's output_dir points elsewhere (a copied folder, a relative path from another working
+    directory); an explicit --output_dir wins."""
+    from omniquant_pl.resume import run_folder_named
+
+    if not sub.resume or any(a == "--output_dir" or a.startswith("--output_dir=") for a in argv):
+        return
+    folder = run_folder_named([Path(p) for p in config_files(argv)], sub.output_dir)
+    if folder is not None:
+        logging.getLogger("omniquant_pl").info("resuming the run folder %s (its config.yaml names output_dir %s)",
+                                               folder, sub.output_dir)
+        sub.output_dir = str(folder)
 
 
 def log_handler() -> logging.Handler:
@@ -267,6 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         command = init.command
         sub = init[command]
         if command == "calibrate":
+            resume_named_folder(sys.argv[1:] if argv is None else argv, sub)
             run_calibrate(sub)
         elif command == "evaluate":
             run_evaluate(sub)

@@ -149,7 +149,7 @@ def run_one(omniquant, inputs: Path, label: str, seed: int) -> dict:
         model = multi_head_copy(model)
     for param in model.parameters():
         param.requires_grad = False
-    ids = torch.load(inputs / f"calib-ids-seed{seed}.pt")  # (nsamples, seqlen)
+    ids = torch.load(inputs / f"calib-ids-seed{seed}.pt", weights_only=True)  # (nsamples, seqlen)
     act_scales = input_maxima(model, ids) if let else None
     args = types.SimpleNamespace(
         net="llama-smollm2", nsamples=len(ids), batch_size=1, deactive_amp=True, epochs=CALIBRATION["epochs"],
@@ -175,7 +175,7 @@ def run_one(omniquant, inputs: Path, label: str, seed: int) -> dict:
     model = omniquant(lm, args, [(window[None], None) for window in ids], act_scales, None, logger)
     seconds = time.perf_counter() - started
     shutil.rmtree(args.output_dir, ignore_errors=True)
-    ppl = perplexity(model, torch.load(inputs / "test-ids.pt"), CALIBRATION["eval_windows"], CALIBRATION["eval_seqlen"])
+    ppl = perplexity(model, torch.load(inputs / "test-ids.pt", weights_only=True), CALIBRATION["eval_windows"], CALIBRATION["eval_seqlen"])
     return {"setting": label, "calib_seed": seed, "ppl": ppl, "calibration_seconds": round(seconds, 1),
             "model": "multi-head copy" if let else "grouped-query (as released)",
             "epoch_losses": {str(block): values for block, values in sorted(losses.losses.items())}}

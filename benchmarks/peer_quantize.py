@@ -30,7 +30,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--calib", type=Path, required=True, help="calibration token ids, (n, seqlen) int64")
     parser.add_argument("--check", type=Path, required=True, help="one evaluation window, (1, seqlen) int64")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--autoround-iters", type=int, default=200)
+    parser.add_argument("--autoround-iters", type=int, default=200, help="its default")
+    parser.add_argument("--autoround-batch-size", type=int, default=8, help="its default")
     return parser.parse_args()
 
 
@@ -57,6 +58,10 @@ def llm_compressor(model, ids: torch.Tensor, args: argparse.Namespace) -> dict:
         from llmcompressor.modifiers.transform import AWQModifier
 
         recipe = [AWQModifier(), QuantizationModifier(config_groups=groups, ignore=["lm_head"])]
+    if not torch.cuda.is_available():  # AWQ pins its activation cache for GPU copies, which fails without a GPU
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, *args, **kwargs: None  # pinning only speeds copies up
     data = Dataset.from_dict({"input_ids": ids.tolist(), "attention_mask": torch.ones_like(ids).tolist()})
     oneshot(model=model, dataset=data, recipe=recipe, max_seq_length=ids.shape[1], num_calibration_samples=len(ids))
     return {"llmcompressor": metadata.version("llmcompressor"), "recipe": [str(r) for r in recipe]}
@@ -86,17 +91,18 @@ def fake_quantized_llm_compressor(model) -> dict[str, torch.Tensor]:
 
 
 def autoround(model, tokenizer, ids: torch.Tensor, args: argparse.Namespace) -> tuple[dict, dict]:
-    """auto-round's SignRound at its defaults (iters 200, lr 1/iters, batch 8, min-max tuning),
-    on our token ids; the de-quantized weights of the layers it quantized."""
+    """auto-round's SignRound (its defaults: iters 200, lr 1/iters, batch 8, min-max tuning; iters
+    and batch as given), on our token ids; the de-quantized weights of the layers it quantized."""
     from auto_round import AutoRound
 
     rounder = AutoRound(model, tokenizer=tokenizer, bits=args.wbits, group_size=args.group_size or -1, sym=False,
                         dataset=[window.unsqueeze(0) for window in ids], nsamples=len(ids), seqlen=ids.shape[1],
-                        iters=args.autoround_iters, device_map="cpu")
+                        iters=args.autoround_iters, batch_size=args.autoround_batch_size, device_map="cpu")
     rounder.quantize()
     weights = {f"{name}.weight": module.weight.detach().float().contiguous() for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear) and ".layers." in name}
-    return {"auto-round": metadata.version("auto-round"), "iters": args.autoround_iters, "sym": False}, weights
+    return {"auto-round": metadata.version("auto-round"), "iters": args.autoround_iters,
+            "batch_size": args.autoround_batch_size, "sym": False}, weights
 
 
 def levels_per_group(weight: torch.Tensor, group_size: int) -> int:

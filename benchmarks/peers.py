@@ -61,6 +61,10 @@ def parse_args() -> argparse.Namespace:
                         help="folder of our recipes, one per setting: reduced-<setting>.yaml")
     parser.add_argument("--ours-set", nargs="*", default=[], help="extra overrides for our runs, e.g. --train.epochs 4")
     parser.add_argument("--ours-label", default="ours", help="the row name of our runs (for ablations)")
+    parser.add_argument("--autoround-iters", type=int, default=200, help="AutoRound's default")
+    parser.add_argument("--autoround-batch-size", type=int, default=0,
+                        help="0: AutoRound's default batch of 8 scaled to the data (8 x nsamples / 128, at least 1), "
+                             "so each window is seen as often as in its default run")
     parser.add_argument("--cache", type=Path, default=Path(os.environ.get("OMNIQUANT_CACHE",
                                                                           Path.home() / ".cache" / "omniquant_pl")) / "peers")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "peers-smollm2-135m-cpu.json")
@@ -134,12 +138,17 @@ def with_weights(model, weights: dict[str, torch.Tensor]):
 
 def run_peer(method: str, setting: str, args: argparse.Namespace, paths: dict) -> dict:
     bits, group = SETTINGS[setting]
-    out = args.cache / "runs" / f"{method}-{setting}-{args.nsamples}x{args.seqlen}"
+    extra, tag = [], ""
+    if method == "autoround":
+        batch = args.autoround_batch_size or max(1, round(8 * args.nsamples / 128))
+        extra = ["--autoround-iters", str(args.autoround_iters), "--autoround-batch-size", str(batch)]
+        tag = f"-i{args.autoround_iters}b{batch}"
+    out = args.cache / "runs" / f"{method}{tag}-{setting}-{args.nsamples}x{args.seqlen}"
     if not (out / "report.json").is_file():
         python = environment(args.cache, ENVIRONMENT_OF[method])
         command = [str(python), str(ROOT / "benchmarks" / "peer_quantize.py"), "--method", method, "--wbits", str(bits),
                    "--group-size", str(group), "--model", str(paths["model"]), "--calib", str(paths["calib"]),
-                   "--check", str(paths["check"]), "--out", str(out)]
+                   "--check", str(paths["check"]), "--out", str(out), *extra]
         started = time.perf_counter()
         proc = subprocess.run(command, capture_output=True, text=True, check=False, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
         if proc.returncode != 0:

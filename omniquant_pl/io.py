@@ -17,9 +17,10 @@ def _default_mode() -> int:
     return 0o666 & ~umask
 
 
-def check_writable_dir(folder: Path | str, option: str) -> None:
+def check_writable_dir(folder: Path | str, option: str, run_folder: bool = False) -> None:
     """Fail before any work when `folder` could not be created or written (a file in the way, a
-    read-only or virtual file system); creates nothing."""
+    read-only or virtual file system), or, for a `run_folder`, when it holds a symbolic link (the
+    run would write through it); creates nothing."""
     from omniquant_pl.errors import OmniQuantError
 
     folder = Path(folder).expanduser()
@@ -37,6 +38,33 @@ def check_writable_dir(folder: Path | str, option: str) -> None:
             f"{option} '{folder}' is not writable: cannot create files in '{existing}' ({err.strerror}); "
             "give a folder on a writable disk"
         ) from None
+    links = links_inside(folder) if run_folder and folder.is_dir() else []
+    if links:
+        more = f" and {len(links) - 1} more" if len(links) > 1 else ""
+        raise OmniQuantError(
+            f"{option} '{folder}' holds a symbolic link the run did not create ({links[0]} -> "
+            f"{os.readlink(links[0])}{more}); a run writes only inside its own folder, never through a link: "
+            f"remove the link, or choose another {option}"
+        )
+
+
+def publish_modes(folder: Path) -> None:
+    """Give a private staging folder (mkdtemp's 0700) and everything in it the modes the umask gives
+    new folders and files."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for root, dirs, files in os.walk(folder):
+        os.chmod(root, 0o777 & ~umask)
+        for name in files:
+            os.chmod(os.path.join(root, name), 0o666 & ~umask)
+
+
+def links_inside(folder: Path) -> list[Path]:
+    """Symbolic links anywhere under `folder` (not followed); the folder itself may be one."""
+    found = []
+    for root, dirs, files in os.walk(folder):
+        found += [Path(root) / name for name in [*dirs, *files] if (Path(root) / name).is_symlink()]
+    return sorted(found)
 
 
 def _atomic_fill(path: Path, fill) -> None:

@@ -5,6 +5,7 @@ import functools
 import importlib.util
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -89,6 +90,7 @@ def check_hub_model(repo_id: str) -> None:
 
 def load_model_and_tokenizer(config: ModelConfig, device: torch.device) -> tuple[nn.Module, object]:
     """Load the causal LM (on CPU, in eval mode) and its tokenizer."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = check_model_location(config)
@@ -112,6 +114,16 @@ def load_model_and_tokenizer(config: ModelConfig, device: torch.device) -> tuple
             f"could not load model '{config.name_or_path}': {str(err).splitlines()[0]}; give a local folder "
             "that holds it, or check the name"
         ) from err
+    except SafetensorError as err:  # a truncated file, a crafted or damaged header
+        raise OmniQuantError(
+            f"model '{config.name_or_path}' has a damaged safetensors file ({str(err).splitlines()[0][:120]}); "
+            "download or export it again"
+        ) from None
+    except pickle.UnpicklingError as err:  # loaded with weights_only: refused, never executed
+        raise OmniQuantError(
+            f"model '{config.name_or_path}' holds a pickled weight file that is not plain tensors "
+            f"({str(err).splitlines()[0][:100]}); it was not run. Use safetensors weights from a source you trust"
+        ) from None
     if config.gguf_file:
         _forget_gguf_quantizer(model)
     model.eval()

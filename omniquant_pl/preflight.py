@@ -6,6 +6,8 @@ architecture table and every quantized linear's input size are checked without l
 """
 from __future__ import annotations
 
+import importlib.util
+
 import logging
 from pathlib import Path
 
@@ -33,7 +35,7 @@ def check_run(config: RunConfig, model: nn.Module | None = None) -> None:
     processes = Processes.from_env()  # torchrun's processes: the global batch must split over them
     processes.local_batch_size(config.train.batch_size, config.calib.nsamples)
     if processes.is_rank_zero:  # data-parallel runs: rank 0 alone writes
-        check_writable_dir(config.output_dir, "output_dir")
+        check_writable_dir(config.output_dir, "output_dir", run_folder=True)
     check_streaming(config.model, model)
     skeleton = model if model is not None else model_skeleton(config.model)
     if skeleton is not None:
@@ -60,6 +62,9 @@ def check_evaluation(model: ModelConfig, eval_config: EvalConfig, accelerator: s
         check_context(config, {"eval.seqlen": eval_config.seqlen})
     for dataset in eval_config.datasets:
         check_text_source(dataset, "eval.datasets", "eval")
+    if eval_config.tasks and importlib.util.find_spec("lm_eval") is None:
+        raise ConfigError(f"eval.tasks {list(eval_config.tasks)} need lm-evaluation-harness, which is not installed: "
+                          "pip install -e \".[eval]\" (or leave out --eval.tasks)")
 
 
 # -- the model ---------------------------------------------------------------------------------

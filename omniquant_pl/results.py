@@ -108,6 +108,7 @@ class RunResults:
     evaluation: EvalResults = field(default_factory=EvalResults)
     calibration_source: str | None = None
     calibration_ids_sha256: str | None = None
+    model_fingerprint: str | None = None  # fingerprint.model_fingerprint of the weights calibrated
     resumed_at_block: int | None = None
     resumed_with_versions: list[dict] = field(default_factory=list)
     calibration_seconds: float = 0.0  # training time of every block, over all sessions

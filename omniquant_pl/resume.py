@@ -1,5 +1,5 @@
-"""What makes a resumed run the same run: the checkpoint's config (checkpoint.py), the calibration
-token ids, and the software stack (a change is allowed, said and recorded).
+"""What makes a resumed run the same run: the checkpoint's config (checkpoint.py), the model's
+weight files (fingerprint.py), the calibration token ids, and the software stack (a change is allowed, said and recorded).
 
 `start_or_resume` is read before the model loads: a damaged checkpoint, another config, or finished
 blocks without ``--resume true`` are refused there, with nothing written.
@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 
-from omniquant_pl.checkpoint import existing_progress, load_checkpoint
+from omniquant_pl.checkpoint import CHECKPOINT, existing_progress, load_checkpoint
 from omniquant_pl.config import RunConfig
 from omniquant_pl.errors import OmniQuantError
+from omniquant_pl.fingerprint import model_fingerprint
 from omniquant_pl.plan import RunPlan
 from omniquant_pl.results import RunResults
 from omniquant_pl.versions import changed_versions, software_versions
@@ -26,15 +27,41 @@ Restored = tuple[RunResults, dict[str, torch.Tensor]]  # results so far, learned
 
 def start_or_resume(config: RunConfig) -> Restored | None:
     """The checkpoint to continue (``resume: true``), None for a fresh run; refuses a folder with finished
-    blocks unless resuming."""
+    blocks unless resuming, and a checkpoint whose blocks came from other weights than the model's now."""
     output_dir = Path(config.output_dir)
     if config.resume:
-        return load_checkpoint(output_dir, config)
+        restored = load_checkpoint(output_dir, config)
+        if restored is not None:
+            check_same_model(restored[0], config, output_dir)
+        return restored
     progress = existing_progress(output_dir)
     if progress:
         raise OmniQuantError(f"{output_dir} already holds a checkpoint with {progress} finished blocks; add "
                              "--resume true to continue it, or choose another output_dir")
     return None
+
+
+def run_folder_named(config_files: list[Path], output_dir: str | Path) -> Path | None:
+    """The run folder a ``--resume true`` acts on when the user named it through its config.yaml: the
+    folder of the last config file given when it holds a checkpoint and is not `output_dir` (a copied
+    run folder, or a relative output_dir read from another working directory); else None."""
+    if not config_files:
+        return None
+    folder = Path(config_files[-1]).resolve().parent
+    if not (folder / CHECKPOINT).is_file() or folder == Path(output_dir).resolve():
+        return None
+    return folder
+
+
+def check_same_model(results: RunResults, config: RunConfig, output_dir: Path) -> None:
+    """The model at the configured path must be the one the finished blocks were calibrated on."""
+    now = model_fingerprint(config.model)
+    if results.model_fingerprint is not None and now is not None and now != results.model_fingerprint:
+        raise OmniQuantError(
+            f"cannot resume {output_dir}: the model at {config.model.name_or_path} is not the one its "
+            f"{results.finished_blocks} finished blocks were calibrated on (weight files changed: fingerprint "
+            f"{now}, was {results.model_fingerprint}); restore that model, or calibrate into a new output_dir"
+        )
 
 
 def results_so_far(restored: Restored | None, config: RunConfig, model_type: str, plan: RunPlan
@@ -48,6 +75,7 @@ def results_so_far(restored: Restored | None, config: RunConfig, model_type: str
         results, learned = restored
         mark_resumed(results, Path(config.output_dir))
     results.plan = plan
+    results.model_fingerprint = results.model_fingerprint or model_fingerprint(config.model)
     return results, learned
 
 

@@ -92,10 +92,14 @@ def _files(tmp_path: Path) -> dict[str, str]:
     read_only = tmp_path / "read_only"
     read_only.mkdir()
     read_only.chmod(0o555)
+    linked = tmp_path / "linked_run"  # a run folder with a link the run did not make
+    linked.mkdir()
+    (linked / "block_losses.png").symlink_to(tmp_path / "outside.png")
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("model:\n  name_or_path: x\n quant: [1,\n")
     return {"binary": str(binary), "no_text": str(no_text), "not_json": str(not_json), "a_file": str(a_file),
-            "read_only": str(read_only / "out"), "bad_yaml": str(bad_yaml)}
+            "read_only": str(read_only / "out"), "bad_yaml": str(bad_yaml),
+            "linked": str(linked)}
 
 
 # (arguments after `calibrate --config run.yaml`, fragments of the one-line error); {name} = a _files path
@@ -111,6 +115,8 @@ CALIBRATE_ROWS = {
     "jsonl-not-json": (["--calib.source", "{not_json}"], ["broken.jsonl", "line 2 is not JSON"]),
     "output-dir-is-a-file": (["--output_dir", "{a_file}"], ["output_dir", "a_file", "is a file"]),
     "output-dir-under-a-file": (["--output_dir", "{a_file}/run"], ["output_dir", "a_file", "is a file"]),
+    "output-dir-holds-a-link": (["--output_dir", "{linked}"],
+                                ["output_dir", "symbolic link", "block_losses.png", "outside.png", "remove the link"]),
     "output-dir-in-proc": (["--output_dir", "/proc/omniquant-test/run"], ["output_dir", "/proc", "not writable"]),
     "eval-dataset-typo": (["--eval.datasets", "[wikitxt2]"],
                           ["eval.datasets", "unknown text source 'wikitxt2'", "wikitext2", "pydoc"]),
@@ -299,3 +305,13 @@ def test_unwritable_token_cache_warns_and_goes_on(monkeypatch, tmp_path, tokeniz
         ids = tokenize_cached(tokenizer, source)
     assert torch.equal(ids, tokenizer(source.text, return_tensors="pt").input_ids[0])
     assert "is not writable" in caplog.text and "OMNIQUANT_CACHE" in caplog.text
+
+
+def test_evaluate_with_tasks_and_no_lm_eval_is_refused_before_any_work(tmp_path, smol_dir, capsys, monkeypatch):
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "lm_eval" else find_spec(name, *a))
+    code, err = _main(capsys, "evaluate", "--model.name_or_path", smol_dir, "--eval.datasets", "[pydoc]",
+                      "--eval.tasks", "[piqa]")
+    _assert_one_line_error(code, err, ["eval.tasks", "piqa", "lm-evaluation-harness", "pip install"])

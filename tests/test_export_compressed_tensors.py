@@ -188,4 +188,8 @@ def test_omniquant_evaluate_scores_an_asymmetric_export(tmp_path, calibrated_run
     cfg = EvalConfig(datasets=["pydoc"], seqlen=64, max_windows=2, baselines=[])
     exported = evaluate_target(resolve_target(ModelConfig(str(tmp_path / "ct"))), cfg, [], QuantConfig(), torch.device("cpu"))
     original = evaluate_target(resolve_target(ModelConfig(str(run))), cfg, [], QuantConfig(), torch.device("cpu"))
-    assert exported["perplexity"]["fp"]["pydoc"]["ppl"] == original["perplexity"]["omniquant"]["pydoc"]["ppl"]
+    assert exported["perplexity"]["omniquant"]["pydoc"]["ppl"] == original["perplexity"]["omniquant"]["pydoc"]["ppl"]
+    label = exported["methods"]["omniquant"]  # read from the export's files, not "W16A16 fp"
+    assert label["bits"] == "W4A16g16" and label["format"] == "compressed-tensors pack-quantized"
+    file_bytes = sum(p.stat().st_size for p in (tmp_path / "ct").glob("*.safetensors"))
+    assert label["packed_bytes"] == label["disk_bytes"] == file_bytes

@@ -360,3 +360,77 @@ def test_results_record_the_software_stack_and_a_resume_on_another_one_warns(tmp
     assert results.resumed_with_versions == [{"at_block": 1, "versions": software_versions()}]
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["resumed_with_versions"][0]["versions"]["transformers"] == metadata.version("transformers")
+
+
+def _cut_back_to_one_block(run: Path) -> None:
+    """Make a finished run look killed after its first block."""
+    state = json.loads((run / "checkpoint.json").read_text())
+    state["finished_blocks"], state["results"]["blocks"] = 1, state["results"]["blocks"][:1]
+    (run / "checkpoint.json").write_text(json.dumps(state))
+    (run / "learned" / "block_001.safetensors").unlink()
+
+
+def test_resume_acts_on_the_copied_folder_named_not_the_one_its_config_points_at(tmp_path, tiny_model_dir):
+    import shutil
+
+    _, original = _finished_run(tmp_path, tiny_model_dir, "original")
+    _cut_back_to_one_block(original)
+    copy = tmp_path / "copy"
+    shutil.copytree(original, copy)
+    before = _snapshot(original)
+    assert cli.main(["calibrate", "--config", str(copy / "config.yaml"), "--resume", "true"]) == 0
+    assert _snapshot(original) == before  # the folder the config.yaml names as output_dir is untouched
+    assert json.loads((copy / "checkpoint.json").read_text())["finished_blocks"] == 2
+    assert json.loads((copy / "results.json").read_text())["resumed_at_block"] == 1
+
+
+def test_resume_of_a_relative_output_dir_from_another_working_directory_continues_that_folder(
+        tmp_path, tiny_model_dir, monkeypatch):
+    (tmp_path / "project").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
+    config = _config(tmp_path / "run.yaml", tiny_model_dir, Path("out"))
+    assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1"]) == 0
+    run = tmp_path / "project" / "out"
+    _cut_back_to_one_block(run)
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert cli.main(["calibrate", "--config", str(run / "config.yaml"), "--resume", "true"]) == 0
+    assert not (tmp_path / "elsewhere" / "out").exists()  # no fresh run from block 0 in a new folder
+    results = json.loads((run / "results.json").read_text())
+    assert results["resumed_at_block"] == 1 and len(results["blocks"]) == 2
+
+
+def test_resume_refuses_another_model_at_the_same_path(tmp_path, tiny_model_dir, capsys):
+    import shutil
+
+    from conftest import TINY_BUILDERS
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, model_dir)
+    config, run = _config(tmp_path / "run.yaml", model_dir, tmp_path / "out"), tmp_path / "out"
+    assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1"]) == 0
+    assert json.loads((run / "results.json").read_text())["model_fingerprint"]
+    _cut_back_to_one_block(run)
+    family = next(name for name in TINY_BUILDERS if name in tiny_model_dir.name)
+    TINY_BUILDERS[family](seed=123).save_pretrained(model_dir)  # the same architecture, other weights, same path
+    before = _snapshot(run)
+    capsys.readouterr()
+    assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1", "--resume", "true"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is not the one its 1 finished blocks were calibrated on" in err[0], err
+    assert _snapshot(run) == before
+
+
+def test_saved_model_follows_the_umask_and_stale_model_staging_is_cleaned(tmp_path, tiny_model_dir):
+    config, run = _finished_run(tmp_path, tiny_model_dir)
+    umask = os.umask(0)
+    os.umask(umask)
+    model = run / "model"
+    assert model.stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {p.stat().st_mode & 0o777 for p in model.iterdir()} == {0o666 & ~umask}
+    _cut_back_to_one_block(run)
+    for stale in (".model.streamed", ".model.k1ll3d"):  # a streamed session's shards; a save killed midway
+        (run / stale).mkdir()
+        (run / stale / "model-00001-of-00002.safetensors").write_bytes(b"partial")
+    assert cli.main(["calibrate", "--config", str(config), "--train.epochs", "1", "--resume", "true"]) == 0
+    assert not list(run.glob(".model.*"))

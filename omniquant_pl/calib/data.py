@@ -295,7 +295,7 @@ def _cached(path: Path, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
     rebuilt, and an unwritable cache folder costs speed, never the run."""
     if path.is_file():
         try:
-            return torch.load(path)
+            return torch.load(path, weights_only=True)
         except Exception:  # noqa: BLE001 - a damaged cache entry (any unpickling error) is rebuilt
             path.unlink(missing_ok=True)
     value = compute()

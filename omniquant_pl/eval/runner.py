@@ -21,6 +21,7 @@ from torch import nn
 from omniquant_pl.config import EvalConfig, ModelConfig, QuantConfig
 from omniquant_pl.errors import ConfigError, OmniQuantError
 from omniquant_pl.eval.size import disk_bytes, packed_bytes
+from omniquant_pl.eval.stored_format import StoredFormat, stored_format
 from omniquant_pl.results import RunResults, read_results
 from omniquant_pl.saved_model import saved_meta
 from omniquant_pl.versions import software_versions
@@ -85,9 +86,15 @@ def rtn_method(model: nn.Module, quant: QuantConfig) -> contextlib.AbstractConte
     return rtn_model(model, get_arch(model), quant)
 
 
-def plan_methods(model: nn.Module, baselines: list[str], quant: QuantConfig
+def plan_methods(model: nn.Module, baselines: list[str], quant: QuantConfig, stored: StoredFormat | None = None
                  ) -> list[tuple[str, str, QuantConfig | None, Callable[[], contextlib.AbstractContextManager]]]:
-    """(method, bits tag, quant settings, context) for each evaluation of the loaded model."""
+    """(method, bits tag, quant settings, context) for each evaluation of the loaded model. A model
+    stored quantized (an export) is labelled by what its files hold."""
+    if stored is not None and stored.by_omniquant:
+        if baselines:
+            raise ConfigError(f"--baselines {baselines} needs a full-precision model, but this one is an export "
+                              f"({stored.format}, {stored.bits}); evaluate the original model with --baselines")
+        return [("omniquant", stored.bits, None, contextlib.nullcontext)]
     saved = saved_quant(model)
     if saved is not None:
         if baselines:
@@ -96,12 +103,13 @@ def plan_methods(model: nn.Module, baselines: list[str], quant: QuantConfig
                 f"({saved.tag}); evaluate the original model with --baselines, and this one without"
             )
         return [("omniquant", saved.tag, saved, contextlib.nullcontext)]
+    as_stored = stored.bits if stored is not None else FP_TAG  # e.g. a GGUF from elsewhere, de-quantized on load
     if not baselines:
-        return [("fp", FP_TAG, None, contextlib.nullcontext)]
+        return [("fp", as_stored, None, contextlib.nullcontext)]
     plans = []
     for method in dict.fromkeys(baselines):  # keep order, drop repeats
         if method == "fp":
-            plans.append(("fp", FP_TAG, None, contextlib.nullcontext))
+            plans.append(("fp", as_stored, None, contextlib.nullcontext))
         else:
             plans.append(("rtn", quant.tag, quant, lambda: rtn_method(model, quant)))
     return plans
@@ -120,18 +128,23 @@ def evaluate_target(target: EvalTarget, cfg: EvalConfig, baselines: list[str], q
     model, tokenizer = load_model_and_tokenizer(target.model, device)
     model.to(device)
     activations = install_saved_activation_quantizers(model)
-    on_disk = disk_bytes(resolve_model_path(target.model.name_or_path), target.model.gguf_file)
+    folder = resolve_model_path(target.model.name_or_path)
+    on_disk = disk_bytes(folder, target.model.gguf_file)
+    stored = stored_format(target.model, folder)
     evaluation = EvalResults()
     methods: dict[str, dict] = {}
-    for method, tag, method_quant, context in plan_methods(model, baselines, quant):
+    for method, tag, method_quant, context in plan_methods(model, baselines, quant, stored):
         started = time.perf_counter()
         with context():
             evaluate_into(evaluation, method, model, tokenizer, cfg, device, progress=progress)
         methods[method] = {
             "bits": tag, "quant": asdict(method_quant) if method_quant else None,
             "disk_bytes": None if method == "rtn" else on_disk,  # RTN is not saved anywhere
-            "packed_bytes": packed_bytes(model, method_quant), "seconds": round(time.perf_counter() - started, 1),
+            "packed_bytes": packed_bytes(model, method_quant) if stored is None or method == "rtn" else stored.file_bytes,
+            "seconds": round(time.perf_counter() - started, 1),
         }
+        if stored is not None and method != "rtn":
+            methods[method]["format"] = stored.format
     report: dict = {"model": target.requested, "model_type": model.config.model_type, "methods": methods,
                     **evaluation.to_dict(), "eval": asdict(cfg), "versions": software_versions(optional=("lm-eval",
                                                                                                          "gguf"))}

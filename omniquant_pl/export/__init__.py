@@ -13,8 +13,10 @@ fails half-way leaves nothing behind.
 """
 from __future__ import annotations
 
+import errno
 import importlib
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -25,7 +27,10 @@ from pathlib import Path
 from typing import Literal
 
 from omniquant_pl.errors import ConfigError, OmniQuantError
+from omniquant_pl.io import publish_modes
 from omniquant_pl.versions import software_versions
+
+log = logging.getLogger(__name__)
 
 # the built-in exporters, imported on first use (each registers itself)
 BUILTIN_MODULES = ("omniquant_pl.export.compressed_tensors", "omniquant_pl.export.gguf")
@@ -95,20 +100,54 @@ class ExportConfig:
         return run_dir / "export" / f"{self.format}{suffix}"
 
 
-def _staging_dir(destination: Path) -> Path:
-    if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
-        raise OmniQuantError(f"{destination} already exists and is not empty; give another --output or remove it")
+STAGING_OWNER = ".exporting-pid"  # in a staging folder while its export runs: the exporting process
+
+
+RUN_DATA = ("model", "quantized", "learned", "logs", "learned_params.safetensors")  # a run's own files
+
+
+def check_destination(destination: Path, run_dir: Path) -> None:
+    """Refuse, before any work, an --output that is a link, a file, under a file, not empty, or inside
+    the run's own data."""
+    from omniquant_pl.io import check_writable_dir
+
+    resolved = destination.resolve()
+    for name in RUN_DATA:
+        data = (run_dir / name).resolve()
+        if resolved == data or data in resolved.parents:
+            raise OmniQuantError(f"--output {destination} is inside the run's own {name}; give a folder outside it "
+                                 f"(the default is {run_dir / 'export'}/<format>)")
+    if destination.is_symlink():
+        raise OmniQuantError(f"--output {destination} is a symbolic link (to {os.readlink(destination)}); an export "
+                             "never writes through a link: give the real folder's path")
+    check_writable_dir(destination, "--output")
+    if destination.exists() and any(destination.iterdir()):
+        raise OmniQuantError(f"--output {destination} already exists and is not empty; give another --output or remove it")
+
+
+def _remove_stale_staging(destination: Path) -> None:
+    """Staging folders of earlier exports to `destination` whose process is gone (killed): removed."""
+    if not destination.parent.is_dir():
+        return
+    for folder in destination.parent.glob(f".{destination.name}.*.tmp"):
+        owner = folder / STAGING_OWNER
+        try:
+            pid = int(owner.read_text())
+            os.kill(pid, 0)
+            alive = pid != os.getpid()
+        except (OSError, ValueError):
+            alive = False
+        if not alive and folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _staging_dir(destination: Path, run_dir: Path) -> Path:
+    check_destination(destination, run_dir)
+    _remove_stale_staging(destination)
     destination.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
-
-
-def _publishable(folder: Path) -> None:
-    """The staging folder was made private (mkdtemp): give it and its files the umask's modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    folder.chmod(0o777 & ~umask)
-    for path in folder.iterdir():
-        path.chmod(0o666 & ~umask)
+    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.", suffix=".tmp", dir=destination.parent))
+    (staging / STAGING_OWNER).write_text(str(os.getpid()))
+    return staging
 
 
 def export_run(run_dir: str | Path, options: ExportConfig) -> dict:
@@ -119,7 +158,9 @@ def export_run(run_dir: str | Path, options: ExportConfig) -> dict:
     run = CalibratedRun.open(Path(run_dir))
     destination = Path(options.output) if options.output else options.default_output(run.run_dir)
     parent_existed = destination.parent.exists()
-    staging = _staging_dir(destination)
+    if options.format == "gguf" and options.dtype != "float16":
+        log.warning("--dtype %s does nothing for GGUF: its types fix how every tensor is stored", options.dtype)
+    staging = _staging_dir(destination, run.run_dir)
     started = time.perf_counter()
     try:
         report = exporter(run, options, staging)
@@ -130,8 +171,15 @@ def export_run(run_dir: str | Path, options: ExportConfig) -> dict:
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
         if destination.exists():
             destination.rmdir()  # empty (checked above)
-        _publishable(staging)
-        staging.rename(destination)
+        (staging / STAGING_OWNER).unlink()
+        publish_modes(staging)
+        try:
+            staging.rename(destination)
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            raise OmniQuantError(f"--output {destination} was filled by another export while this one ran; nothing "
+                                 "of this one was kept: give another --output") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         if not parent_existed and not any(destination.parent.iterdir()):

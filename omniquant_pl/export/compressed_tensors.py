@@ -14,6 +14,8 @@ run's asymmetric codes live on [0, 2^b - 1], so codes and zero points shift by 2
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
 from pathlib import Path
 
@@ -129,12 +131,19 @@ def unquantized_linears(run: CalibratedRun) -> list[str]:
 def save_sharded(state: dict[str, torch.Tensor], folder: Path) -> list[Path]:
     """safetensors shards (with an index when there are several), as save_pretrained writes them."""
     from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     split = split_torch_state_dict_into_shards(state, max_shard_size=MAX_SHARD)
     written = []
     for filename, names in split.filename_to_tensors.items():
-        save_file({name: state[name].contiguous() for name in names}, str(folder / filename), metadata={"format": "pt"})
+        try:
+            save_file({name: state[name].contiguous() for name in names}, str(folder / filename), metadata={"format": "pt"})
+        except SafetensorError as err:  # safetensors reports a full disk as its own error: make it the OSError it is
+            code = re.search(r"code: (\d+)", str(err))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(folder / filename)) from None
         written.append(folder / filename)
     if split.is_sharded:
         index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in state.values())},
@@ -160,6 +169,37 @@ def _write_config(run: CalibratedRun, staging: Path, options: ExportConfig, qcon
     ModelCompressor(quantization_config=qconfig).update_config(str(staging))  # adds quantization_config
 
 
+def verify_written(folder: Path, run: CalibratedRun, compression_format: str) -> int:
+    """Read every quantized linear back from the written files, unpack it with compressed-tensors' own
+    helpers and check it holds the run's integers (codes and zero points); returns how many."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from safetensors import safe_open
+
+    written = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            written.update({name: path for name in handle.keys()})
+
+    def read(name: str) -> torch.Tensor:
+        with safe_open(str(written[name]), framework="pt") as handle:
+            return handle.get_tensor(name)
+
+    for key, (block, name) in run.linear_keys().items():
+        module = key.removesuffix(".weight")
+        codes, zero = signed_codes(run.quantized_weight(key, block, name))
+        if compression_format == "pack-quantized":
+            stored = unpack_from_int32(read(f"{module}.weight_packed"), run.quant.wbits, codes.shape)
+            stored_zero = None if zero is None else unpack_from_int32(
+                read(f"{module}.weight_zero_point"), run.quant.wbits, zero.shape, packed_dim=0)
+        else:
+            stored = read(f"{module}.weight")
+            stored_zero = None if zero is None else read(f"{module}.weight_zero_point")
+        if not torch.equal(stored.to(torch.int8), codes) or (zero is not None and not torch.equal(stored_zero.to(torch.int8), zero)):
+            raise OmniQuantError(f"the written files do not hold the run's integers for {key}, so nothing was written; "
+                                 "please report it with your compressed-tensors version")
+    return len(run.linear_keys())
+
+
 @register_exporter("compressed-tensors")
 def export_compressed_tensors(run: CalibratedRun, options: ExportConfig, staging: Path) -> dict:
     compression_format = check_exportable(run.quant)
@@ -178,6 +218,8 @@ def export_compressed_tensors(run: CalibratedRun, options: ExportConfig, staging
     ignore = unquantized_linears(run)
     qconfig = quantization_config(run.quant, compression_format, ignore)
     files = save_sharded(state, staging)
+    del state
+    verified = verify_written(staging, run, compression_format)
     _write_config(run, staging, options, qconfig)
     for path in run.side_files():
         shutil.copy2(path, staging / path.name)
@@ -194,7 +236,8 @@ def export_compressed_tensors(run: CalibratedRun, options: ExportConfig, staging
         notes.append(f"scales stored in {options.dtype}: weights equal the run's up to that rounding (--dtype float32 keeps them)")
     return {
         "compression_format": compression_format,
-        "exact": True,  # the run's integers, bit for bit
+        "exact": True,  # the run's integers, bit for bit: read back and compared
+        "verified_tensors": verified,
         "values_exact": values_exact,
         "scales_dtype": options.dtype,
         "quantized_linears": linears,

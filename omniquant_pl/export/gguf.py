@@ -14,6 +14,8 @@ from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+
 from omniquant_pl.config import QuantConfig
 from omniquant_pl.errors import ConfigError, OmniQuantError
 from omniquant_pl.export import ExportConfig, register_exporter
@@ -22,6 +24,7 @@ from omniquant_pl.export.gguf_model import (
     GGUFTensor,
     float_tensor,
     gguf_architecture,
+    gguf_name,
     llama_cpp_row_order,
     tied_output,
     write_gguf,
@@ -131,6 +134,30 @@ def _check_blocks_kept(intermediate: Path, final: Path, type_name: str) -> int:
     return len(before)
 
 
+def verify_exact(final: Path, run: CalibratedRun, values_exact: bool) -> int:
+    """Read every block linear back from the written file with gguf-py's own de-quantizer and check
+    that it holds the run's integers: each value within a third of its step of the run's de-quantized
+    codes (in llama.cpp's row order; a code off by one is a whole step away), or equal where the run's
+    scales are fp16 values already (quant.grid gguf). Returns how many tensors were checked."""
+    import gguf
+    from gguf.quants import dequantize
+
+    stored_tensors = {t.name: t for t in gguf.GGUFReader(str(final)).tensors}
+    tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, run.num_blocks)
+    for key, (block, name) in run.linear_keys().items():
+        codes = llama_cpp_row_order(key, run.quantized_weight(key, block, name), run.hf_config)
+        tensor = stored_tensors[gguf_name(tensor_map, key)]
+        stored = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()).reshape(codes.shape)  # (out, in)
+        step = codes.scale.abs().repeat_interleave(codes.group_size, dim=1)  # (out, in)
+        error = (stored - codes.dequantize()).abs()
+        wrong = error > 0 if values_exact else error > step / 3
+        if wrong.any():
+            raise OmniQuantError(f"the written file does not hold the run's integers for {key} ({int(wrong.sum())} "
+                                 f"values differ, up to {error.max().item():.3g}), so nothing was written; please "
+                                 "report it with your gguf and llama-cpp-python versions")
+    return len(run.linear_keys())
+
+
 @register_exporter("gguf")
 def export_gguf(run: CalibratedRun, options: ExportConfig, staging: Path) -> dict:
     type_name = options.gguf_type
@@ -147,6 +174,8 @@ def export_gguf(run: CalibratedRun, options: ExportConfig, staging: Path) -> dic
     quantize_gguf(intermediate, final, type_name)
     kept = _check_blocks_kept(intermediate, final, type_name) if mode == "exact" else 0
     intermediate.unlink()
+    values_exact = mode == "exact" and run.quant.grid == "gguf"  # d and m already fp16 values
+    verified = verify_exact(final, run, values_exact) if mode == "exact" else 0
     types = tensor_types(final)
     counts = dict(Counter(types.values()))
     notes = []
@@ -156,7 +185,6 @@ def export_gguf(run: CalibratedRun, options: ExportConfig, staging: Path) -> dic
     fallbacks = sorted({t for n, t in types.items() if n.startswith("blk.") and t not in (type_name, "F32")})
     if fallbacks and mode != "exact":
         notes.append(f"llama.cpp stored some block tensors as {', '.join(fallbacks)} (its rules for {type_name})")
-    values_exact = mode == "exact" and run.quant.grid == "gguf"  # d and m already fp16 values
     if mode == "exact" and not values_exact:
         notes.append("d (and m) stored in fp16 as GGUF does: weights equal the run's up to that rounding "
                      "(a run with quant.grid gguf stores them exactly)")
@@ -167,6 +195,7 @@ def export_gguf(run: CalibratedRun, options: ExportConfig, staging: Path) -> dic
         "exact": mode == "exact",  # the run's integers, bit for bit
         "values_exact": values_exact,
         "exact_tensors": kept,
+        "verified_tensors": verified,  # read back from the file and compared with the run's codes
         "tensor_types": counts,
         "file_bytes": final.stat().st_size,
         "tokenizer": "copied from the source GGUF" if tokenizer_gguf else "built from tokenizer.json",

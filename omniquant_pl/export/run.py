@@ -82,8 +82,8 @@ class CalibratedRun:
         layers = int(hf_config.num_hidden_layers)
         finished = results.finished_blocks
         if finished < layers:
-            raise OmniQuantError(f"'{run_dir}' finished {finished} of {layers} blocks; finish it with calibrate "
-                                 "--resume true before exporting")
+            raise OmniQuantError(f"'{run_dir}' finished {finished} of {layers} blocks (it was stopped); finish it "
+                                 f"with: omniquant calibrate --config {run_dir / 'config.yaml'} --resume true, then export")
         quant = QuantConfig(**results.config["quant"])
         spec = get_arch_for_config(hf_config)
         if spec.experts is not None:
@@ -127,6 +127,10 @@ class CalibratedRun:
         if name not in codes:
             raise OmniQuantError(f"the codes of block {block} have no '{name}' (the run's files are inconsistent); "
                                  "re-run calibrate into a new output_dir")
+        problems = codes[name].problems()
+        if problems:
+            raise OmniQuantError(f"the codes of {key} are not valid {codes[name].bits}-bit codes ({'; '.join(problems)}): "
+                                 "the run's quantized/ files were changed or damaged; re-run calibrate into a new output_dir")
         saved = self.tensors.get(key)
         if not torch.equal(codes[name].dequantize(saved.dtype), saved):
             raise OmniQuantError(

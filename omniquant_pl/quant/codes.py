@@ -58,6 +58,28 @@ class QuantizedWeight:
         value = self.minimum if self.minimum is not None else self.zero
         return 0.0 if value is None else value.float().unsqueeze(-1)
 
+    def problems(self) -> list[str]:
+        """What makes these codes impossible for their grid (empty when they are valid): codes or zero
+        points outside the bit range, scales or minima that are not finite, mismatched shapes."""
+        found = []
+        low, high = ((0, 2**self.bits - 1) if not self.symmetric else (-(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1))
+        codes = self.codes.to(torch.int32)
+        if codes.numel() and (codes.min() < low or codes.max() > high):
+            found.append(f"codes span {codes.min().item()}..{codes.max().item()}, outside {low}..{high} of "
+                         f"{self.bits} bits")
+        if self.zero is not None and self.zero.numel():
+            zero = self.zero.to(torch.int32)
+            if zero.min() < 0 or zero.max() > 2**self.bits - 1:
+                found.append(f"zero points span {zero.min().item()}..{zero.max().item()}, outside 0..{2**self.bits - 1}")
+        for name in ("scale", "minimum"):
+            value = getattr(self, name)
+            if value is not None and not torch.isfinite(value).all():
+                found.append(f"non-finite {name}s")
+        if self.codes.ndim != 2 or self.scale.ndim != 2 or self.codes.shape[0] != self.scale.shape[0] or (
+                self.scale.shape[1] == 0 or self.codes.shape[1] % self.scale.shape[1]):
+            found.append(f"codes of shape {tuple(self.codes.shape)} do not fit scales of shape {tuple(self.scale.shape)}")
+        return found
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(codes - zero)·scale, or codes·scale + minimum, in fp32 (the fake-quant arithmetic),
         then cast to `dtype`."""
