@@ -266,7 +266,25 @@ def log_handler() -> logging.Handler:
     return handler
 
 
+OUT_OF_MEMORY = ("error: out of memory (a limit such as ulimit -v, or the machine's RAM); raise the limit, or for "
+                 "calibrate use model.streaming: on and a smaller calib.nsamples")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """The command line; running out of memory anywhere (importing torch included) is one line."""
+    try:
+        return run_command(argv)
+    except MemoryError:
+        print(OUT_OF_MEMORY, file=sys.stderr)
+        return 2
+    except OSError as err:  # the dynamic loader out of address space: libtorch cannot be mapped
+        if "failed to map segment" not in str(err) and err.errno != errno.ENOMEM:
+            raise
+        print(OUT_OF_MEMORY, file=sys.stderr)
+        return 2
+
+
+def run_command(argv: list[str] | None = None) -> int:
     if (sys.argv[1:] if argv is None else argv) in ([], ["-h"], ["--help"]):
         print(OVERVIEW)
         return 0
@@ -310,6 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(interrupted_message(locals().get("command"), locals().get("sub")), file=sys.stderr)
         return 130
+
     return 0
 
 

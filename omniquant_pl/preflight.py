@@ -95,6 +95,10 @@ def model_config(model: ModelConfig):
             raise ConfigError(f"model folder '{folder}': {str(err).splitlines()[0]}; {EXPECTED}") from None
         return None
     except ValueError as err:
+        if local and not model.trust_remote_code and "auto_map" in (folder / "config.json").read_text(errors="replace"):
+            raise ConfigError(f"model '{model.name_or_path}' is a custom architecture whose code ships with it "
+                              "(config.json has auto_map); if you trust that code, add --model.trust_remote_code true"
+                              ) from None
         raise ConfigError(f"model '{model.name_or_path}': {str(err).splitlines()[0]}; {EXPECTED}") from None
     check_causal_lm(config, model)
     if local:

@@ -315,3 +315,32 @@ def test_evaluate_with_tasks_and_no_lm_eval_is_refused_before_any_work(tmp_path,
     code, err = _main(capsys, "evaluate", "--model.name_or_path", smol_dir, "--eval.datasets", "[pydoc]",
                       "--eval.tasks", "[piqa]")
     _assert_one_line_error(code, err, ["eval.tasks", "piqa", "lm-evaluation-harness", "pip install"])
+
+
+def test_a_memory_limit_is_one_line_not_a_traceback(tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (800 * 2**20, 800 * 2**20))
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, str(root / "cli.py"), "calibrate", "--config",
+                           str(root / "configs" / "smollm2-135m" / "quickstart.yaml"), "--output_dir", str(tmp_path / "o")],
+                          capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "out of memory" in lines[0] and "Traceback" not in proc.stderr, lines
+
+
+def test_custom_code_model_without_trust_remote_code_names_the_option(tmp_path, capsys):
+    import json
+
+    folder = tmp_path / "custom"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({
+        "model_type": "my_custom_lm", "architectures": ["MyCustomLM"],
+        "auto_map": {"AutoConfig": "configuration_custom.MyConfig", "AutoModelForCausalLM": "modeling_custom.MyCustomLM"}}))
+    code, err = _main(capsys, "evaluate", "--model.name_or_path", folder, "--eval.datasets", "[pydoc]")
+    _assert_one_line_error(code, err, ["auto_map", "--model.trust_remote_code true"])

@@ -226,3 +226,40 @@ def test_streaming_on_refuses_what_it_cannot_stream(sharded_llama, tmp_path, tok
         line = _error_line(capsys)
         assert line.startswith("error: model.streaming on:") and found in line and "model.streaming: off" in line, line
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("damage, found", [
+    ("truncated", "is truncated"),
+    ("wrong-index", "does not hold it"),
+    ("int32-tensor", "as I32, not a floating-point type"),
+])
+def test_damaged_shards_are_refused_before_any_block(damage, found, sharded_llama, tmp_path, capsys):
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    import cli
+
+    folder = tmp_path / "model"
+    shutil.copytree(sharded_llama, folder)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    name = "model.layers.1.mlp.down_proj.weight"  # a later block's tensor: read long after block 0
+    shard = folder / index["weight_map"][name]
+    if damage == "truncated":
+        shard.write_bytes(shard.read_bytes()[:-100])
+    elif damage == "wrong-index":
+        other = next(f for f in sorted(set(index["weight_map"].values())) if f != shard.name)
+        index["weight_map"][name] = other
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    else:
+        tensors = load_file(shard)
+        tensors[name] = tensors[name].to(torch.int32)
+        save_file(tensors, shard, {"format": "pt"})
+    capsys.readouterr()
+    assert cli.main(["calibrate", "--model.name_or_path", str(folder), "--model.streaming", "on", "--calib.source",
+                     "pydoc", "--calib.seqlen", "32", "--calib.nsamples", "4", "--eval.datasets", "[]",
+                     "--output_dir", str(tmp_path / "out")]) == 2
+    line = _error_line(capsys)
+    assert found in line and "download" in line, line
+    assert not (tmp_path / "out").exists()

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 # model.streaming auto streams when the weights on disk take more than this share of the RAM available now
 AUTO_RAM_SHARE = 0.5
 M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}  # safetensors' floating-point dtypes
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.tiktoken"]
 
 
@@ -161,6 +162,13 @@ def check_names(model: nn.Module, shards: ShardFolder) -> None:
     if missing:
         raise NotStreamable(f"{len(missing)} of the model's parameters (first: {missing[0]}) are not in the "
                             "checkpoint under their own names (transformers converts its names on load)")
+    dtypes = shards.tensor_dtypes()  # every shard's header, checked
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    not_float = [name for name, dtype in dtypes.items() if name in parameters and dtype not in FLOAT_DTYPES]
+    if not_float:
+        raise ConfigError(f"the checkpoint stores {not_float[0]} as {dtypes[not_float[0]]}, not a floating-point type "
+                          f"({len(not_float)} such tensors); it is damaged or quantized in a way transformers would "
+                          "convert: download the original weights again")
 
 
 def load_streamed_model(config: ModelConfig, shards: ShardFolder, device: torch.device) -> tuple[nn.Module, object]:

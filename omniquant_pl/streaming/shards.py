@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from omniquant_pl.errors import ConfigError
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 SAFETENSORS_SINGLE = "model.safetensors"
 OTHER_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".gguf")
@@ -38,6 +40,29 @@ def read_tensors(path: Path, names: list[str], prefix: str = "") -> dict[str, to
         return {name[len(prefix):]: handle.get_tensor(name) for name in names}
 
 
+def read_header(path: Path) -> dict[str, dict]:
+    """A safetensors file's tensor table (name -> dtype, shape, data_offsets), checked against the
+    file's size; a damaged file is a one-line ConfigError."""
+    size = path.stat().st_size
+    with path.open("rb") as handle:
+        raw = handle.read(8)
+        length = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if length < 2 or 8 + length > size:
+            raise ConfigError(f"model shard {path} is damaged (its header does not fit the file's {size} bytes); "
+                              "download the model's files again")
+        try:
+            header = json.loads(handle.read(length))
+        except (ValueError, UnicodeDecodeError):
+            raise ConfigError(f"model shard {path} is damaged (its header is not JSON); download the model's files "
+                              "again") from None
+    tensors = {name: entry for name, entry in header.items() if name != "__metadata__"}
+    end = max((int(entry["data_offsets"][1]) for entry in tensors.values()), default=0)
+    if 8 + length + end > size:
+        raise ConfigError(f"model shard {path} is truncated ({size} bytes, its header needs {8 + length + end}); "
+                          "download the model's files again")
+    return tensors
+
+
 def tensor_names(path: Path) -> list[str]:
     from safetensors import safe_open
 
@@ -57,8 +82,9 @@ class ShardFolder:
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
             missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
-            if missing:
-                raise NotStreamable(f"{index} lists shards that are not there ({', '.join(missing[:3])})")
+            if missing:  # a full load cannot read them either
+                raise ConfigError(f"{index} lists shards that are not there ({', '.join(missing[:3])}); download the "
+                                  "model's files again")
             return dict(weight_map)
         single = self.folder / SAFETENSORS_SINGLE
         if single.is_file():
@@ -66,6 +92,21 @@ class ShardFolder:
         found = sorted(p.name for p in self.folder.iterdir() if p.suffix in OTHER_WEIGHT_SUFFIXES)
         what = f"only {', '.join(found[:3])}" if found else "no weight files"
         raise NotStreamable(f"'{self.folder}' has no {SAFETENSORS_SINGLE} or {SAFETENSORS_INDEX} ({what})")
+
+    def tensor_dtypes(self) -> dict[str, str]:
+        """Every tensor's safetensors dtype (``F32``, ``BF16``, ``I32`` ...), read from the shards'
+        headers, which are checked on the way: a shard that is truncated, whose header cannot be read,
+        or that lacks a tensor the index places in it is a one-line ConfigError (before any block)."""
+        dtypes: dict[str, str] = {}
+        for file in sorted(set(self.weight_map.values())):
+            header = read_header(self.folder / file)
+            listed = [name for name, where in self.weight_map.items() if where == file]
+            absent = [name for name in listed if name not in header]
+            if absent:
+                raise ConfigError(f"the shard index of '{self.folder}' places {absent[0]} in {file}, which does not hold "
+                                  "it (a wrong or mixed-up index); download the model's files again")
+            dtypes.update({name: header[name]["dtype"] for name in listed})
+        return dtypes
 
     def names(self, prefix: str = "") -> list[str]:
         return [name for name in self.weight_map if name.startswith(prefix)]
