@@ -180,3 +180,25 @@ def test_exporting_a_stopped_run_says_how_many_blocks_finished_and_how_to_resume
     assert cli.main(["export", str(run)]) == 2
     line = _one_line_error(capsys)
     assert "finished 1 of 2 blocks" in line and f"--config {run / 'config.yaml'} --resume true" in line, line
+
+
+def test_two_exports_into_one_output_leave_the_first_and_refuse_the_second_in_one_line(tmp_path, calibrated_run,
+                                                                                       capsys, monkeypatch):
+    import omniquant_pl.export as export
+
+    run = calibrated_run(wbits=4, group_size=32)
+    destination = tmp_path / "out"
+    real = export.get_exporter("compressed-tensors")
+
+    def racing(run_, options, staging):  # another export publishes while this one is writing
+        report = real(run_, options, staging)
+        destination.mkdir(exist_ok=True)
+        (destination / "export.json").write_text("{}")
+        return report
+
+    monkeypatch.setattr(export, "get_exporter", lambda name: racing)
+    capsys.readouterr()
+    assert cli.main(["export", str(run), "--output", str(destination)]) == 2
+    assert "filled by another export" in _one_line_error(capsys)
+    assert [p.name for p in destination.iterdir()] == ["export.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no staging left behind

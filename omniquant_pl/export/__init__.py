@@ -169,11 +169,11 @@ def export_run(run_dir: str | Path, options: ExportConfig) -> dict:
                   "seconds": round(time.perf_counter() - started, 1),
                   "versions": software_versions(optional=("compressed-tensors", "gguf", "llama-cpp-python"))}
         (staging / REPORT_NAME).write_text(json.dumps(report, indent=2, default=str))
-        if destination.exists():
-            destination.rmdir()  # empty (checked above)
         (staging / STAGING_OWNER).unlink()
         publish_modes(staging)
         try:
+            if destination.exists():
+                destination.rmdir()  # empty (checked above), unless another export filled it since
             staging.rename(destination)
         except OSError as err:
             if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
