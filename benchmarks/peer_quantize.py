@@ -32,6 +32,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--autoround-iters", type=int, default=200, help="its default")
     parser.add_argument("--autoround-batch-size", type=int, default=8, help="its default")
+    parser.add_argument("--autoround-lr", type=float, default=None, help="its default: 1/iters")
     return parser.parse_args()
 
 
@@ -97,12 +98,14 @@ def autoround(model, tokenizer, ids: torch.Tensor, args: argparse.Namespace) -> 
 
     rounder = AutoRound(model, tokenizer=tokenizer, bits=args.wbits, group_size=args.group_size or -1, sym=False,
                         dataset=[window.unsqueeze(0) for window in ids], nsamples=len(ids), seqlen=ids.shape[1],
-                        iters=args.autoround_iters, batch_size=args.autoround_batch_size, device_map="cpu")
+                        iters=args.autoround_iters, batch_size=args.autoround_batch_size, device_map="cpu",
+                        **({"lr": args.autoround_lr} if args.autoround_lr is not None else {}))
     rounder.quantize()
     weights = {f"{name}.weight": module.weight.detach().float().contiguous() for name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear) and ".layers." in name}
     return {"auto-round": metadata.version("auto-round"), "iters": args.autoround_iters,
-            "batch_size": args.autoround_batch_size, "sym": False}, weights
+            "batch_size": args.autoround_batch_size, "lr": args.autoround_lr or 1 / args.autoround_iters,
+            "sym": False}, weights
 
 
 def levels_per_group(weight: torch.Tensor, group_size: int) -> int:

