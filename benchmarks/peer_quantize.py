@@ -133,13 +133,16 @@ def main() -> None:
         weights = fake_quantized_llm_compressor(model)
     seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
     blocks = {k: v for k, v in weights.items() if ".layers." in k}
-    levels = max(levels_per_group(w, args.group_size) for w in blocks.values())
+    # every other block parameter too: AWQ divides the norms before q/k/v and gate/up by its scales
+    blocks.update({name: param.detach().float().contiguous() for name, param in model.named_parameters()
+                   if ".layers." in name and name not in blocks})
+    levels = max(levels_per_group(w, args.group_size) for w in weights.values())
     if levels > 2**args.wbits:
         raise SystemExit(f"{args.method}: {levels} distinct values in a group of a {args.wbits}-bit weight")
     save_file(blocks, str(args.out / "weights.safetensors"))
     report = {"method": args.method, "wbits": args.wbits, "group_size": args.group_size, "used": used,
               "versions": {name: metadata.version(name) for name in ("torch", "transformers")},
-              "fp_check_window_nll": fp_nll, "quantized_linears": len(blocks), "max_levels_per_group": levels,
+              "fp_check_window_nll": fp_nll, "quantized_linears": len(weights), "max_levels_per_group": levels,
               "seconds": seconds, "cpu_seconds": cpu_seconds,
               "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     assert math.isfinite(fp_nll)

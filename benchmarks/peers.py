@@ -197,11 +197,12 @@ def run_ours(setting: str, args: argparse.Namespace, calib_ids_sha: str) -> dict
 
 
 def block_weights_of(folder: Path) -> dict[str, torch.Tensor]:
+    """Every block tensor of a saved model (the fused linears and norms)."""
     from safetensors.torch import load_file
 
     state = {}
     for path in sorted(folder.glob("*.safetensors")):
-        state.update({k: v for k, v in load_file(path).items() if ".layers." in k and k.endswith("proj.weight")})
+        state.update({k: v for k, v in load_file(path).items() if ".layers." in k})
     return state
 
 

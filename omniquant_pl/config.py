@@ -114,6 +114,13 @@ class QuantConfig:
             its weights as well as their grid (beyond the paper; EfficientQAT's Block-AP idea). Starts
             at 0; ``train.weight_lr`` trains it. Keeps an fp32 copy of the block's weights and its
             AdamW state on the device while the block trains.
+        rotate: fold orthogonal rotations into the weights before calibration (beyond the paper;
+            QuaRot's foldable part, see rotate.py): ``none``, ``hadamard`` (randomized Hadamard;
+            power-of-two hidden and head sizes) or ``random`` (Haar-random, any size). The rotated
+            model computes the same function and is an ordinary model of its family (the norms'
+            gains move into the linears, a tied head is untied); it spreads the outlier channels
+            that activation quantization suffers from. Llama, Mistral, Qwen2/3 families.
+        rotate_seed: seed of the rotation matrices.
     """
 
     wbits: int = 4
@@ -128,6 +135,8 @@ class QuantConfig:
     let_up_down: bool = True
     rounding: bool = False
     train_weights: bool = False
+    rotate: Literal["none", "hadamard", "random"] = "none"
+    rotate_seed: int = 0
 
     def __post_init__(self) -> None:
         check_bits("quant.wbits", self.wbits, unquantized=False)

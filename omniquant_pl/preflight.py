@@ -40,6 +40,7 @@ def check_run(config: RunConfig, model: nn.Module | None = None) -> None:
     skeleton = model if model is not None else model_skeleton(config.model)
     if skeleton is not None:
         check_quantizable(skeleton, config.quant)
+        check_rotation(skeleton, config)
         if model is None:
             check_attention_backend(skeleton, config)
         seqlens = {"calib.seqlen": config.calib.seqlen}
@@ -180,6 +181,25 @@ def check_quantizable(model: nn.Module, quant: QuantConfig) -> None:
                if suggestion else "use 0 (per channel): no power of two of at least 8 divides them all")
         raise ConfigError(f"quant.group_size {group} does not divide the input features of every quantized "
                           f"linear ({listed}); {use}")
+
+
+def check_rotation(skeleton: nn.Module, config: RunConfig) -> None:
+    """quant.rotate: exact for this family and its sizes, on a model held in memory."""
+    kind = config.quant.rotate
+    if kind == "none":
+        return
+    if config.model.streaming is True:
+        raise ConfigError(f"quant.rotate {kind} rewrites the embeddings and every block before calibration, which "
+                          "model.streaming on cannot (its blocks stay on disk); use model.streaming: off")
+    from omniquant_pl.arch import get_arch
+    from omniquant_pl.rotate import check_rotatable, rotation_sizes
+
+    check_rotatable(get_arch(skeleton), skeleton, kind)
+    if kind == "hadamard":
+        odd = [size for size in rotation_sizes(skeleton.config) if size & (size - 1)]
+        if odd:
+            raise ConfigError(f"quant.rotate hadamard needs power-of-two sizes, but this model has {odd[0]}; "
+                              "use quant.rotate: random")
 
 
 def check_attention_backend(skeleton: nn.Module, config: RunConfig) -> None:

@@ -203,14 +203,17 @@ class SavedModelMeta:
     grid: str = "minmax"
     fake_quant: bool = True
     activations: ActivationQuant | None = None
+    rotate: str = "none"  # quant.rotate: folded into the weights (nothing to re-apply on load)
     schema_version: int = SCHEMA_VERSION
 
     @classmethod
     def of_run(cls, quant) -> SavedModelMeta:
         """The metadata of a run with QuantConfig `quant`."""
-        method = "omniquant-" + "+".join(m for m, on in (("lwc", quant.lwc), ("let", quant.let)) if on)
+        learned = (("lwc", quant.lwc), ("let", quant.let), ("rounding", getattr(quant, "rounding", False)),
+                   ("weights", getattr(quant, "train_weights", False)))
+        method = "omniquant-" + "+".join(m for m, on in learned if on)
         return cls(method=method, wbits=quant.wbits, abits=quant.abits, group_size=quant.group_size,
-                   symmetric=quant.symmetric, grid=quant.grid,
+                   symmetric=quant.symmetric, grid=quant.grid, rotate=getattr(quant, "rotate", "none"),
                    activations=ActivationQuant(quant.abits) if quant.abits < 16 else None)
 
     def to_dict(self) -> dict:

@@ -41,6 +41,7 @@ from omniquant_pl.quant.codes import save_block_codes
 from omniquant_pl.quant.experts import expert_token_counts
 from omniquant_pl.quant.rtn import check_quantizable
 from omniquant_pl.results import BlockResult, RunResults
+from omniquant_pl.rotate import rotate_for_run
 from omniquant_pl.resume import check_calibration_ids, results_so_far, start_or_resume
 from omniquant_pl.saved_model import save_model
 from omniquant_pl.streaming.blocks import StreamedBlocks
@@ -53,16 +54,14 @@ Learned = dict[str, torch.Tensor]  # layers.<i>.<name> -> learned parameter
 
 
 class BlockSequencer:
-    """Drives the whole calibration with the given callbacks (`callbacks.with_defaults` adds the
-    default ones: `omniquant_pl.calibrate` does)."""
+    """Drives the calibration with the given callbacks (`omniquant_pl.calibrate` adds the defaults)."""
 
     def __init__(self, config: RunConfig, callbacks: list[Callback] | None = None, model: nn.Module | None = None,
                  tokenizer: Any = None) -> None:
         self.config = config
         self.callbacks = list(callbacks or [])
         self.processes = Processes.from_env()  # torchrun's processes (one without torchrun)
-        # refused before the model loads when the global batch cannot be split over the processes
-        self.processes.local_batch_size(config.train.batch_size, config.calib.nsamples)
+        self.processes.local_batch_size(config.train.batch_size, config.calib.nsamples)  # the batch splits over them
         self.output_dir = Path(config.output_dir)
         self.device = self.processes.device(resolve_device(config.train.accelerator))
         self.model, self.tokenizer = model, tokenizer
@@ -103,6 +102,7 @@ class BlockSequencer:
         self.spec = get_arch(self.model)
         self.blocks = get_blocks(self.model, self.spec)
         check_quantizable(self.spec, self.blocks, cfg.quant)
+        rotate_for_run(self.model, self.spec, cfg.quant, streamed=shards is not None)
         if shards is not None:
             self.streamed = StreamedBlocks(self.model, self.blocks, shards, self.output_dir, self.writes_files)
         self.plan = plan_run(cfg, self.processes, next(self.model.parameters()).dtype,

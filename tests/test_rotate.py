@@ -1,0 +1,158 @@
+"""Rotations folded into the weights (quant.rotate): the rotated model computes the original's
+logits; refused in one line where they would not be exact."""
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from conftest import TINY_VOCAB, tiny_opt
+from omniquant_pl.arch import get_arch
+from omniquant_pl.errors import ConfigError
+from omniquant_pl.rotate import orthogonal, rotate_model
+
+
+def _float64_rms_norm(self, x):
+    return self.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.variance_epsilon))
+
+
+def _family(name: str, tied: bool = False):
+    import transformers
+
+    common = dict(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, tie_word_embeddings=tied)
+    config_class, model_class = {
+        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+        "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),  # q/k/v biases
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),  # q/k norms per head
+    }[name]
+    torch.manual_seed(0)
+    model = model_class(config_class(**common)).double().eval()
+    for module in model.modules():  # transformers' RMSNorm computes in float32 even in a float64 model
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(_float64_rms_norm, module)
+    with torch.no_grad():  # norm gains and biases away from their initial 1 / 0, so folding them matters
+        for name_, param in model.named_parameters():
+            if "norm" in name_:
+                param.uniform_(0.5, 1.5)
+            elif name_.endswith("bias"):
+                param.normal_(0, 0.1)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["random", "hadamard"])
+@pytest.mark.parametrize("family, tied", [("llama", False), ("llama", True), ("mistral", False), ("qwen2", False),
+                                          ("qwen3", True)])
+def test_rotated_model_computes_the_original_logits(family, tied, kind):
+    model = _family(family, tied)
+    ids = torch.randint(0, TINY_VOCAB, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        weights_before = model.model.layers[0].self_attn.q_proj.weight.clone()
+        rotate_model(model, get_arch(model), kind, seed=3)
+        after = model(input_ids=ids).logits
+    assert not torch.allclose(model.model.layers[0].self_attn.q_proj.weight, weights_before)  # it did rotate
+    assert torch.equal(model.model.norm.weight, torch.ones_like(model.model.norm.weight))
+    assert torch.allclose(after, before, rtol=0, atol=1e-9), (after - before).abs().max()
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    assert model.config.tie_word_embeddings is False
+
+
+def test_rotation_spreads_an_outlier_channel():
+    """What rotation is for: a residual channel 100x the others becomes many channels of similar size."""
+    x = torch.randn(256, 64, dtype=torch.float64)
+    x[:, 5] *= 100
+    rotated = x @ orthogonal("hadamard", 64, seed=0)
+    assert x.abs().amax(0).max() / x.abs().amax(0).median() > 50
+    assert rotated.abs().amax(0).max() / rotated.abs().amax(0).median() < 3
+
+
+@pytest.mark.parametrize("kind", ["random", "hadamard"])
+def test_orthogonal_matrices_are_orthogonal_and_reproducible(kind):
+    q = orthogonal(kind, 64, seed=7)
+    assert torch.allclose(q @ q.T, torch.eye(64, dtype=torch.float64), atol=1e-12)
+    assert torch.equal(q, orthogonal(kind, 64, seed=7)) and not torch.equal(q, orthogonal(kind, 64, seed=8))
+
+
+def test_not_exact_families_and_sizes_are_refused_in_one_line():
+    model = tiny_opt()
+    with pytest.raises(ConfigError, match="quant.rotate random is exact only.*opt's norms are not plain RMSNorms"):
+        rotate_model(model, get_arch(model), "random")
+    with pytest.raises(ConfigError, match="hadamard needs power-of-two sizes, but this model has 48"):
+        orthogonal("hadamard", 48, 0)
+
+
+def test_norm_gain_folding_alone_keeps_the_logits():
+    from omniquant_pl.rotate import fold_norm_gains
+
+    model = _family("llama", tied=True)
+    ids = torch.randint(0, TINY_VOCAB, (1, 16), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        fold_norm_gains(model, get_arch(model))
+        after = model(input_ids=ids).logits
+    assert all(torch.equal(m.weight, torch.ones_like(m.weight)) for n, m in model.named_modules() if n.endswith("norm"))
+    assert torch.allclose(after, before, rtol=0, atol=1e-9)
+
+
+def test_a_rotated_run_calibrates_saves_and_reloads_with_its_logits(tmp_path, tokenizer):
+    """W4A4 with LWC + LET on the rotated model: the saved model (ordinary weights, untied head)
+    reproduces the run's fused model, and with quantization off the run equals the original."""
+    from conftest import tiny_llama
+    from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig, calibrate
+
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config = RunConfig(model=ModelConfig(str(model_dir), dtype="float32"),
+                       quant=QuantConfig(wbits=4, abits=4, group_size=16, let=True, rotate="hadamard"),
+                       calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32),
+                       train=TrainConfig(epochs=1, batch_size=2),
+                       eval=EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=2, baselines=["fp"]),
+                       output_dir=str(tmp_path / "out"))
+    results = calibrate(config)
+    import json
+
+    saved = json.loads((tmp_path / "out" / "model" / "config.json").read_text())
+    assert saved["tie_word_embeddings"] is False and saved["omniquant"]["rotate"] == "hadamard"
+    # the FP baseline of the rotated model is the original's FP (the rotation is exact)
+    from omniquant_pl.eval.runner import evaluate_target, resolve_target
+
+    fp = evaluate_target(resolve_target(ModelConfig(str(model_dir))), config.eval, [], QuantConfig(), torch.device("cpu"))
+    assert abs(results.perplexity["fp"]["pydoc"].ppl - fp["perplexity"]["fp"]["pydoc"]["ppl"]) < 1e-3
+    reloaded = evaluate_target(resolve_target(ModelConfig(str(tmp_path / "out"))), config.eval, [], QuantConfig(),
+                               torch.device("cpu"))
+    assert reloaded["perplexity"]["omniquant"]["pydoc"]["ppl"] == pytest.approx(
+        results.perplexity["omniquant"]["pydoc"].ppl, rel=1e-5)
+
+
+def test_a_rotated_run_resumed_after_its_first_block_equals_the_uninterrupted_one(tmp_path, tokenizer):
+    import dataclasses
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from conftest import tiny_llama
+    from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig, calibrate
+
+    model_dir = tmp_path / "model"
+    tiny_llama().save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    config = RunConfig(model=ModelConfig(str(model_dir), dtype="float32"),
+                       quant=QuantConfig(wbits=3, group_size=16, rounding=True, rotate="random", rotate_seed=4),
+                       calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32),
+                       train=TrainConfig(epochs=2, batch_size=2), eval=EvalConfig(datasets=[]),
+                       output_dir=str(tmp_path / "full"))
+    calibrate(config)
+    cut = tmp_path / "cut"
+    shutil.copytree(tmp_path / "full", cut)
+    state = json.loads((cut / "checkpoint.json").read_text())
+    state["finished_blocks"], state["results"]["blocks"] = 1, state["results"]["blocks"][:1]
+    (cut / "checkpoint.json").write_text(json.dumps(state))
+    (cut / "learned" / "block_001.safetensors").unlink()
+    calibrate(dataclasses.replace(config, output_dir=str(cut), resume=True))
+    full, resumed = load_file(tmp_path / "full" / "learned_params.safetensors"), load_file(cut / "learned_params.safetensors")
+    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
