@@ -35,7 +35,7 @@ def measure(freedoms: dict, device: str, seqlen: int, wbits: int, group_size: in
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from omniquant_pl.arch import get_arch, get_blocks
+    from omniquant_pl.arch.registry import get_arch, get_blocks
     from omniquant_pl.block_module import BlockModule
     from omniquant_pl.block_step import block_loss, block_optimizers
     from omniquant_pl.calib.capture import capture_block_inputs
@@ -52,9 +52,9 @@ def measure(freedoms: dict, device: str, seqlen: int, wbits: int, group_size: in
     inputs = captured.hidden_states.to(device)
     with torch.no_grad():
         target = block(inputs, **{k: v.to(device) if torch.is_tensor(v) else v
-                                  for k, v in captured.block_kwargs[0].items()})
+                                  for k, v in captured.block_kwargs.items()})
         target = (target[0] if isinstance(target, tuple) else target).detach()
-    kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in captured.block_kwargs[0].items()}
+    kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in captured.block_kwargs.items()}
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

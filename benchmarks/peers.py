@@ -126,9 +126,10 @@ def with_weights(model, weights: dict[str, torch.Tensor]):
     @contextlib.contextmanager
     def swapped():
         state = model.state_dict()
-        originals = {name: state[name].clone() for name in weights}
+        weights_in_model = {name: value for name, value in weights.items() if name in state}  # not a peer's scales
+        originals = {name: state[name].clone() for name in weights_in_model}
         with torch.no_grad():
-            for name, value in weights.items():
+            for name, value in weights_in_model.items():
                 state[name].copy_(value)
         try:
             yield model
@@ -183,8 +184,7 @@ def run_ours(setting: str, args: argparse.Namespace, calib_ids_sha: str) -> dict
             raise SystemExit(f"ours {setting} failed:\n{proc.stderr[-4000:]}")
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
         timing = {"wall_seconds_with_load": time.perf_counter() - started,
-                  "cpu_seconds_with_load": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime),
-                  "peak_rss_bytes": after.ru_maxrss * 1024}
+                  "cpu_seconds_with_load": (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)}
         (out / "timing.json").write_text(json.dumps(timing))
     from omniquant_pl.results import read_results
 
@@ -192,6 +192,8 @@ def run_ours(setting: str, args: argparse.Namespace, calib_ids_sha: str) -> dict
     if results.calibration_ids_sha256 != calib_ids_sha:
         raise SystemExit(f"ours {setting}: calibrated on other token ids than the peers")
     timing = json.loads((out / "timing.json").read_text())
+    timing.pop("peak_rss_bytes", None)  # the run's own peak (RUSAGE_CHILDREN is the largest child's so far)
+    timing["peak_rss_bytes"] = results.peak_host_memory_bytes
     return {"results": results, "timing": timing, "config": str(config.relative_to(ROOT)), "model": out / "model",
             "overrides": args.ours_set}
 
@@ -275,14 +277,18 @@ def print_table(report: dict) -> None:
     table = Table(title=f"SmolLM2-135M, WikiText-2 ppl ({report['evaluation']['windows']} x 2048), "
                         f"FP {report['fp_ppl']:.2f}; calibration {report['calibration']['nsamples']} x "
                         f"{report['calibration']['seqlen']}")
-    for column in ("setting", "method", "ppl", "CPU s", "wall s", "peak GiB"):
+    for column in ("setting", "method", "ppl", "quantize s", "wall s (process)", "CPU s (process)", "peak GiB"):
         table.add_column(column, justify="left" if column in ("setting", "method") else "right")
+
+    def number(value, digits=0):
+        return f"{value:.{digits}f}" if value else "-"
+
     for row in report["rows"]:
-        cpu = row.get("cpu_seconds") or row.get("cpu_seconds_with_load")
-        table.add_row(row["setting"], row["method"], f"{row['ppl']:.2f}", f"{cpu:.0f}" if cpu else "-",
-                      f"{row.get('seconds', 0):.0f}" if row.get("seconds") else "-",
-                      f"{row['peak_rss_bytes'] / 2**30:.1f}" if row.get("peak_rss_bytes") else "-")
-    Console(width=140).print(table)
+        table.add_row(row["setting"], row["method"], f"{row['ppl']:.2f}", number(row.get("seconds")),
+                      number(row.get("wall_seconds_with_load")),
+                      number(row.get("cpu_seconds_with_load") or row.get("cpu_seconds")),
+                      number((row.get("peak_rss_bytes") or 0) / 2**30, 1))
+    Console(width=160).print(table)
 
 
 if __name__ == "__main__":
