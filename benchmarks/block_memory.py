@@ -50,11 +50,10 @@ def measure(freedoms: dict, device: str, seqlen: int, wbits: int, group_size: in
     captured = capture_block_inputs(model, spec, windows)
     block = get_blocks(model, spec)[0].to(device)
     inputs = captured.hidden_states.to(device)
-    with torch.no_grad():
-        target = block(inputs, **{k: v.to(device) if torch.is_tensor(v) else v
-                                  for k, v in captured.block_kwargs.items()})
-        target = (target[0] if isinstance(target, tuple) else target).detach()
     kwargs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in captured.block_kwargs.items()}
+    with torch.no_grad():
+        target = block(inputs, **kwargs)
+        target = (target[0] if isinstance(target, tuple) else target).detach()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()

@@ -192,8 +192,7 @@ def run_ours(setting: str, args: argparse.Namespace, calib_ids_sha: str) -> dict
     if results.calibration_ids_sha256 != calib_ids_sha:
         raise SystemExit(f"ours {setting}: calibrated on other token ids than the peers")
     timing = json.loads((out / "timing.json").read_text())
-    timing.pop("peak_rss_bytes", None)  # the run's own peak (RUSAGE_CHILDREN is the largest child's so far)
-    timing["peak_rss_bytes"] = results.peak_host_memory_bytes
+    timing["peak_rss_bytes"] = results.peak_host_memory_bytes  # its own (RUSAGE_CHILDREN: the largest child's)
     return {"results": results, "timing": timing, "config": str(config.relative_to(ROOT)), "model": out / "model",
             "overrides": args.ours_set}
 

@@ -13,9 +13,9 @@ import hashlib
 from pathlib import Path
 
 from omniquant_pl.config import ModelConfig
+from omniquant_pl.eval.size import WEIGHT_SUFFIXES
 from omniquant_pl.models import resolve_model_path
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt", ".pth")
 INDEX_SUFFIX = ".index.json"
 SAMPLE_BYTES = 1 << 16
 

@@ -192,14 +192,9 @@ def check_rotation(skeleton: nn.Module, config: RunConfig) -> None:
         raise ConfigError(f"quant.rotate {kind} rewrites the embeddings and every block before calibration, which "
                           "model.streaming on cannot (its blocks stay on disk); use model.streaming: off")
     from omniquant_pl.arch import get_arch
-    from omniquant_pl.rotate import check_rotatable, rotation_sizes
+    from omniquant_pl.rotate import check_rotatable
 
     check_rotatable(get_arch(skeleton), skeleton, kind)
-    if kind == "hadamard":
-        odd = [size for size in rotation_sizes(skeleton.config) if size & (size - 1)]
-        if odd:
-            raise ConfigError(f"quant.rotate hadamard needs power-of-two sizes, but this model has {odd[0]}; "
-                              "use quant.rotate: random")
 
 
 def check_attention_backend(skeleton: nn.Module, config: RunConfig) -> None:

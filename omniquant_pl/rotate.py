@@ -32,6 +32,12 @@ from omniquant_pl.errors import ConfigError
 log = logging.getLogger(__name__)
 
 
+def check_hadamard_size(size: int) -> None:
+    if size & (size - 1):
+        raise ConfigError(f"quant.rotate hadamard needs power-of-two sizes, but this model has {size}; "
+                          "use quant.rotate: random")
+
+
 def orthogonal(kind: str, size: int, seed: int) -> torch.Tensor:
     """A (size, size) float64 orthogonal matrix: Haar-random (`random`) or a Hadamard matrix with
     random signs on its rows (`hadamard`, size a power of two); reproducible by `seed`."""
@@ -39,9 +45,7 @@ def orthogonal(kind: str, size: int, seed: int) -> torch.Tensor:
     if kind == "random":
         q, r = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
         return q * torch.sign(torch.diagonal(r))  # sign fix: Haar-distributed
-    if size & (size - 1):
-        raise ConfigError(f"quant.rotate hadamard needs power-of-two sizes, but this model has {size}; "
-                          "use quant.rotate: random")
+    check_hadamard_size(size)
     hadamard = torch.ones(1, 1, dtype=torch.float64)
     while hadamard.shape[0] < size:  # Sylvester: [[H, H], [H, -H]]
         hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)], 0)
@@ -81,6 +85,9 @@ def check_rotatable(spec: ArchSpec, model: nn.Module, kind: str) -> None:
     if reason is not None:
         raise ConfigError(f"quant.rotate {kind} is exact only where every residual-stream reader and writer can "
                           f"absorb it: {reason}; use quant.rotate: none for this model")
+    if kind == "hadamard":
+        for size in rotation_sizes(model.config):
+            check_hadamard_size(size)
 
 
 @torch.no_grad()
@@ -107,7 +114,7 @@ def fold_norm_gains(model: nn.Module, spec: ArchSpec) -> None:
 def untie_head(model: nn.Module) -> None:
     """Give the output head its own weight (a copy of the embedding's) where the two are tied."""
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
-    if head.weight is embedding.weight or head.weight.data_ptr() == embedding.weight.data_ptr():
+    if head.weight.data_ptr() == embedding.weight.data_ptr():
         head.weight = nn.Parameter(embedding.weight.detach().clone(), requires_grad=False)
     model.config.tie_word_embeddings = False
     if hasattr(model.config, "get_text_config"):

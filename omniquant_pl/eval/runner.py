@@ -140,7 +140,7 @@ def evaluate_target(target: EvalTarget, cfg: EvalConfig, baselines: list[str], q
         methods[method] = {
             "bits": tag, "quant": asdict(method_quant) if method_quant else None,
             "disk_bytes": None if method == "rtn" else on_disk,  # RTN is not saved anywhere
-            "packed_bytes": packed_bytes(model, method_quant) if stored is None or method == "rtn" else stored.file_bytes,
+            "packed_bytes": packed_bytes(model, method_quant) if stored is None or method == "rtn" else on_disk,
             "seconds": round(time.perf_counter() - started, 1),
         }
         if stored is not None and method != "rtn":

@@ -1,6 +1,7 @@
 """What an evaluated model is stored as, read from its files: a compressed-tensors folder (its
 config's quantization_config) or a GGUF file (its tensor types), so that `evaluate` and `compare`
-label an exported model by its real format, bits and size rather than as full precision.
+label an exported model by its real format and bits (its size is the files', eval/size.disk_bytes)
+rather than as full precision.
 """
 from __future__ import annotations
 
@@ -10,7 +11,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from omniquant_pl.config import ModelConfig
-from omniquant_pl.eval.size import disk_bytes
 
 # bits per weight of llama.cpp's weight types (their integer part)
 GGUF_BITS = {"Q2_K": 2, "Q3_K": 3, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "IQ4_NL": 4, "IQ4_XS": 4, "Q5_0": 5, "Q5_1": 5,
@@ -22,7 +22,6 @@ class StoredFormat:
     format: str  # e.g. "compressed-tensors pack-quantized", "GGUF Q4_0"
     bits: str  # the quantization tag, e.g. W4A16g32
     by_omniquant: bool  # exported by this project (its provenance is in the file)
-    file_bytes: int | None  # the weight files' real size
 
 
 def _compressed_tensors(folder: Path) -> StoredFormat | None:
@@ -38,7 +37,7 @@ def _compressed_tensors(folder: Path) -> StoredFormat | None:
     size = weights.get("group_size") if weights.get("strategy") == "group" else None
     tag = f"W{weights.get('num_bits', '?')}A{inputs.get('num_bits', 16)}" + (f"g{size}" if size else "")
     return StoredFormat(f"compressed-tensors {quantization.get('format', '')}".strip(), tag,
-                        "omniquant_export" in config, disk_bytes(folder))
+                        "omniquant_export" in config)
 
 
 def _gguf(path: Path) -> StoredFormat | None:
@@ -52,7 +51,7 @@ def _gguf(path: Path) -> StoredFormat | None:
     field = reader.get_field("general.quantized_by")
     by = bytes(field.parts[field.data[0]]).decode("utf-8", "replace") if field is not None else ""
     bits = GGUF_BITS.get(main_type, "?")
-    return StoredFormat(f"GGUF {main_type}", f"W{bits}A16 ({main_type})", by == "omniquant-pl", path.stat().st_size)
+    return StoredFormat(f"GGUF {main_type}", f"W{bits}A16 ({main_type})", by == "omniquant-pl")
 
 
 def stored_format(model: ModelConfig, folder: str | Path) -> StoredFormat | None:

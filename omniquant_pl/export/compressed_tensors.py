@@ -175,18 +175,15 @@ def verify_written(folder: Path, run: CalibratedRun, compression_format: str) ->
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
     from safetensors import safe_open
 
-    written = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as handle:
-            written.update({name: path for name in handle.keys()})
+    handles = [safe_open(str(path), framework="pt") for path in sorted(folder.glob("*.safetensors"))]
+    written = {name: handle for handle in handles for name in handle.keys()}
 
     def read(name: str) -> torch.Tensor:
-        with safe_open(str(written[name]), framework="pt") as handle:
-            return handle.get_tensor(name)
+        return written[name].get_tensor(name)
 
     for key, (block, name) in run.linear_keys().items():
         module = key.removesuffix(".weight")
-        codes, zero = signed_codes(run.quantized_weight(key, block, name))
+        codes, zero = signed_codes(run.block_codes(block)[name])  # checked against the saved model while writing
         if compression_format == "pack-quantized":
             stored = unpack_from_int32(read(f"{module}.weight_packed"), run.quant.wbits, codes.shape)
             stored_zero = None if zero is None else unpack_from_int32(

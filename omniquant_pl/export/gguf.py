@@ -145,7 +145,7 @@ def verify_exact(final: Path, run: CalibratedRun, values_exact: bool) -> int:
     stored_tensors = {t.name: t for t in gguf.GGUFReader(str(final)).tensors}
     tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, run.num_blocks)
     for key, (block, name) in run.linear_keys().items():
-        codes = llama_cpp_row_order(key, run.quantized_weight(key, block, name), run.hf_config)
+        codes = llama_cpp_row_order(key, run.block_codes(block)[name], run.hf_config)  # checked while writing
         tensor = stored_tensors[gguf_name(tensor_map, key)]
         stored = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()).reshape(codes.shape)  # (out, in)
         step = codes.scale.abs().repeat_interleave(codes.group_size, dim=1)  # (out, in)
