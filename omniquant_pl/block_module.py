@@ -34,6 +34,8 @@ from omniquant_pl.quant.activation_hooks import BlockActivationQuantizers
 from omniquant_pl.quant.codes import QuantizedWeight
 from omniquant_pl.quant.experts import QuantExperts, quantize_block_experts, restore_block_experts
 from omniquant_pl.quant.freedoms import FREEDOMS
+from omniquant_pl.quant.gguf_mix import ModelShape
+from omniquant_pl.quant.grids import build_quantizer, linear_grid, run_grid
 from omniquant_pl.quant.linear import QuantLinear, quantize_block_linears, restore_block_linears, set_submodule
 from omniquant_pl.quant.lwc import WeightQuantizer, clipping_disabled
 
@@ -52,7 +54,10 @@ class BlockModule(L.LightningModule):
         train: TrainConfig,
         input_ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         compile_policy: CompilePolicy | None = None,
+        model_shape: ModelShape | None = None,
     ) -> None:
+        """`model_shape` (layers, grouped-query heads) places the block in its model: a run with
+        quant.gguf_type needs it to give each linear llama.cpp's type (quant/grids.py)."""
         super().__init__()
         check_supported(spec, quant.let, quant.abits)  # a weight-only spec never reaches the LET or activation code
         self.index = index
@@ -72,13 +77,12 @@ class BlockModule(L.LightningModule):
             self.let = LETParams(block, let_spec).to(next(block.parameters()).device)
             if input_ranges is not None:
                 init_let_from_ranges(self.let, block, let_spec, input_ranges, quant.let_alpha)
-        def make_quantizer(shape: tuple[int, int]) -> WeightQuantizer:
-            return WeightQuantizer(shape, bits=quant.wbits, group_size=quant.group_size, symmetric=quant.symmetric,
-                                   gguf_grid=quant.grid == "gguf", learnable_clipping=quant.lwc, init=quant.lwc_init,
-                                   learn_rounding=quant.rounding, learn_weights=quant.train_weights)
+        def make_quantizer(shape: tuple[int, int], linear: str | None = None) -> WeightQuantizer:
+            grid = linear_grid(quant, linear, index, shape[1], model_shape) if linear else run_grid(quant)
+            return build_quantizer(grid, shape, quant)
 
         self.quant_linears: dict[str, QuantLinear] = quantize_block_linears(
-            block, spec.linear_names, lambda linear: make_quantizer(tuple(linear.weight.shape)))
+            block, spec.linear_names, lambda name, linear: make_quantizer(tuple(linear.weight.shape), name))
         # a mixture of experts: every expert's 3-D tensors, per expert and output channel/group
         self.quant_experts: QuantExperts | None = None
         if spec.experts is not None:

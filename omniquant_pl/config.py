@@ -121,6 +121,14 @@ class QuantConfig:
             gains move into the linears, a tied head is untied); it spreads the outlier channels
             that activation quantization suffers from. Llama, Mistral, Qwen2/3 families.
         rotate_seed: seed of the rotation matrices.
+        gguf_type: calibrate for a llama.cpp file type (``Q4_K_M``, ``Q3_K_S``, ``Q5_K_M``, ``Q6_K``,
+            ``Q4_0``, ...; ``Q3_K``/``Q4_K``/``Q5_K`` name the ``_M`` mixes as in llama-quantize): each block
+            linear is calibrated on the GGUF type llama.cpp stores it in for that file type (its rules
+            per tensor and layer, and its fallbacks for rows that are not a multiple of 256), K-quant
+            super-blocks with their quantized sub-block scales included, so that ``omniquant export
+            RUN --format gguf`` writes exactly the run's weights. Sets bits, groups and grids per
+            linear (``wbits``, ``group_size``, ``symmetric`` and ``grid`` are then unused);
+            weight-only, LLaMA-family blocks (llama, mistral, qwen2, qwen3).
     """
 
     wbits: int = 4
@@ -137,6 +145,7 @@ class QuantConfig:
     train_weights: bool = False
     rotate: Literal["none", "hadamard", "random"] = "none"
     rotate_seed: int = 0
+    gguf_type: str | None = None
 
     def __post_init__(self) -> None:
         check_bits("quant.wbits", self.wbits, unquantized=False)
@@ -146,10 +155,19 @@ class QuantConfig:
         check_choices(self, "quant")
         if not 0.0 <= self.let_alpha <= 1.0:
             raise ConfigError(f"quant.let_alpha must be in [0, 1], got {self.let_alpha}")
+        if self.gguf_type is not None:
+            from omniquant_pl.quant.gguf_mix import check_file_type
+
+            self.gguf_type = check_file_type(self.gguf_type)
+            if self.abits < 16:
+                raise ConfigError(f"quant.gguf_type {self.gguf_type} is a weight-only format; quant.abits must be 16, "
+                                  f"got {self.abits}")
 
     @property
     def tag(self) -> str:
-        """Short name such as W3A16 or W4A16g128."""
+        """Short name such as W3A16 or W4A16g128 (a run for a GGUF file type: that type, e.g. Q4_K_M)."""
+        if self.gguf_type is not None:
+            return self.gguf_type
         group = f"g{self.group_size}" if self.group_size else ""
         return f"W{self.wbits}A{self.abits}{group}"
 

@@ -93,6 +93,8 @@ def load_model_and_tokenizer(config: ModelConfig, device: torch.device) -> tuple
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from omniquant_pl.export.gptq_layout import read_gptq_config
+
     path = check_model_location(config)
     local = Path(path)
     kwargs: dict = {"trust_remote_code": config.trust_remote_code}
@@ -108,7 +110,11 @@ def load_model_and_tokenizer(config: ModelConfig, device: torch.device) -> tuple
             from transformers import CompressedTensorsConfig
 
             model_kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
-        model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
+        gptq = read_gptq_config(local) if local.is_dir() else None
+        if gptq is not None:
+            model = _load_gptq_dequantized(local, gptq, model_kwargs)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(path, **model_kwargs)
     except OSError as err:
         raise OmniQuantError(
             f"could not load model '{config.name_or_path}': {str(err).splitlines()[0]}; give a local folder "
@@ -130,6 +136,28 @@ def load_model_and_tokenizer(config: ModelConfig, device: torch.device) -> tuple
     model.config.use_cache = False
     log.info("loaded %s (%s, %s)", config.name_or_path, model.config.model_type, dtype)
     return model, tokenizer
+
+
+def _load_gptq_dequantized(folder: Path, quantization: dict, model_kwargs: dict) -> nn.Module:
+    """A GPTQ checkpoint with its packed linears de-quantized (no GPTQ kernel needed: the same weights
+    the checkpoint's integers and scales give, computed in floating point)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from omniquant_pl.export.gptq_layout import dequantized_state
+
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=model_kwargs["trust_remote_code"])
+    delattr(config, "quantization_config")
+    kwargs = {k: v for k, v in model_kwargs.items() if k in ("dtype", "attn_implementation", "trust_remote_code")}
+    model = AutoModelForCausalLM.from_config(config, **kwargs)
+    state = dequantized_state(folder, quantization, model_kwargs["dtype"])
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    if unexpected or set(missing) - tied:
+        raise OmniQuantError(f"'{folder}' is a GPTQ checkpoint whose tensors do not fit its config ("
+                             f"{len(missing)} missing, e.g. {sorted(missing)[:1]}; {len(unexpected)} unexpected, e.g. "
+                             f"{sorted(unexpected)[:1]}); export or download it again")
+    model.tie_weights()
+    return model
 
 
 def _asymmetric_compressed_tensors(folder: Path) -> bool:

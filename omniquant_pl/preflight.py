@@ -7,7 +7,6 @@ architecture table and every quantized linear's input size are checked without l
 from __future__ import annotations
 
 import importlib.util
-
 import logging
 from pathlib import Path
 
@@ -173,6 +172,9 @@ def check_quantizable(model: nn.Module, quant: QuantConfig) -> None:
         spec.check_block(block, index)
         for name in spec.linear_names:
             in_features.setdefault(block.get_submodule(name).in_features, []).append(name.rpartition(".")[2])
+    if quant.gguf_type is not None:
+        check_gguf_types(model, spec, quant)
+        return
     group = quant.group_size
     if group and any(size % group for size in in_features):
         listed = "; ".join(f"{size}: {', '.join(dict.fromkeys(names))}" for size, names in sorted(in_features.items()))
@@ -248,11 +250,31 @@ def check_accelerator(accelerator: str, option: str) -> None:
                           f"use {option} cpu (or auto: the GPU when there is one)")
 
 
+def check_gguf_types(model: nn.Module, spec, quant: QuantConfig) -> None:
+    """A run with quant.gguf_type: a family whose tensors llama.cpp's type rules name, and a grid here for
+    the type of every linear (llama.cpp stores a row that even 32 does not divide in F16)."""
+    from omniquant_pl.arch.registry import get_blocks
+    from omniquant_pl.quant.gguf_mix import ROLES, ModelShape
+    from omniquant_pl.quant.grids import linear_grid
+
+    missing = [name for name in spec.linear_names if name not in ROLES]
+    if missing or spec.experts is not None:
+        raise ConfigError(f"quant.gguf_type follows llama.cpp's type rules for LLaMA-family blocks ({', '.join(ROLES)}); "
+                          f"this {spec.name} model has {', '.join(missing) or 'experts'}: calibrate with quant.wbits/"
+                          "group_size instead")
+    shape = ModelShape.of(model.config)
+    for index, block in enumerate(get_blocks(model, spec)):
+        for name in spec.linear_names:
+            linear_grid(quant, name, index, block.get_submodule(name).in_features, shape)
+
+
 def warn_about(config: RunConfig) -> None:
     """Settings that run but are unlikely to be what was meant."""
     from omniquant_pl.checkpoint import read_checkpoint_state
+    from omniquant_pl.export.gguf_blocks import warn_if_no_exact_gguf_type
 
     quant = config.quant
+    warn_if_no_exact_gguf_type(quant)
     if quant.abits < 8 and not quant.let:
         log.warning("%s without LET (quant.let false): activation outliers stay unsmoothed and the paper's "
                     "W%dA%d results need LET; add --quant.let true (the shipped w4a4.yaml configs also set "

@@ -30,7 +30,6 @@ from omniquant_pl.compile_policy import CompilePolicy, active_policy
 from omniquant_pl.config import RunConfig
 from omniquant_pl.distributed import Processes
 from omniquant_pl.errors import OmniQuantError
-from omniquant_pl.export.gguf_blocks import warn_if_no_exact_gguf_type
 from omniquant_pl.io import atomic_write_json, atomic_write_text
 from omniquant_pl.keep_best import keep_best
 from omniquant_pl.let.init import input_ranges
@@ -39,10 +38,11 @@ from omniquant_pl.plan import RunPlan, autocast_dtype, dtype_of, plan_run, resol
 from omniquant_pl.quant.activation_hooks import use_quantized_attention
 from omniquant_pl.quant.codes import save_block_codes
 from omniquant_pl.quant.experts import expert_token_counts
+from omniquant_pl.quant.gguf_mix import ModelShape
 from omniquant_pl.quant.rtn import check_quantizable
 from omniquant_pl.results import BlockResult, RunResults
-from omniquant_pl.rotate import rotate_for_run
 from omniquant_pl.resume import check_calibration_ids, results_so_far, start_or_resume
+from omniquant_pl.rotate import rotate_for_run
 from omniquant_pl.saved_model import save_model
 from omniquant_pl.streaming.blocks import StreamedBlocks
 from omniquant_pl.streaming.load import load_model
@@ -94,7 +94,6 @@ class BlockSequencer:
         """Load the model (unless given), resolve the run plan, and refuse what cannot be quantized."""
         cfg = self.config
         quiet_lightning()
-        warn_if_no_exact_gguf_type(cfg.quant)
         shards = None
         if self.model is None:
             self.model, self.tokenizer, shards = load_model(cfg.model, self.device, load_model_and_tokenizer)
@@ -209,7 +208,7 @@ class BlockSequencer:
     def build_module(self, index: int, block: nn.Module, ranges: dict | None = None) -> BlockModule:
         cfg = self.config
         return BlockModule(block, index, self.spec, self.layer_kwargs[index], cfg.quant, cfg.train, ranges,
-                           self.compile_policy).to(self.device)
+                           self.compile_policy, ModelShape.of(self.model.config)).to(self.device)
 
     def replay_block(self, index: int, fp_inputs: torch.Tensor, quant_inputs: torch.Tensor,
                      learned: Learned) -> tuple[torch.Tensor, torch.Tensor]:

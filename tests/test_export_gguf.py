@@ -186,7 +186,8 @@ def test_weight_activation_runs_and_other_families_are_refused(tmp_path, calibra
     with pytest.raises(ConfigError, match="unknown GGUF type"):
         export_run(calibrated_run(**GRIDS["Q4_0"]), ExportConfig(format="gguf", gguf_type="Q4_2", output=str(tmp_path / "b")))
     with pytest.raises(ConfigError, match="needs --gguf_type"):
-        ExportConfig(format="gguf")
+        export_run(calibrated_run(**GRIDS["Q4_0"]), ExportConfig(format="gguf", output=str(tmp_path / "c")))
+    assert not (tmp_path / "c").exists()
 
 
 def test_float_export_holds_the_fused_weights(tmp_path, calibrated_run):

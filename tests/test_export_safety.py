@@ -93,7 +93,7 @@ def test_exact_is_checked_by_reading_the_written_file_back(tmp_path, calibrated_
         packed[0, 2] ^= 0x01  # the first block's first nibble: one code moved by one step
         return packed
 
-    monkeypatch.setattr(gguf_export, "pack_blocks", one_code_off)
+    monkeypatch.setattr(gguf_export, "pack_linear", one_code_off)
     capsys.readouterr()
     assert cli.main(["export", str(run), "--format", "gguf", "--gguf-type", "Q4_0", "--output", str(tmp_path / "g")]) == 2
     assert "does not hold the run's integers" in _one_line_error(capsys)

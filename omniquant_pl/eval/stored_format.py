@@ -1,5 +1,5 @@
-"""What an evaluated model is stored as, read from its files: a compressed-tensors folder (its
-config's quantization_config) or a GGUF file (its tensor types), so that `evaluate` and `compare`
+"""What an evaluated model is stored as, read from its files: a compressed-tensors or GPTQ folder
+(its config's quantization_config) or a GGUF file (its tensor types), so that `evaluate` and `compare`
 label an exported model by its real format and bits (its size is the files', eval/size.disk_bytes)
 rather than as full precision.
 """
@@ -19,7 +19,7 @@ GGUF_BITS = {"Q2_K": 2, "Q3_K": 3, "Q4_0": 4, "Q4_1": 4, "Q4_K": 4, "IQ4_NL": 4,
 
 @dataclass
 class StoredFormat:
-    format: str  # e.g. "compressed-tensors pack-quantized", "GGUF Q4_0"
+    format: str  # e.g. "compressed-tensors pack-quantized", "GPTQ (gptq)", "GGUF Q4_0"
     bits: str  # the quantization tag, e.g. W4A16g32
     by_omniquant: bool  # exported by this project (its provenance is in the file)
 
@@ -38,6 +38,19 @@ def _compressed_tensors(folder: Path) -> StoredFormat | None:
     tag = f"W{weights.get('num_bits', '?')}A{inputs.get('num_bits', 16)}" + (f"g{size}" if size else "")
     return StoredFormat(f"compressed-tensors {quantization.get('format', '')}".strip(), tag,
                         "omniquant_export" in config)
+
+
+def _gptq(folder: Path) -> StoredFormat | None:
+    from omniquant_pl.export.gptq_layout import read_gptq_config
+
+    quantization = read_gptq_config(folder)
+    if quantization is None:
+        return None
+    size = quantization.get("group_size", -1)
+    tag = f"W{quantization.get('bits', '?')}A16" + (f"g{size}" if size and size > 0 else "")
+    fmt = quantization.get("checkpoint_format", "gptq")
+    by_omniquant = "omniquant_export" in json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    return StoredFormat(f"GPTQ ({fmt})", tag, by_omniquant)
 
 
 def _gguf(path: Path) -> StoredFormat | None:
@@ -60,4 +73,4 @@ def stored_format(model: ModelConfig, folder: str | Path) -> StoredFormat | None
     if model.gguf_file:
         path = folder / model.gguf_file
         return _gguf(path) if path.is_file() else None
-    return _compressed_tensors(folder) if folder.is_dir() else None
+    return (_compressed_tensors(folder) or _gptq(folder)) if folder.is_dir() else None

@@ -33,7 +33,7 @@ from omniquant_pl.versions import software_versions
 log = logging.getLogger(__name__)
 
 # the built-in exporters, imported on first use (each registers itself)
-BUILTIN_MODULES = ("omniquant_pl.export.compressed_tensors", "omniquant_pl.export.gguf")
+BUILTIN_MODULES = ("omniquant_pl.export.compressed_tensors", "omniquant_pl.export.gguf", "omniquant_pl.export.gptq")
 REPORT_NAME = "export.json"
 
 Exporter = Callable[..., dict]
@@ -68,16 +68,18 @@ class ExportConfig:
     """What to export and how.
 
     Args:
-        format: ``compressed-tensors`` (vLLM, transformers) or ``gguf`` (llama.cpp, Ollama).
+        format: ``compressed-tensors`` (vLLM, transformers; 4/8-bit weights, W8A8), ``gptq`` (vLLM's gptq
+            method; 2/3/4/8-bit weights) or ``gguf`` (llama.cpp, Ollama).
         output: destination folder; default ``<run_dir>/export/<format>[-<gguf_type>]``.
-        gguf_type: GGUF tensor type of the block linears: ``Q4_0``, ``Q4_1``, ``Q5_0``, ``Q5_1``,
-            ``Q8_0`` (exact for a run calibrated on that grid with groups of 32), or with
+        gguf_type: GGUF file type: the run's own ``quant.gguf_type`` by default (exact), ``Q4_0``,
+            ``Q4_1``, ``Q5_0``, ``Q5_1``, ``Q8_0`` (exact for a run calibrated on that grid with groups
+            of 32), or with
             ``requantize`` any type llama.cpp's quantizer makes (``Q2_K``, ``Q3_K_S/M/L``,
             ``Q4_K_S/M``, ``Q5_K_S/M``, ``Q6_K``, ``F16``, ...).
         requantize: GGUF only: re-round the fused weights into ``gguf_type`` with llama.cpp's
             quantizer when the run's grid is not that type's (approximate, and said so).
-        dtype: compressed-tensors only: dtype of the tensors that stay in floating point and of
-            the scales (``float32`` keeps any run's scales exactly; runs on ``quant.grid: gguf``
+        dtype: compressed-tensors and gptq: dtype of the tensors that stay in floating point (and,
+            for compressed-tensors, of the scales; GPTQ stores fp16 scales) (``float32`` keeps any run's scales exactly; runs on ``quant.grid: gguf``
             have fp16 scales already). GGUF files take their types from ``gguf_type``.
     """
 
@@ -88,8 +90,6 @@ class ExportConfig:
     dtype: Literal["float16", "bfloat16", "float32"] = "float16"
 
     def __post_init__(self) -> None:
-        if self.format == "gguf" and not self.gguf_type:
-            raise ConfigError("--format gguf needs --gguf_type, e.g. Q4_0 or Q4_1 (see omniquant export --help)")
         if self.format != "gguf" and (self.gguf_type or self.requantize):
             raise ConfigError(f"--gguf_type and --requantize apply to --format gguf only, not '{self.format}'")
         if self.gguf_type:
@@ -156,6 +156,11 @@ def export_run(run_dir: str | Path, options: ExportConfig) -> dict:
 
     exporter = get_exporter(options.format)
     run = CalibratedRun.open(Path(run_dir))
+    if options.format == "gguf" and not options.gguf_type:
+        if run.quant.gguf_type is None:
+            raise ConfigError("--format gguf needs --gguf_type, e.g. Q4_0 or Q4_1 (see omniquant export --help); a run "
+                              "calibrated with quant.gguf_type exports to its own type without it")
+        options.gguf_type = run.quant.gguf_type
     destination = Path(options.output) if options.output else options.default_output(run.run_dir)
     parent_existed = destination.parent.exists()
     if options.format == "gguf" and options.dtype != "float16":

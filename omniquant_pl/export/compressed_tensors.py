@@ -53,11 +53,10 @@ def check_exportable(quant: QuantConfig) -> str:
         )
     if quant.abits == 16:
         if quant.wbits not in WEIGHT_ONLY_BITS:
-            raise ConfigError(
-                f"compressed-tensors for vLLM holds 4- or 8-bit weights; this run is {quant.tag}: export it with "
-                f"--format gguf --gguf-type {GGUF_INSTEAD[quant.wbits]} --requantize (approximate), or calibrate with "
-                "quant.wbits 4"
-            )
+            instead = ("--format gptq (vLLM's gptq method, exact) or " if quant.wbits in (2, 3) else "") + (
+                f"--format gguf --gguf-type {GGUF_INSTEAD[quant.wbits]} --requantize (approximate)")
+            raise ConfigError(f"compressed-tensors for vLLM holds 4- or 8-bit weights; this run is {quant.tag}: export "
+                              f"it with {instead}, or calibrate with quant.wbits 4")
         return "pack-quantized"
     if (quant.wbits, quant.abits) == (8, 8):
         if not quant.symmetric or quant.group_size:

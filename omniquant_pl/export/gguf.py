@@ -19,19 +19,21 @@ import torch
 from omniquant_pl.config import QuantConfig
 from omniquant_pl.errors import ConfigError, OmniQuantError
 from omniquant_pl.export import ExportConfig, register_exporter
-from omniquant_pl.export.gguf_blocks import BLOCK, EXACT_TYPES, exact_gguf_type, pack_blocks
+from omniquant_pl.export.gguf_blocks import BLOCK, EXACT_TYPES, exact_gguf_type, pack_linear
 from omniquant_pl.export.gguf_model import (
     GGUFTensor,
     float_tensor,
     gguf_architecture,
     gguf_name,
     llama_cpp_row_order,
+    model_arch,
     tied_output,
     write_gguf,
 )
-from omniquant_pl.export.llama_cpp import file_type, quantize_gguf
+from omniquant_pl.export.llama_cpp import ALIASES, file_type, quantize_gguf
 from omniquant_pl.export.run import CalibratedRun
 from omniquant_pl.quant.codes import QuantizedWeight
+from omniquant_pl.quant.gguf_mix import ModelShape, linear_type
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
 INTERMEDIATE = "intermediate.gguf"
@@ -56,10 +58,15 @@ def plan(quant: QuantConfig, type_name: str, requantize: bool) -> str:
     if type_name in FLOAT_TYPES:
         return "float"
     exact = EXACT_TYPES.get(type_name)
-    if exact_gguf_type(quant) == type_name:
+    if quant.gguf_type is not None and ALIASES.get(type_name, type_name) == quant.gguf_type:
+        return "exact"  # every linear on the type llama.cpp stores it in for this file type
+    if quant.gguf_type is None and exact_gguf_type(quant) == type_name:
         return "exact"
     if requantize:
         return "requantize"
+    if quant.gguf_type is not None:
+        raise ConfigError(f"this run was calibrated for {quant.gguf_type}: export it with --gguf-type {quant.gguf_type} "
+                          f"(or no --gguf-type), or add --requantize to re-round it into {type_name} (approximate)")
     if exact is not None:
         raise ConfigError(
             f"this run ({quant.tag}, {'symmetric' if quant.symmetric else 'asymmetric'}) is not on {type_name}'s grid; "
@@ -76,17 +83,25 @@ def run_tensors(run: CalibratedRun, type_name: str, mode: str) -> Iterator[GGUFT
     import gguf
 
     config = run.hf_config
+    linears = run.linear_keys()
     for hf_name, value in run.tensors_in_order():
         if hf_name == "lm_head.weight" and tied_output(config):
             continue
         if not isinstance(value, QuantizedWeight):
             yield float_tensor(hf_name, value, config)
         elif mode == "exact":
+            stored_type = linear_gguf_type(run, *linears[hf_name], value.shape[1]) or type_name
             value = llama_cpp_row_order(hf_name, value, config)
-            qtype = getattr(gguf.GGMLQuantizationType, type_name)
-            yield GGUFTensor(hf_name, pack_blocks(type_name, value), qtype)
+            yield GGUFTensor(hf_name, pack_linear(stored_type, value), getattr(gguf.GGMLQuantizationType, stored_type))
         else:
             yield float_tensor(hf_name, value.dequantize(), config)
+
+
+def linear_gguf_type(run: CalibratedRun, block: int, name: str, in_features: int) -> str | None:
+    """The type a run calibrated for a GGUF file type (quant.gguf_type) stores one linear in; None otherwise."""
+    if run.quant.gguf_type is None:
+        return None
+    return linear_type(run.quant.gguf_type, name, block, in_features, ModelShape.of(run.hf_config))
 
 
 def _source_gguf(run: CalibratedRun) -> Path | None:
@@ -119,17 +134,20 @@ def tensor_types(path: Path) -> dict[str, str]:
     return {tensor.name: tensor.tensor_type.name for tensor in gguf.GGUFReader(str(path)).tensors}
 
 
-def _check_blocks_kept(intermediate: Path, final: Path, type_name: str) -> int:
-    """The exact tensors must reach the final file byte for byte; returns how many there are."""
+def _check_blocks_kept(intermediate: Path, final: Path) -> int:
+    """The exact (already quantized) tensors must reach the final file in their types, byte for byte;
+    returns how many there are."""
     import gguf
 
-    before = {t.name: t for t in gguf.GGUFReader(str(intermediate)).tensors if t.tensor_type.name == type_name}
+    before = {t.name: t for t in gguf.GGUFReader(str(intermediate)).tensors if t.tensor_type.name not in FLOAT_TYPES}
     after = {t.name: t for t in gguf.GGUFReader(str(final)).tensors}
-    changed = [name for name, t in before.items() if bytes(after[name].data) != bytes(t.data)]
+    changed = [name for name, t in before.items()
+               if after[name].tensor_type != t.tensor_type or bytes(after[name].data) != bytes(t.data)]
     if changed:
         raise OmniQuantError(
-            f"llama.cpp's quantizer changed {len(changed)} exact {type_name} tensors (e.g. {changed[0]}), so nothing was "
-            "written; add --requantize for an approximate file, and please report it with your llama-cpp-python version"
+            f"llama.cpp's quantizer changed {len(changed)} exact tensors (e.g. {changed[0]}: "
+            f"{before[changed[0]].tensor_type.name} -> {after[changed[0]].tensor_type.name}), so nothing was written; "
+            "add --requantize for an approximate file, and please report it with your llama-cpp-python version"
         )
     return len(before)
 
@@ -143,7 +161,7 @@ def verify_exact(final: Path, run: CalibratedRun, values_exact: bool) -> int:
     from gguf.quants import dequantize
 
     stored_tensors = {t.name: t for t in gguf.GGUFReader(str(final)).tensors}
-    tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, run.num_blocks)
+    tensor_map = gguf.get_tensor_name_map(model_arch(run.hf_config), run.num_blocks)
     for key, (block, name) in run.linear_keys().items():
         codes = llama_cpp_row_order(key, run.block_codes(block)[name], run.hf_config)  # checked while writing
         tensor = stored_tensors[gguf_name(tensor_map, key)]
@@ -172,9 +190,9 @@ def export_gguf(run: CalibratedRun, options: ExportConfig, staging: Path) -> dic
                None if tokenizer_gguf else run.model_dir, metadata)
     final = staging / f"{name}-{run.quant.tag}-{type_name}.gguf"
     quantize_gguf(intermediate, final, type_name)
-    kept = _check_blocks_kept(intermediate, final, type_name) if mode == "exact" else 0
+    kept = _check_blocks_kept(intermediate, final) if mode == "exact" else 0
     intermediate.unlink()
-    values_exact = mode == "exact" and run.quant.grid == "gguf"  # d and m already fp16 values
+    values_exact = mode == "exact" and (run.quant.grid == "gguf" or run.quant.gguf_type is not None)  # fp16 d, m
     verified = verify_exact(final, run, values_exact) if mode == "exact" else 0
     types = tensor_types(final)
     counts = dict(Counter(types.values()))

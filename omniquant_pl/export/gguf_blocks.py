@@ -110,3 +110,12 @@ def expected_dequantized(weight: QuantizedWeight) -> torch.Tensor:
     fp16 (for a run on llama.cpp's own grid, `quant.grid: gguf`, exactly the run's values)."""
     minimum = None if weight.symmetric else minimum_of(weight).half().float()
     return QuantizedWeight(weight.codes, weight.scale.half().float(), None, weight.bits, minimum).dequantize()
+
+
+def pack_linear(type_name: str, weight: QuantizedWeight) -> np.ndarray:
+    """The GGUF bytes of one linear on `type_name`'s grid: a legacy 32-weight type or a K-quant."""
+    if type_name in EXACT_TYPES:
+        return pack_blocks(type_name, weight)
+    from omniquant_pl.quant.kquant_grid import pack_kquant
+
+    return pack_kquant(type_name, weight)

@@ -1,13 +1,15 @@
-"""A LLaMA-family Hugging Face model as a GGUF file llama.cpp runs, written with the `gguf` package.
+"""A Hugging Face model of the LLaMA or Qwen2/Qwen3 families as a GGUF file llama.cpp runs, written with
+the `gguf` package.
 
 What the file needs beyond the weights, and where it comes from here:
-- architecture metadata (``llama.*`` keys) from the transformers config;
+- architecture metadata (``llama.*``, ``qwen2.*``, ``qwen3.*`` keys) from the transformers config;
 - the tokenizer: copied key by key from the GGUF the model was loaded from when there is one
   (exactly what llama.cpp had), else built from ``tokenizer.json`` with the `gguf` package's
   vocab readers (BPE -> ``gpt2``, byte-fallback BPE -> ``llama``) and special tokens/merges;
-- tensor names from the package's tensor-name map, and q/k rows reordered from transformers'
-  rotate-half layout to the interleaved pairs llama.cpp's LLaMA rope expects (a permutation of
-  output rows: per-row and per-group grids move with their rows, unchanged).
+- tensor names from the package's tensor-name map, and, for llama.cpp's LLaMA architecture, q/k rows
+  reordered from transformers' rotate-half layout to the interleaved pairs its rope expects (a
+  permutation of output rows: per-row and per-group grids move with their rows, unchanged); Qwen2
+  and Qwen3 run the rotate-half (NEOX) rope in llama.cpp, so their rows stay as they are.
 """
 from __future__ import annotations
 
@@ -25,8 +27,11 @@ from omniquant_pl.quant.codes import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
-# model_type -> llama.cpp architecture whose tensors and rope match transformers' LLaMA blocks
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama"}
+# model_type -> llama.cpp architecture whose tensors and rope match transformers' blocks
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+# architectures whose rope llama.cpp applies to interleaved pairs (q/k rows reordered); the others use
+# the rotate-half (NEOX) layout transformers has
+INTERLEAVED_ROPE = ("llama",)
 # BPE pre-tokenizers llama.cpp knows by name, for tokenizers that come from tokenizer.json
 # (model_type, vocab size) -> name; others get llama.cpp's "default" with a warning
 KNOWN_PRE_TOKENIZERS = {("llama", 128256): "llama-bpe", ("llama", 49152): "smollm"}
@@ -35,10 +40,18 @@ KNOWN_PRE_TOKENIZERS = {("llama", 128256): "llama-bpe", ("llama", 49152): "smoll
 def gguf_architecture(model_type: str) -> str:
     if model_type not in GGUF_ARCHITECTURES:
         raise OmniQuantError(
-            f"GGUF export supports the LLaMA family ({', '.join(sorted(GGUF_ARCHITECTURES))}); this run is "
+            f"GGUF export supports {', '.join(sorted(GGUF_ARCHITECTURES))}; this run is "
             f"'{model_type}': export it with --format compressed-tensors"
         )
     return GGUF_ARCHITECTURES[model_type]
+
+
+def model_arch(config):
+    """The gguf package's MODEL_ARCH of the config's llama.cpp architecture (for its tensor-name map)."""
+    import gguf
+
+    arch = gguf_architecture(config.model_type)
+    return next(value for value, name in gguf.MODEL_ARCH_NAMES.items() if name == arch)
 
 
 def rope_interleave_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
@@ -50,8 +63,10 @@ def rope_interleave_rows(rows: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def rope_heads(hf_name: str, config) -> int | None:
-    """Heads whose rows `hf_name` holds, if it is a q or k projection weight or bias (which llama.cpp
-    permutes)."""
+    """Heads whose rows `hf_name` holds, if it is a q or k projection weight or bias of an architecture
+    whose rope llama.cpp applies to interleaved pairs (those rows are permuted)."""
+    if GGUF_ARCHITECTURES.get(config.model_type) not in INTERLEAVED_ROPE:
+        return None
     if hf_name.endswith(("self_attn.q_proj.weight", "self_attn.q_proj.bias")):
         return int(config.num_attention_heads)
     if hf_name.endswith(("self_attn.k_proj.weight", "self_attn.k_proj.bias")):
@@ -151,6 +166,9 @@ def add_tokenizer_from_hf(writer, folder: Path, config) -> None:
                              "export with --format compressed-tensors, or load the model from a GGUF to calibrate it")
     vocab = LlamaHfVocab(folder) if model.get("byte_fallback") else BpeVocab(folder)
     tokens, scores, types = (list(column) for column in zip(*vocab.all_tokens()))
+    if len(tokens) > int(config.vocab_size):
+        raise OmniQuantError(f"{folder / 'tokenizer.json'} has {len(tokens)} tokens but the model's embedding has "
+                             f"{config.vocab_size} rows; llama.cpp needs one row per token: give the model its own tokenizer")
     for index in range(len(tokens), int(config.vocab_size)):  # rows of the embedding with no token
         tokens.append(f"[PAD{index}]".encode())
         scores.append(-1000.0)
@@ -181,14 +199,14 @@ class GGUFTensor:
 def gguf_name(tensor_map, hf_name: str) -> str:
     name = tensor_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
     if name is None:
-        raise OmniQuantError(f"llama.cpp's LLaMA architecture has no tensor for '{hf_name}'; export this model with "
+        raise OmniQuantError(f"llama.cpp's architecture has no tensor for '{hf_name}'; export this model with "
                              "--format compressed-tensors")
     return name
 
 
 def write_gguf(path: Path, config, tensors: Iterator[GGUFTensor], name: str, tokenizer_gguf: Path | None,
                tokenizer_folder: Path | None, metadata: dict[str, object] | None = None) -> None:
-    """Write a LLaMA-family GGUF: metadata, tokenizer, then each tensor (float ones as F32)."""
+    """Write a GGUF of a supported architecture: metadata, tokenizer, then each tensor (float ones as F32)."""
     import gguf
 
     arch = gguf_architecture(config.model_type)
@@ -203,7 +221,7 @@ def write_gguf(path: Path, config, tensors: Iterator[GGUFTensor], name: str, tok
             writer.add_bool(key, value)
         else:
             writer.add_string(key, str(value))
-    tensor_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, int(config.num_hidden_layers))
+    tensor_map = gguf.get_tensor_name_map(model_arch(config), int(config.num_hidden_layers))
     if _rope_parameters(config)["rope_type"] == "llama3":
         writer.add_tensor(gguf.TENSOR_NAMES[gguf.MODEL_TENSOR.ROPE_FREQS] + ".weight", llama3_rope_factors(config))
     for tensor in tensors:

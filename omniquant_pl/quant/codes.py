@@ -19,6 +19,7 @@ from omniquant_pl.io import atomic_save_safetensors
 from omniquant_pl.quant.primitives import dequantize_codes
 
 CODES_DIR = "quantized"
+OPTIONAL_PARTS = ("zero", "minimum", "super_scale", "super_min")
 FORMAT_TAG = "omniquant-codes-v1"
 
 
@@ -32,6 +33,12 @@ class QuantizedWeight:
     same shape, uint8 in [0, 2^b - 1] for asymmetric min-max grids, else None; minimum: same shape,
     an fp16 value in fp32, for the asymmetric gguf grid (x = q·s + m), else None. Both None:
     symmetric.
+
+    llama.cpp's K-quants (quant/kquant_grid.py) are two-level: a super-block of 256 weights holds
+    fp16 factors d (and dmin) and small integer sub-block scales sc (and mins mn). Their scale and
+    minimum are the products d·sc and -dmin·mn (exact in fp32); super_scale (out, in // 256) holds d
+    and super_min dmin (None for the symmetric Q3_K and Q6_K), so the integers sc = scale / d and
+    mn = -minimum / dmin are recovered exactly for packing.
     """
 
     codes: torch.Tensor
@@ -39,6 +46,8 @@ class QuantizedWeight:
     zero: torch.Tensor | None
     bits: int
     minimum: torch.Tensor | None = None
+    super_scale: torch.Tensor | None = None
+    super_min: torch.Tensor | None = None
 
     @property
     def symmetric(self) -> bool:
@@ -71,7 +80,7 @@ class QuantizedWeight:
             zero = self.zero.to(torch.int32)
             if zero.min() < 0 or zero.max() > 2**self.bits - 1:
                 found.append(f"zero points span {zero.min().item()}..{zero.max().item()}, outside 0..{2**self.bits - 1}")
-        for name in ("scale", "minimum"):
+        for name in ("scale", "minimum", "super_scale", "super_min"):
             value = getattr(self, name)
             if value is not None and not torch.isfinite(value).all():
                 found.append(f"non-finite {name}s")
@@ -96,11 +105,12 @@ class QuantizedWeight:
             return None if value is None else function(value)
 
         return replace(self, codes=apply(self.codes), scale=apply(self.scale), zero=apply(self.zero),
-                       minimum=apply(self.minimum))
+                       minimum=apply(self.minimum), super_scale=apply(self.super_scale),
+                       super_min=apply(self.super_min))
 
     def to_state(self, prefix: str) -> dict[str, torch.Tensor]:
         state = {f"{prefix}.codes": self.codes, f"{prefix}.scale": self.scale}
-        for name in ("zero", "minimum"):
+        for name in OPTIONAL_PARTS:
             if getattr(self, name) is not None:
                 state[f"{prefix}.{name}"] = getattr(self, name)
         return state
@@ -108,7 +118,7 @@ class QuantizedWeight:
     @classmethod
     def from_state(cls, state: dict[str, torch.Tensor], prefix: str, bits: int) -> QuantizedWeight:
         return cls(state[f"{prefix}.codes"], state[f"{prefix}.scale"], state.get(f"{prefix}.zero"), bits,
-                   state.get(f"{prefix}.minimum"))
+                   **{name: state.get(f"{prefix}.{name}") for name in OPTIONAL_PARTS[1:]})
 
 
 def codes_path(output_dir: Path, index: int) -> Path:

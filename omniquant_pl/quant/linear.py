@@ -73,15 +73,16 @@ def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
 def quantize_block_linears(
     block: nn.Module,
     linear_names: Iterable[str],
-    make_weight_quantizer: Callable[[nn.Linear], WeightQuantizer | None],
+    make_weight_quantizer: Callable[[str, nn.Linear], WeightQuantizer | None],
 ) -> dict[str, QuantLinear]:
-    """Replace each named nn.Linear of `block` (in place) with a QuantLinear; returns them."""
+    """Replace each named nn.Linear of `block` (in place) with a QuantLinear whose weight quantizer is
+    `make_weight_quantizer(name, linear)`; returns them."""
     replaced: dict[str, QuantLinear] = {}
     for name in linear_names:
         linear = block.get_submodule(name)
         if isinstance(linear, QuantLinear):
             raise RuntimeError(f"{name} is already quantized")
-        quant_linear = QuantLinear(linear, make_weight_quantizer(linear))
+        quant_linear = QuantLinear(linear, make_weight_quantizer(name, linear))
         set_submodule(block, name, quant_linear)
         replaced[name] = quant_linear
     return replaced

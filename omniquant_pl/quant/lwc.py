@@ -12,7 +12,7 @@ from torch import nn
 from omniquant_pl.errors import ConfigError
 from omniquant_pl.quant.codes import QuantizedWeight
 from omniquant_pl.quant.fake_quant import fake_quantize_rows, row_grid
-from omniquant_pl.quant.freedoms import FREEDOMS, NO_CLIPPING_LOGIT, ROUNDING_LIMIT
+from omniquant_pl.quant.freedoms import FREEDOMS, ROUNDING_LIMIT
 from omniquant_pl.quant.primitives import QuantGrid, quantize_codes
 
 
@@ -154,7 +154,9 @@ class WeightQuantizer(nn.Module):
 @contextlib.contextmanager
 def clipping_disabled(module: nn.Module) -> Iterator[None]:
     """Temporarily turn every WeightQuantizer in `module` into plain RTN (no freedom applies)."""
-    quantizers = [m for m in module.modules() if isinstance(m, WeightQuantizer)]
+    from omniquant_pl.quant.kquant_grid import KQuantizer
+
+    quantizers = [m for m in module.modules() if isinstance(m, (WeightQuantizer, KQuantizer))]
     previous = [q.clipping_enabled for q in quantizers]
     for q in quantizers:
         q.clipping_enabled = False

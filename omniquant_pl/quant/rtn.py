@@ -10,15 +10,16 @@ from torch import nn
 from omniquant_pl.arch.base import ArchSpec
 from omniquant_pl.arch.registry import check_supported, get_blocks, warn_if_weight_only
 from omniquant_pl.config import QuantConfig
+from omniquant_pl.errors import ConfigError
 from omniquant_pl.quant.activation_hooks import activation_quantization, use_quantized_attention
+from omniquant_pl.quant.gguf_mix import ModelShape
+from omniquant_pl.quant.grids import LinearGrid, build_quantizer, linear_grid, run_grid
 from omniquant_pl.quant.lwc import WeightQuantizer
 
 
-def rtn_quantizer(weight: torch.Tensor, quant: QuantConfig) -> WeightQuantizer:
-    return WeightQuantizer(
-        tuple(weight.shape), quant.wbits, quant.group_size, quant.symmetric, learnable_clipping=False,
-        gguf_grid=quant.grid == "gguf",
-    )
+def rtn_quantizer(weight: torch.Tensor, quant: QuantConfig, grid: LinearGrid | None = None) -> WeightQuantizer:
+    """Round-to-nearest on the run's grid, or on `grid` (one linear's, for runs with quant.gguf_type)."""
+    return build_quantizer(grid or run_grid(quant), tuple(weight.shape))
 
 
 def check_quantizable(spec: ArchSpec, blocks: nn.ModuleList, quant: QuantConfig) -> None:
@@ -27,27 +28,31 @@ def check_quantizable(spec: ArchSpec, blocks: nn.ModuleList, quant: QuantConfig)
     check_supported(spec, quant.let, quant.abits)
     warn_if_weight_only(spec, len(blocks))
     spec.check_block(blocks[0])
-    for name in spec.linear_names:
-        rtn_quantizer(blocks[0].get_submodule(name).weight, quant)
+    if quant.gguf_type is None:
+        for name in spec.linear_names:
+            rtn_quantizer(blocks[0].get_submodule(name).weight, quant)
 
 
 @contextlib.contextmanager
 def rtn_weights(model: nn.Module, spec: ArchSpec, quant: QuantConfig) -> Iterator[nn.Module]:
     """Temporarily replace every block linear's weight by its RTN fake-quantized value."""
-    with rtn_block_weights(list(get_blocks(model, spec)), spec, quant):
+    with rtn_block_weights(list(get_blocks(model, spec)), spec, quant, ModelShape.of(model.config)):
         yield model
 
 
 @contextlib.contextmanager
 @torch.no_grad()
-def rtn_block_weights(blocks: list[nn.Module], spec: ArchSpec, quant: QuantConfig) -> Iterator[None]:
-    """Temporarily replace the linears' weights of `blocks` by their RTN fake-quantized values."""
+def rtn_block_weights(blocks: list[nn.Module], spec: ArchSpec, quant: QuantConfig,
+                      shape: ModelShape | None = None) -> Iterator[None]:
+    """Temporarily replace the linears' weights of `blocks` (the model's blocks in order, or any blocks of
+    a run without quant.gguf_type) by their RTN fake-quantized values."""
     originals: list[tuple[torch.Tensor, torch.Tensor]] = []
-    for block in blocks:
+    for index, block in enumerate(blocks):
         for name in spec.linear_names:
             weight = block.get_submodule(name).weight
             originals.append((weight, weight.detach().to("cpu", copy=True)))
-            weight.copy_(rtn_quantizer(weight, quant)(weight))
+            grid = linear_grid(quant, name, index, weight.shape[1], shape)
+            weight.copy_(rtn_quantizer(weight, quant, grid)(weight))
     try:
         yield
     finally:
@@ -72,6 +77,9 @@ def rtn_block(block: nn.Module, spec: ArchSpec, quant: QuantConfig) -> Iterator[
     """One block as the RTN baseline of `quant` runs it (a streamed evaluation, block by block):
     RTN weights and, below 16 bits, per-token activation quantization. The model's attention must
     already be routed (use_quantized_attention) when abits < 16."""
+    if quant.gguf_type is not None:
+        raise ConfigError("the RTN baseline of a GGUF file type (quant.gguf_type) needs the whole model in memory; "
+                          "evaluate it without streaming, or use llama.cpp's own quantizer as the baseline")
     with rtn_block_weights([block], spec, quant), contextlib.ExitStack() as stack:
         if quant.abits < 16:
             stack.enter_context(activation_quantization([block], spec, quant.abits))

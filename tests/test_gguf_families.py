@@ -1,0 +1,103 @@
+"""GGUF export of the Qwen2 (q/k/v biases) and Qwen3 (q/k norms) families, scored by llama.cpp itself."""
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from omniquant_pl.export import ExportConfig, export_run
+
+gguf = pytest.importorskip("gguf")
+pytest.importorskip("llama_cpp")
+
+# as for the LLaMA family (tests/test_export_gguf.py): llama.cpp's fp16 KV cache, 8-bit activation blocks
+# for quantized dot products and its summation order; q/k are scaled up so a wrong rope layout moves every
+# window by far more
+MEAN_TOLERANCE, MAX_TOLERANCE = 5e-3, 1e-2
+FAMILIES = ("qwen2", "qwen3")
+
+
+def tiny_family(family: str, tied: bool = False):
+    import transformers
+    from conftest import TINY_VOCAB
+
+    config_class, model_class = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
+                                 "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[family]
+    torch.manual_seed(0)
+    model = model_class(config_class(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                                     tie_word_embeddings=tied)).eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("norm.weight", ".bias")):  # away from their initial 1 / 0
+                param.add_(torch.randn_like(param) * 0.3)
+        for layer in model.model.layers:  # peaked attention: the rope layout matters
+            layer.self_attn.q_proj.weight.mul_(8)
+            layer.self_attn.k_proj.weight.mul_(8)
+    return model
+
+
+def _window_nll(model, ids: torch.Tensor) -> torch.Tensor:
+    from omniquant_pl.eval.perplexity import window_mean_nll
+
+    with torch.no_grad():
+        return window_mean_nll(model(input_ids=ids.view(4, 64)).logits, ids.view(4, 64)).double()
+
+
+def _llama_cpp_nll(path: Path, ids: torch.Tensor) -> torch.Tensor:
+    from omniquant_pl.eval.llama_cpp import gguf_perplexity
+
+    return torch.tensor(gguf_perplexity(path, ids, 64)["window_nll"])
+
+
+def _close(llama_cpp_nll: torch.Tensor, torch_nll: torch.Tensor) -> None:
+    difference = (llama_cpp_nll - torch_nll).abs()
+    assert difference.mean() < MEAN_TOLERANCE and difference.max() < MAX_TOLERANCE, (llama_cpp_nll, torch_nll)
+
+
+IDS = torch.randint(3, 384, (4 * 64,), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("family,tied", [("qwen2", False), ("qwen2", True), ("qwen3", False)])
+def test_float_model_in_llama_cpp_computes_what_transformers_does(tmp_path, tokenizer, family, tied):
+    from omniquant_pl.export.gguf import model_to_gguf
+
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    model = tiny_family(family, tied)
+    types = model_to_gguf(model, tmp_path / "model.gguf", "F32", tokenizer_folder=tmp_path / "tokenizer")
+    assert "blk.0.attn_q.bias" in types if family == "qwen2" else "blk.0.attn_q_norm.weight" in types
+    _close(_llama_cpp_nll(tmp_path / "model.gguf", IDS), _window_nll(model, IDS))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_exact_export_of_a_run_scores_in_llama_cpp_like_the_runs_model(tmp_path, tokenizer, family):
+    """A run on the Q4_0 grid: the file holds its integers (read back), and llama.cpp scores it like the run's
+    saved model holding what the file stores (the run's linears; llama.cpp's own Q8_0 embeddings and head)."""
+    from gguf.quants import dequantize
+    from transformers import AutoModelForCausalLM
+
+    from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig, calibrate
+
+    tiny_family(family).save_pretrained(tmp_path / "model")
+    tokenizer.save_pretrained(tmp_path / "model")
+    calibrate(RunConfig(model=ModelConfig(str(tmp_path / "model")),
+                        quant=QuantConfig(wbits=4, symmetric=True, group_size=32, grid="gguf"),
+                        calib=CalibConfig(source="pydoc", nsamples=4, seqlen=64), train=TrainConfig(epochs=1),
+                        eval=EvalConfig(datasets=["pydoc"], seqlen=64, max_windows=1, baselines=[]),
+                        output_dir=str(tmp_path / "run")))
+    # transformers' Qwen2 tokenizer class adds <|endoftext|> to the test's tiny tokenizer (a real Qwen tokenizer
+    # has it): the run keeps the original 384-token files, one per embedding row, as a real model has
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "model" / name, tmp_path / "run" / "model" / name)
+    report = export_run(tmp_path / "run", ExportConfig(format="gguf", gguf_type="Q4_0", output=str(tmp_path / "gguf")))
+    assert report["exact"] and report["verified_tensors"] == 14 and report["values_exact"]
+    path = next((tmp_path / "gguf").glob("*.gguf"))
+    stored = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    reference = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
+    with torch.no_grad():
+        for hf_module, name in ((reference.model.embed_tokens, "token_embd.weight"), (reference.lm_head, "output.weight")):
+            tensor = stored[name]
+            hf_module.weight.copy_(torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()).view_as(hf_module.weight))
+    _close(_llama_cpp_nll(path, IDS), _window_nll(reference, IDS))
