@@ -16,7 +16,7 @@ pytest.importorskip("llama_cpp")
 # for quantized dot products and its summation order; q/k are scaled up so a wrong rope layout moves every
 # window by far more
 MEAN_TOLERANCE, MAX_TOLERANCE = 5e-3, 1e-2
-FAMILIES = ("qwen2", "qwen3")
+FAMILIES = ("qwen2", "qwen3", "phi3")
 
 
 def tiny_family(family: str, tied: bool = False):
@@ -24,18 +24,22 @@ def tiny_family(family: str, tied: bool = False):
     from conftest import TINY_VOCAB
 
     config_class, model_class = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-                                 "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)}[family]
+                                 "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+                                 "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}[family]  # fused q/k/v
     torch.manual_seed(0)
     model = model_class(config_class(vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-                                     tie_word_embeddings=tied)).eval()
+                                     tie_word_embeddings=tied, pad_token_id=0)).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
             if name.endswith(("norm.weight", ".bias")):  # away from their initial 1 / 0
                 param.add_(torch.randn_like(param) * 0.3)
         for layer in model.model.layers:  # peaked attention: the rope layout matters
-            layer.self_attn.q_proj.weight.mul_(8)
-            layer.self_attn.k_proj.weight.mul_(8)
+            if family == "phi3":
+                layer.self_attn.qkv_proj.weight[:96].mul_(8)  # the q (4 x 16) and k (2 x 16) rows
+            else:
+                layer.self_attn.q_proj.weight.mul_(8)
+                layer.self_attn.k_proj.weight.mul_(8)
     return model
 
 
@@ -60,14 +64,15 @@ def _close(llama_cpp_nll: torch.Tensor, torch_nll: torch.Tensor) -> None:
 IDS = torch.randint(3, 384, (4 * 64,), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("family,tied", [("qwen2", False), ("qwen2", True), ("qwen3", False)])
+@pytest.mark.parametrize("family,tied", [("qwen2", False), ("qwen2", True), ("qwen3", False), ("phi3", False)])
 def test_float_model_in_llama_cpp_computes_what_transformers_does(tmp_path, tokenizer, family, tied):
     from omniquant_pl.export.gguf import model_to_gguf
 
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     model = tiny_family(family, tied)
     types = model_to_gguf(model, tmp_path / "model.gguf", "F32", tokenizer_folder=tmp_path / "tokenizer")
-    assert "blk.0.attn_q.bias" in types if family == "qwen2" else "blk.0.attn_q_norm.weight" in types
+    expected = {"qwen2": "blk.0.attn_q.bias", "qwen3": "blk.0.attn_q_norm.weight", "phi3": "blk.0.attn_qkv.weight"}
+    assert expected[family] in types
     _close(_llama_cpp_nll(tmp_path / "model.gguf", IDS), _window_nll(model, IDS))
 
 
@@ -92,7 +97,8 @@ def test_exact_export_of_a_run_scores_in_llama_cpp_like_the_runs_model(tmp_path,
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tmp_path / "model" / name, tmp_path / "run" / "model" / name)
     report = export_run(tmp_path / "run", ExportConfig(format="gguf", gguf_type="Q4_0", output=str(tmp_path / "gguf")))
-    assert report["exact"] and report["verified_tensors"] == 14 and report["values_exact"]
+    linears = 2 * (4 if family == "phi3" else 7)  # Phi-3: fused q/k/v and gate/up
+    assert report["exact"] and report["verified_tensors"] == linears and report["values_exact"]
     path = next((tmp_path / "gguf").glob("*.gguf"))
     stored = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")

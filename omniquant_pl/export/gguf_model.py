@@ -1,15 +1,15 @@
-"""A Hugging Face model of the LLaMA or Qwen2/Qwen3 families as a GGUF file llama.cpp runs, written with
-the `gguf` package.
+"""A Hugging Face model of the LLaMA, Qwen2/Qwen3 or Phi-3 families as a GGUF file llama.cpp runs,
+written with the `gguf` package.
 
 What the file needs beyond the weights, and where it comes from here:
-- architecture metadata (``llama.*``, ``qwen2.*``, ``qwen3.*`` keys) from the transformers config;
+- architecture metadata (``llama.*``, ``qwen2.*``, ``qwen3.*``, ``phi3.*`` keys) from the transformers config;
 - the tokenizer: copied key by key from the GGUF the model was loaded from when there is one
   (exactly what llama.cpp had), else built from ``tokenizer.json`` with the `gguf` package's
   vocab readers (BPE -> ``gpt2``, byte-fallback BPE -> ``llama``) and special tokens/merges;
 - tensor names from the package's tensor-name map, and, for llama.cpp's LLaMA architecture, q/k rows
   reordered from transformers' rotate-half layout to the interleaved pairs its rope expects (a
-  permutation of output rows: per-row and per-group grids move with their rows, unchanged); Qwen2
-  and Qwen3 run the rotate-half (NEOX) rope in llama.cpp, so their rows stay as they are.
+  permutation of output rows: per-row and per-group grids move with their rows, unchanged); Qwen2,
+  Qwen3 and Phi-3 run the rotate-half (NEOX) rope in llama.cpp, so their rows stay as they are.
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from omniquant_pl.quant.codes import QuantizedWeight
 log = logging.getLogger(__name__)
 
 # model_type -> llama.cpp architecture whose tensors and rope match transformers' blocks
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
 # architectures whose rope llama.cpp applies to interleaved pairs (q/k rows reordered); the others use
 # the rotate-half (NEOX) layout transformers has
 INTERLEAVED_ROPE = ("llama",)
@@ -123,7 +123,7 @@ def add_architecture(writer, config, name: str) -> None:
     writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
     dim = head_dim(config)
-    writer.add_rope_dimension_count(dim)
+    writer.add_rope_dimension_count(int(dim * float(getattr(config, "partial_rotary_factor", None) or 1.0)))
     if dim != config.hidden_size // config.num_attention_heads:
         writer.add_key_length(dim)
         writer.add_value_length(dim)
