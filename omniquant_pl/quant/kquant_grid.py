@@ -1,9 +1,10 @@
 """llama.cpp's K-quant grids as a trainable weight quantizer: LWC on the values llama.cpp stores.
 
 A K-quant row is cut into super-blocks of 256 weights, each cut into sub-blocks of 16 or 32. llama.cpp's
-reference quantizer (kquants.py reproduces it byte for byte) first searches a float scale (and, for
-the types with minima, a float minimum) per sub-block, then quantizes those to small integers against
-one fp16 factor per super-block, then rounds every weight against its quantized sub-block scale:
+reference quantizer (kquant_search.py and kquant_pack.py reproduce it byte for byte) first searches a
+float scale (and, for the types with minima, a float minimum) per sub-block, then quantizes those
+to small integers against one fp16 factor per super-block, then rounds every weight against its
+quantized sub-block scale:
 
     asymmetric (Q2_K, Q4_K, Q5_K):  K = 2^(scale bits) - 1 (15 or 63)
         sc_j = min(K, round(s_j · K / max_j s_j)),  d = fp16(max_j s_j / K)    (and mn_j, dmin from the minima)

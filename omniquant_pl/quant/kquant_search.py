@@ -11,7 +11,7 @@ with a small search before quantizing the scales themselves (kquant_grid.py):
 
 (av_x = sqrt(mean of x² over the sub-block)). Here every sub-block of a tensor is searched at once;
 sums run element by element in llama.cpp's order and constants are float32, so that the result is
-the C code's bit for bit (tests/test_kquants.py compares the bytes with llama.cpp's own quantizer).
+the C code's bit for bit (tests/test_kquant_grid.py compares the bytes with llama.cpp's own quantizer).
 """
 from __future__ import annotations
 
@@ -79,7 +79,8 @@ def make_qkx2_quants(x: torch.Tensor, weights: torch.Tensor, nmax: int, rmin: fl
         this_scale = (sum_w * sum_xl - sum_x * sum_l) / safe_det
         this_min = (sum_l2 * sum_x - sum_l * sum_xl) / safe_det
         positive = this_min > 0
-        this_scale = torch.where(positive, sum_xl / torch.where(sum_l2 == 0, torch.ones_like(sum_l2), sum_l2), this_scale)
+        safe_l2 = torch.where(sum_l2 == 0, torch.ones_like(sum_l2), sum_l2)
+        this_scale = torch.where(positive, sum_xl / safe_l2, this_scale)
         this_min = torch.where(positive, torch.zeros_like(this_min), this_min)
         current = error(this_scale, this_min, levels)
         better = (det > 0) & (current < best)
@@ -143,7 +144,8 @@ def make_q3_quants(x: torch.Tensor, nmax: int) -> tuple[torch.Tensor, torch.Tens
             w, xi, li = x[:, i] * x[:, i], x[:, i], levels[:, i]
             slx = sum_lx - w * xi * li
             sl2 = sum_l2 - w * li * li
-            proposed = torch.clamp(nearest_int(xi * sl2 / torch.where(slx > 0, slx, torch.ones_like(slx))), -nmax, nmax - 1)
+            safe_slx = torch.where(slx > 0, slx, torch.ones_like(slx))
+            proposed = torch.clamp(nearest_int(xi * sl2 / safe_slx), -nmax, nmax - 1)
             new_slx = slx + w * xi * proposed
             new_sl2 = sl2 + w * proposed * proposed
             accept = (slx > 0) & (proposed != li) & (new_sl2 > 0) & (
