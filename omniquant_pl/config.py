@@ -122,10 +122,11 @@ class QuantConfig:
             that activation quantization suffers from. Llama, Mistral, Qwen2/3 families.
         rotate_seed: seed of the rotation matrices.
         gguf_type: calibrate for a llama.cpp file type (``Q4_K_M``, ``Q3_K_S``, ``Q5_K_M``, ``Q6_K``,
-            ``Q4_0``, ...; ``Q3_K``/``Q4_K``/``Q5_K`` name the ``_M`` mixes as in llama-quantize): each block
-            linear is calibrated on the GGUF type llama.cpp stores it in for that file type (its rules
-            per tensor and layer, and its fallbacks for rows that are not a multiple of 256), K-quant
-            super-blocks with their quantized sub-block scales included, so that ``omniquant export
+            ``IQ4_NL``, ``IQ4_XS``, ``Q4_0``, ...; ``Q3_K``/``Q4_K``/``Q5_K`` name the ``_M`` mixes as in
+            llama-quantize): each block linear is calibrated on the GGUF type llama.cpp stores it in for
+            that file type (its rules per tensor and layer, and its fallbacks for rows that are not a
+            multiple of 256), K-quant super-blocks with their quantized sub-block scales and IQ4's
+            non-uniform levels included, so that ``omniquant export
             RUN --format gguf`` writes exactly the run's weights. Sets bits, groups and grids per
             linear (``wbits``, ``group_size``, ``symmetric`` and ``grid`` are then unused);
             weight-only, LLaMA-family blocks (llama, mistral, qwen2, qwen3).

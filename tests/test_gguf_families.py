@@ -1,4 +1,6 @@
-"""GGUF export of the Qwen2 (q/k/v biases) and Qwen3 (q/k norms) families, scored by llama.cpp itself."""
+"""GGUF export of the Qwen2 (q/k/v biases), Qwen3 (q/k norms), Phi-3 (fused q/k/v and gate/up) and Gemma 3
+(norms of 1 + w, sandwich norms, sliding-window layers) and Falcon (LayerNorm, parallel attention, fused and,
+in its grouped layouts, regrouped q|k|v) families, scored by llama.cpp itself."""
 from __future__ import annotations
 
 import shutil
@@ -16,13 +18,30 @@ pytest.importorskip("llama_cpp")
 # for quantized dot products and its summation order; q/k are scaled up so a wrong rope layout moves every
 # window by far more
 MEAN_TOLERANCE, MAX_TOLERANCE = 5e-3, 1e-2
-FAMILIES = ("qwen2", "qwen3", "phi3")
+FAMILIES = ("qwen2", "qwen3", "phi3", "gemma3", "falcon-40b")
 
 
 def tiny_family(family: str, tied: bool = False):
     import transformers
     from conftest import TINY_VOCAB
 
+    if family.startswith("falcon"):  # falcon-<layout>: 7b (multi-query, one norm), 40b (grouped q|k|v, two norms), 11b
+        from test_falcon import tiny_falcon
+
+        model = tiny_falcon(family.split("-")[1])  # built with a tied head
+        with torch.no_grad():  # peaked attention: the q|k|v row layout matters
+            for layer in model.transformer.h:
+                layer.self_attention.query_key_value.weight.mul_(6)
+        if not tied:
+            model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+            model.config.tie_word_embeddings = False
+        return model
+    if family == "gemma3":  # three layers: sliding (window 4), full, sliding; every norm away from 0
+        from test_gemma3 import tiny_gemma3
+
+        model = tiny_gemma3()
+        model.config.tie_word_embeddings = tied
+        return model
     config_class, model_class = {"qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
                                  "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
                                  "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM)}[family]  # fused q/k/v
@@ -64,14 +83,18 @@ def _close(llama_cpp_nll: torch.Tensor, torch_nll: torch.Tensor) -> None:
 IDS = torch.randint(3, 384, (4 * 64,), generator=torch.Generator().manual_seed(1))
 
 
-@pytest.mark.parametrize("family,tied", [("qwen2", False), ("qwen2", True), ("qwen3", False), ("phi3", False)])
+@pytest.mark.parametrize("family,tied", [("qwen2", False), ("qwen2", True), ("qwen3", False), ("phi3", False),
+                                         ("gemma3", False), ("falcon-7b", True), ("falcon-40b", False),
+                                         ("falcon-11b", False)])
 def test_float_model_in_llama_cpp_computes_what_transformers_does(tmp_path, tokenizer, family, tied):
     from omniquant_pl.export.gguf import model_to_gguf
 
     tokenizer.save_pretrained(tmp_path / "tokenizer")
     model = tiny_family(family, tied)
     types = model_to_gguf(model, tmp_path / "model.gguf", "F32", tokenizer_folder=tmp_path / "tokenizer")
-    expected = {"qwen2": "blk.0.attn_q.bias", "qwen3": "blk.0.attn_q_norm.weight", "phi3": "blk.0.attn_qkv.weight"}
+    expected = {"qwen2": "blk.0.attn_q.bias", "qwen3": "blk.0.attn_q_norm.weight", "phi3": "blk.0.attn_qkv.weight",
+                "gemma3": "blk.0.post_ffw_norm.weight", "falcon-7b": "blk.0.attn_norm.bias",
+                "falcon-40b": "blk.0.attn_norm_2.bias", "falcon-11b": "blk.0.attn_norm.bias"}
     assert expected[family] in types
     _close(_llama_cpp_nll(tmp_path / "model.gguf", IDS), _window_nll(model, IDS))
 
@@ -85,7 +108,8 @@ def test_exact_export_of_a_run_scores_in_llama_cpp_like_the_runs_model(tmp_path,
 
     from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig, calibrate
 
-    tiny_family(family).save_pretrained(tmp_path / "model")
+    model = tiny_family(family)
+    model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     calibrate(RunConfig(model=ModelConfig(str(tmp_path / "model")),
                         quant=QuantConfig(wbits=4, symmetric=True, group_size=32, grid="gguf"),
@@ -97,13 +121,37 @@ def test_exact_export_of_a_run_scores_in_llama_cpp_like_the_runs_model(tmp_path,
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tmp_path / "model" / name, tmp_path / "run" / "model" / name)
     report = export_run(tmp_path / "run", ExportConfig(format="gguf", gguf_type="Q4_0", output=str(tmp_path / "gguf")))
-    linears = 2 * (4 if family == "phi3" else 7)  # Phi-3: fused q/k/v and gate/up
+    fused = family in ("phi3", "falcon-40b")  # fused q/k/v (and Phi-3's gate/up)
+    linears = model.config.num_hidden_layers * (4 if fused else 7)
     assert report["exact"] and report["verified_tensors"] == linears and report["values_exact"]
     path = next((tmp_path / "gguf").glob("*.gguf"))
     stored = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
     reference = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "model")
     with torch.no_grad():
-        for hf_module, name in ((reference.model.embed_tokens, "token_embd.weight"), (reference.lm_head, "output.weight")):
+        for hf_module, name in ((reference.get_input_embeddings(), "token_embd.weight"),
+                                (reference.get_output_embeddings(), "output.weight")):
             tensor = stored[name]
             hf_module.weight.copy_(torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()).view_as(hf_module.weight))
     _close(_llama_cpp_nll(path, IDS), _window_nll(reference, IDS))
+
+
+def test_falcon_layouts_llama_cpp_does_not_run_are_refused_in_one_line(tmp_path, tokenizer):
+    from test_falcon import tiny_falcon
+
+    from omniquant_pl.errors import OmniQuantError
+    from omniquant_pl.export.gguf import model_to_gguf
+
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    with pytest.raises(OmniQuantError, match="ALiBi, sequential attention or biases"):
+        model_to_gguf(tiny_falcon("rw"), tmp_path / "rw.gguf", "F32", tokenizer_folder=tmp_path / "tokenizer")
+
+
+def test_a_gemma3_query_scale_llama_cpp_does_not_use_is_refused_in_one_line(tmp_path, tokenizer):
+    from omniquant_pl.errors import OmniQuantError
+    from omniquant_pl.export.gguf import model_to_gguf
+
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    model = tiny_family("gemma3")
+    model.config.query_pre_attn_scalar = 256
+    with pytest.raises(OmniQuantError, match="query_pre_attn_scalar"):
+        model_to_gguf(model, tmp_path / "g.gguf", "F32", tokenizer_folder=tmp_path / "tokenizer")

@@ -95,9 +95,15 @@ def test_training_moves_the_stored_integers_and_stays_on_the_grid(type_name):
     assert torch.equal(quantizer(x), rtn)
 
 
-def test_a_run_calibrated_for_a_k_quant_mix_exports_exactly_and_scores_in_llama_cpp(tmp_path, tokenizer):
-    """Q4_K_M on a model whose rows are multiples of 256: Q4_K and Q6_K linears (llama.cpp's rules), every
-    one calibrated on its grid; the file holds exactly the run's weights and llama.cpp scores it like them."""
+@pytest.mark.parametrize(("file_type", "stored_types"), [
+    ("Q4_K_M", {"Q4_K", "Q6_K"}),  # the "more bits" layer's attn_v and ffn_down in Q6_K
+    ("IQ4_NL", {"IQ4_NL", "Q5_K"}),  # attn_v in Q5_K: four query heads per key/value head
+    ("IQ4_XS", {"IQ4_XS", "Q5_K"}),
+])
+def test_a_run_calibrated_for_a_gguf_file_type_exports_exactly_and_scores_in_llama_cpp(tmp_path, tokenizer, file_type,
+                                                                                        stored_types):
+    """A model whose rows are multiples of 256: every linear calibrated on the type llama.cpp stores it in
+    (its rules); the file holds exactly the run's weights and llama.cpp scores it like them."""
     from conftest import TINY_VOCAB
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -106,23 +112,25 @@ def test_a_run_calibrated_for_a_k_quant_mix_exports_exactly_and_scores_in_llama_
     from omniquant_pl.eval.perplexity import window_mean_nll
     from omniquant_pl.export import ExportConfig, export_run
     from omniquant_pl.quant.codes import load_block_codes
+    from omniquant_pl.quant.gguf_mix import ModelShape, linear_type
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=256, intermediate_size=512,
-                                         num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=1,
-                                         tie_word_embeddings=False)).eval()
+    config = LlamaConfig(vocab_size=TINY_VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=1, tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    calibrate(RunConfig(model=ModelConfig(str(tmp_path / "model")), quant=QuantConfig(gguf_type="Q4_K_M", rounding=True),
+    calibrate(RunConfig(model=ModelConfig(str(tmp_path / "model")), quant=QuantConfig(gguf_type=file_type, rounding=True),
                         calib=CalibConfig(source="pydoc", nsamples=4, seqlen=64), train=TrainConfig(epochs=2),
                         eval=EvalConfig(datasets=["pydoc"], seqlen=64, max_windows=1, baselines=["rtn"]),
                         output_dir=str(tmp_path / "run")))
-    first, last = load_block_codes(tmp_path / "run", 0), load_block_codes(tmp_path / "run", 1)
-    assert first["mlp.down_proj"].bits == 4 and first["mlp.down_proj"].super_scale is not None  # Q4_K
-    assert last["self_attn.v_proj"].bits == last["mlp.down_proj"].bits == 6  # Q6_K: llama.cpp's "more bits" layer
+    bits = {"Q4_K": 4, "Q5_K": 5, "Q6_K": 6, "IQ4_NL": 8, "IQ4_XS": 8}  # IQ4 codes hold the level values
+    for block in (0, 1):
+        for name, weight in load_block_codes(tmp_path / "run", block).items():
+            assert weight.bits == bits[linear_type(file_type, name, block, weight.shape[1], ModelShape.of(config))]
     report = export_run(tmp_path / "run", ExportConfig(format="gguf", output=str(tmp_path / "gguf")))
     assert report["exact"] and report["values_exact"] and report["verified_tensors"] == 14
-    assert report["exact_tensors"] == 14 and {"Q4_K", "Q6_K"} <= set(report["tensor_types"])
+    assert report["exact_tensors"] == 14 and stored_types <= set(report["tensor_types"])
     path = next((tmp_path / "gguf").glob("*.gguf"))
     from gguf.quants import dequantize
 

@@ -113,9 +113,13 @@ def expected_dequantized(weight: QuantizedWeight) -> torch.Tensor:
 
 
 def pack_linear(type_name: str, weight: QuantizedWeight) -> np.ndarray:
-    """The GGUF bytes of one linear on `type_name`'s grid: a legacy 32-weight type or a K-quant."""
+    """The GGUF bytes of one linear on `type_name`'s grid: a legacy 32-weight type, a K-quant or an IQ4."""
     if type_name in EXACT_TYPES:
         return pack_blocks(type_name, weight)
+    if type_name.startswith("IQ4"):
+        from omniquant_pl.quant.iq4_grid import pack_iq4
+
+        return pack_iq4(type_name, weight)
     from omniquant_pl.quant.kquant_grid import pack_kquant
 
     return pack_kquant(type_name, weight)

@@ -1,8 +1,13 @@
-"""A Hugging Face model of the LLaMA, Qwen2/Qwen3 or Phi-3 families as a GGUF file llama.cpp runs,
+"""A Hugging Face model of the LLaMA, Qwen2/Qwen3, Phi-3, Gemma 3 or Falcon families as a GGUF file llama.cpp runs,
 written with the `gguf` package.
 
 What the file needs beyond the weights, and where it comes from here:
-- architecture metadata (``llama.*``, ``qwen2.*``, ``qwen3.*``, ``phi3.*`` keys) from the transformers config;
+- architecture metadata (``llama.*``, ``qwen2.*``, ``qwen3.*``, ``phi3.*``, ``gemma3.*`` keys) from the
+  transformers config; for Gemma 3 also its sliding window, which layers slide (the config's
+  layer_types), the sliding layers' rope base, and its norms' weights stored as 1 + w (llama.cpp's
+  RMSNorm multiplies by the stored weight, Gemma's by 1 + w); Falcon's LayerNorm epsilon, and the
+  fused q|k|v rows of its grouped layouts (40B/180B: per key/value group its queries, key and value)
+  regrouped into llama.cpp's all-queries | all-keys | all-values (a row permutation, as for the rope);
 - the tokenizer: copied key by key from the GGUF the model was loaded from when there is one
   (exactly what llama.cpp had), else built from ``tokenizer.json`` with the `gguf` package's
   vocab readers (BPE -> ``gpt2``, byte-fallback BPE -> ``llama``) and special tokens/merges;
@@ -28,7 +33,10 @@ from omniquant_pl.quant.codes import QuantizedWeight
 log = logging.getLogger(__name__)
 
 # model_type -> llama.cpp architecture whose tensors and rope match transformers' blocks
-GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3"}
+GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
+                      "gemma3_text": "gemma3", "falcon": "falcon"}
+# architectures whose norms multiply by 1 + w (llama.cpp's by the stored weight: 1 + w is written)
+NORM_WEIGHT_OFFSET = {"gemma3": 1.0}
 # architectures whose rope llama.cpp applies to interleaved pairs (q/k rows reordered); the others use
 # the rotate-half (NEOX) layout transformers has
 INTERLEAVED_ROPE = ("llama",)
@@ -74,21 +82,46 @@ def rope_heads(hf_name: str, config) -> int | None:
     return None
 
 
-def llama_cpp_row_order(hf_name: str, value, config):
-    """`value` (a tensor or a QuantizedWeight) with q/k rows in llama.cpp's rope order; other
-    tensors as they are. A QuantizedWeight's codes, scales and zero points move with their rows."""
-    heads = rope_heads(hf_name, config)
-    if heads is None:
-        return value
+def kv_heads(config) -> int:
+    if config.model_type == "falcon":  # multi-query 7B: one; the grouped layouts: num_kv_heads
+        return int(config.num_kv_heads) if config.new_decoder_architecture or not config.multi_query else 1
+    return int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads)
 
-    def reorder(rows: torch.Tensor) -> torch.Tensor:
-        return rope_interleave_rows(rows, heads)
+
+def falcon_grouped_qkv_rows(rows: torch.Tensor, config) -> torch.Tensor:
+    """Falcon's grouped fused q|k|v rows (per key/value group: its query heads, then one key and one
+    value head) as all queries, all keys, all values."""
+    heads, groups = int(config.num_attention_heads), kv_heads(config)
+    size = config.hidden_size // heads
+    # (groups, its q heads + k + v, head_dim, ...)
+    grouped = rows.reshape(groups, heads // groups + 2, size, *rows.shape[1:])
+    return torch.cat([grouped[:, :-2].reshape(heads * size, *rows.shape[1:]),
+                      grouped[:, -2].reshape(groups * size, *rows.shape[1:]),
+                      grouped[:, -1].reshape(groups * size, *rows.shape[1:])])
+
+
+def llama_cpp_row_order(hf_name: str, value, config):
+    """`value` (a tensor or a QuantizedWeight) with q/k rows in llama.cpp's rope order (and Falcon's
+    grouped q|k|v rows regrouped); other tensors as they are. A QuantizedWeight's codes, scales and
+    zero points move with their rows."""
+    heads = rope_heads(hf_name, config)
+    if config.model_type == "falcon" and config.new_decoder_architecture and ".query_key_value." in hf_name:
+        def reorder(rows: torch.Tensor) -> torch.Tensor:
+            return falcon_grouped_qkv_rows(rows, config)
+    elif heads is None:
+        return value
+    else:
+        def reorder(rows: torch.Tensor) -> torch.Tensor:
+            return rope_interleave_rows(rows, heads)
 
     return value.map_rows(reorder) if isinstance(value, QuantizedWeight) else reorder(value)
 
 
-def _rope_parameters(config) -> dict:
+def _rope_parameters(config, layer_type: str = "full_attention") -> dict:
+    """The rope of `layer_type`'s layers (configs with per-layer-type ropes, as Gemma 3's, hold one each)."""
     params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+    if isinstance(params.get(layer_type), dict):
+        params = dict(params[layer_type])
     params.setdefault("rope_theta", getattr(config, "rope_theta", None) or 10000.0)
     params.setdefault("rope_type", params.get("type", "default"))
     return params
@@ -117,10 +150,14 @@ def add_architecture(writer, config, name: str) -> None:
     writer.add_context_length(int(config.max_position_embeddings))
     writer.add_embedding_length(int(config.hidden_size))
     writer.add_block_count(int(config.num_hidden_layers))
-    writer.add_feed_forward_length(int(config.intermediate_size))
+    writer.add_feed_forward_length(int(getattr(config, "intermediate_size", None) or config.ffn_hidden_size))
     writer.add_head_count(int(config.num_attention_heads))
-    writer.add_head_count_kv(int(getattr(config, "num_key_value_heads", None) or config.num_attention_heads))
-    writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
+    writer.add_head_count_kv(kv_heads(config))
+    if config.model_type == "falcon":
+        check_falcon(config)
+        writer.add_layer_norm_eps(float(config.layer_norm_epsilon))
+    else:
+        writer.add_layer_norm_rms_eps(float(config.rms_norm_eps))
     writer.add_vocab_size(int(config.vocab_size))
     dim = head_dim(config)
     writer.add_rope_dimension_count(int(dim * float(getattr(config, "partial_rotary_factor", None) or 1.0)))
@@ -135,7 +172,42 @@ def add_architecture(writer, config, name: str) -> None:
     elif rope["rope_type"] not in ("default", "llama3"):
         raise OmniQuantError(f"GGUF export supports rope scaling default, linear and llama3, not '{rope['rope_type']}'; "
                              "export this model with --format compressed-tensors")
+    if gguf_architecture(config.model_type) == "gemma3":
+        add_gemma3(writer, config)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def check_falcon(config) -> None:
+    """llama.cpp's Falcon: parallel attention and MLP, rotary positions, no biases in the linears."""
+    if getattr(config, "alibi", False) or not getattr(config, "parallel_attn", True) or getattr(config, "bias", False):
+        raise OmniQuantError("llama.cpp's Falcon runs parallel-attention rotary models without linear biases (7B, 40B, "
+                             "180B layouts); this one has ALiBi, sequential attention or biases: export it with "
+                             "--format compressed-tensors")
+
+
+def add_gemma3(writer, config) -> None:
+    """Gemma 3's keys: sliding window, which layers slide, the sliding layers' rope base; a one-line
+    refusal where llama.cpp's Gemma 3 would compute something else."""
+    dim = head_dim(config)
+    expected_scalar = config.hidden_size // config.num_attention_heads if config.num_hidden_layers == 62 else dim
+    if float(config.query_pre_attn_scalar) != float(expected_scalar):
+        raise OmniQuantError(f"llama.cpp scales Gemma 3's queries by 1/sqrt({expected_scalar}), this model by "
+                             f"1/sqrt({config.query_pre_attn_scalar}) (query_pre_attn_scalar): export it with "
+                             "--format compressed-tensors")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise OmniQuantError("llama.cpp's Gemma 3 has no attention logit soft-capping: export this model with "
+                             "--format compressed-tensors")
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        writer.add_final_logit_softcapping(float(config.final_logit_softcapping))
+    layer_types = list(getattr(config, "layer_types", None) or [])
+    if getattr(config, "sliding_window", None) and "sliding_attention" in layer_types:
+        writer.add_sliding_window(int(config.sliding_window))
+        writer.add_sliding_window_pattern([kind == "sliding_attention" for kind in layer_types])
+        sliding = _rope_parameters(config, "sliding_attention")
+        if sliding["rope_type"] != "default":
+            raise OmniQuantError(f"llama.cpp's Gemma 3 runs its sliding layers' rope unscaled, this model's is "
+                                 f"'{sliding['rope_type']}': export it with --format compressed-tensors")
+        writer.add_rope_freq_base_swa(float(sliding["rope_theta"]))
 
 
 # -- tokenizer ------------------------------------------------------------------------------
@@ -237,7 +309,9 @@ def write_gguf(path: Path, config, tensors: Iterator[GGUFTensor], name: str, tok
 
 
 def float_tensor(hf_name: str, value: torch.Tensor, config) -> GGUFTensor:
-    """A floating-point tensor in llama.cpp's layout (q/k rows interleaved)."""
+    """A floating-point tensor in llama.cpp's layout (q/k rows interleaved; Gemma's norm weights as 1 + w)."""
+    offset = NORM_WEIGHT_OFFSET.get(GGUF_ARCHITECTURES.get(config.model_type), 0.0)
+    value = value.float() + offset if offset and hf_name.endswith("norm.weight") else value
     return GGUFTensor(hf_name, llama_cpp_row_order(hf_name, value, config).float().numpy())
 
 

@@ -114,31 +114,27 @@ def kquant_values(rows: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor |
     return values.reshape(rows.shape), parts
 
 
-class KQuantizer(nn.Module):
-    """Fake-quantizes an (out, in) weight on a K-quant type's grid (in a multiple of 256), with LWC-style
-    learned factors on llama.cpp's searched sub-block scales and minima (see the module docstring)."""
+class TypeQuantizer(nn.Module):
+    """The part every llama.cpp-type quantizer shares (K-quants here, IQ4 in iq4_grid.py): the learned
+    freedoms' interface of WeightQuantizer, weights cut into rows of `row_block`, and the forward's
+    values; subclasses say how the values and the stored integers follow from llama.cpp's search."""
 
-    def __init__(self, weight_shape: tuple[int, int], type_name: str, learnable_clipping: bool = True,
-                 learn_rounding: bool = False, learn_weights: bool = False) -> None:
-        super().__init__()
-        out_features, in_features = weight_shape
-        if in_features % SUPER_BLOCK:
-            raise ValueError(f"{type_name} needs rows that are a multiple of {SUPER_BLOCK}, got {in_features}")
-        self.grid = K_GRIDS[type_name]
-        self.type_name = type_name
-        self.group_size = self.grid.sub_block
-        self.clipping_enabled = learnable_clipping
-        n_sub = out_features * in_features // self.grid.sub_block
-        if learnable_clipping:
-            self.upper_logit = nn.Parameter(torch.zeros(n_sub // (SUPER_BLOCK // self.grid.sub_block),
-                                                        SUPER_BLOCK // self.grid.sub_block))  # scale factors
-            self.lower_logit = None if self.grid.symmetric else nn.Parameter(torch.zeros_like(self.upper_logit))
+    row_block = SUPER_BLOCK
+    type_name: str
+
+    def _init_freedoms(self, weight_shape: tuple[int, int], logits_shape: tuple[int, ...] | None, minima: bool,
+                       learn_rounding: bool, learn_weights: bool) -> None:
+        """Learned factors 2σ(γ) (and 2σ(β) on minima) of `logits_shape`, None when LWC is off; per-weight
+        rounding offsets and deltas when asked."""
+        if logits_shape is not None:
+            self.upper_logit = nn.Parameter(torch.zeros(logits_shape))  # scale factors
+            self.lower_logit = nn.Parameter(torch.zeros(logits_shape)) if minima else None
         else:
             self.register_parameter("upper_logit", None)
             self.register_parameter("lower_logit", None)
         for name, on in (("rounding", learn_rounding), ("weight_delta", learn_weights)):
             self.register_parameter(name, nn.Parameter(torch.zeros(weight_shape)) if on else None)  # (out, in)
-        self._searched: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
+        self._searched: tuple[torch.Tensor, ...] | None = None
 
     # -- the same interface as WeightQuantizer (freedoms, identity, clipping switch) ---------------
     @property
@@ -162,7 +158,41 @@ class KQuantizer(nn.Module):
         rounding = None
         if self.rounding is not None and self.clipping_enabled:
             rounding = self.rounding.clamp(-ROUNDING_LIMIT, ROUNDING_LIMIT)
-        return weight.float().reshape(-1, SUPER_BLOCK), rounding  # (super-blocks, 256)
+        return weight.float().reshape(-1, self.row_block), rounding  # (rows of row_block weights, row_block)
+
+    def _factor(self, logit: torch.Tensor | None) -> torch.Tensor | None:
+        """The learned factor 2σ(logit) on a searched scale, None when LWC is off or disabled."""
+        return 2 * torch.sigmoid(logit) if logit is not None and self.clipping_enabled else None
+
+    def _values(self, weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        values, _ = self._values(weight)
+        return values.reshape(weight.shape).to(weight.dtype)
+
+    def extra_repr(self) -> str:
+        learned = "+".join(name for name in FREEDOMS if self.freedom_parameters(name)) or "none"
+        return f"{self.type_name} (blocks of {self.group_size}), learns={learned}"
+
+
+class KQuantizer(TypeQuantizer):
+    """Fake-quantizes an (out, in) weight on a K-quant type's grid (in a multiple of 256), with LWC-style
+    learned factors on llama.cpp's searched sub-block scales and minima (see the module docstring)."""
+
+    def __init__(self, weight_shape: tuple[int, int], type_name: str, learnable_clipping: bool = True,
+                 learn_rounding: bool = False, learn_weights: bool = False) -> None:
+        super().__init__()
+        out_features, in_features = weight_shape
+        if in_features % SUPER_BLOCK:
+            raise ValueError(f"{type_name} needs rows that are a multiple of {SUPER_BLOCK}, got {in_features}")
+        self.grid = K_GRIDS[type_name]
+        self.type_name = type_name
+        self.group_size = self.grid.sub_block
+        self.clipping_enabled = learnable_clipping
+        n_sub = SUPER_BLOCK // self.grid.sub_block
+        logits = (out_features * in_features // SUPER_BLOCK, n_sub) if learnable_clipping else None
+        self._init_freedoms(weight_shape, logits, not self.grid.symmetric, learn_rounding, learn_weights)
 
     def searched(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """llama.cpp's float sub-block scales (and minima, and codes) of the block's starting weights,
@@ -176,15 +206,11 @@ class KQuantizer(nn.Module):
     def _values(self, weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rows, rounding = self._rows(weight)
         scales, mins, search_codes = self.searched(rows)
-        if self.upper_logit is not None and self.clipping_enabled:
-            scales = scales * 2 * torch.sigmoid(self.upper_logit)
+        if (factor := self._factor(self.upper_logit)) is not None:
+            scales = scales * factor
             if mins is not None:
-                mins = mins * 2 * torch.sigmoid(self.lower_logit)
+                mins = mins * self._factor(self.lower_logit)
         return kquant_values(rows, scales, mins, search_codes, self.grid, rounding)
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        values, _ = self._values(weight)
-        return values.reshape(weight.shape).to(weight.dtype)
 
     @torch.no_grad()
     def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
@@ -203,10 +229,6 @@ class KQuantizer(nn.Module):
             super_scale=per_row(parts["super_scale"], in_features // SUPER_BLOCK),
             super_min=per_row(parts["super_min"], in_features // SUPER_BLOCK),
         )
-
-    def extra_repr(self) -> str:
-        learned = "+".join(name for name in FREEDOMS if self.freedom_parameters(name)) or "none"
-        return f"{self.type_name} (sub-blocks of {self.grid.sub_block}), learns={learned}"
 
 
 def sub_integers(weight: QuantizedWeight) -> tuple[np.ndarray, np.ndarray | None]:

@@ -154,9 +154,9 @@ class WeightQuantizer(nn.Module):
 @contextlib.contextmanager
 def clipping_disabled(module: nn.Module) -> Iterator[None]:
     """Temporarily turn every WeightQuantizer in `module` into plain RTN (no freedom applies)."""
-    from omniquant_pl.quant.kquant_grid import KQuantizer
+    from omniquant_pl.quant.kquant_grid import TypeQuantizer
 
-    quantizers = [m for m in module.modules() if isinstance(m, (WeightQuantizer, KQuantizer))]
+    quantizers = [m for m in module.modules() if isinstance(m, (WeightQuantizer, TypeQuantizer))]
     previous = [q.clipping_enabled for q in quantizers]
     for q in quantizers:
         q.clipping_enabled = False
