@@ -155,7 +155,7 @@ def export_run(run_dir: str | Path, options: ExportConfig) -> dict:
     from omniquant_pl.export.run import CalibratedRun
 
     exporter = get_exporter(options.format)
-    run = CalibratedRun.open(Path(run_dir))
+    run = CalibratedRun.open(Path(run_dir), experts_ok=options.format == "gguf")
     if options.format == "gguf" and not options.gguf_type:
         if run.quant.gguf_type is None:
             raise ConfigError("--format gguf needs --gguf_type, e.g. Q4_0 or Q4_1 (see omniquant export --help); a run "

@@ -6,6 +6,8 @@ the token embeddings and output their default types and copies the run's blocks 
 byte for byte). Any other type, or an exact type whose grid the run does not have, needs
 ``--requantize``: llama.cpp re-rounds the run's fused weights into the type, and the file and
 the report say the result is approximate. Float types (F32, F16, BF16) store the fused weights.
+A mixture of experts' expert tensors are written as llama.cpp's gate, up and down stacks
+(gguf_experts.py), exactly like the linears.
 """
 from __future__ import annotations
 
@@ -16,10 +18,12 @@ from pathlib import Path
 
 import torch
 
+from omniquant_pl.arch.registry import get_arch_for_config
 from omniquant_pl.config import QuantConfig
 from omniquant_pl.errors import ConfigError, OmniQuantError
 from omniquant_pl.export import ExportConfig, register_exporter
 from omniquant_pl.export.gguf_blocks import BLOCK, EXACT_TYPES, exact_gguf_type, pack_linear
+from omniquant_pl.export.gguf_experts import expert_count, float_stacks, stack_key
 from omniquant_pl.export.gguf_model import (
     GGUFTensor,
     float_tensor,
@@ -84,17 +88,22 @@ def run_tensors(run: CalibratedRun, type_name: str, mode: str) -> Iterator[GGUFT
 
     config = run.hf_config
     linears = run.linear_keys()
+    experts = expert_count(config)
     for hf_name, value in run.tensors_in_order():
         if hf_name == "lm_head.weight" and tied_output(config):
             continue
+        stacked = hf_name not in linears and isinstance(value, QuantizedWeight)  # a mixture's expert stack
         if not isinstance(value, QuantizedWeight):
             yield float_tensor(hf_name, value, config)
         elif mode == "exact":
-            stored_type = linear_gguf_type(run, *linears[hf_name], value.shape[1]) or type_name
+            stored_type = (None if stacked else linear_gguf_type(run, *linears[hf_name], value.shape[1])) or type_name
             value = llama_cpp_row_order(hf_name, value, config)
-            yield GGUFTensor(hf_name, pack_linear(stored_type, value), getattr(gguf.GGMLQuantizationType, stored_type))
+            packed = pack_linear(stored_type, value)  # (rows, bytes)
+            packed = packed.reshape(experts, -1, packed.shape[1]) if stacked else packed  # (experts, rows, bytes)
+            yield GGUFTensor(hf_name, packed, getattr(gguf.GGMLQuantizationType, stored_type))
         else:
-            yield float_tensor(hf_name, value.dequantize(), config)
+            dense = value.dequantize()
+            yield float_tensor(hf_name, dense.reshape(experts, -1, dense.shape[1]) if stacked else dense, config)
 
 
 def linear_gguf_type(run: CalibratedRun, block: int, name: str, in_features: int) -> str | None:
@@ -162,8 +171,12 @@ def verify_exact(final: Path, run: CalibratedRun, values_exact: bool) -> int:
 
     stored_tensors = {t.name: t for t in gguf.GGUFReader(str(final)).tensors}
     tensor_map = gguf.get_tensor_name_map(model_arch(run.hf_config), run.num_blocks)
-    for key, (block, name) in run.linear_keys().items():
-        codes = llama_cpp_row_order(key, run.block_codes(block)[name], run.hf_config)  # checked while writing
+    stacks = {stack_key(run.block_prefix(block), run.spec.experts.module, stack): codes
+              for block in range(run.num_blocks if run.spec.experts else 0)
+              for stack, codes in run.expert_stacks(block).items()}
+    linears = {key: run.block_codes(block)[name] for key, (block, name) in run.linear_keys().items()}
+    for key, codes in {**linears, **stacks}.items():
+        codes = llama_cpp_row_order(key, codes, run.hf_config)  # checked while writing
         tensor = stored_tensors[gguf_name(tensor_map, key)]
         stored = torch.from_numpy(dequantize(tensor.data, tensor.tensor_type).copy()).reshape(codes.shape)  # (out, in)
         step = codes.scale.abs().repeat_interleave(codes.group_size, dim=1)  # (out, in)
@@ -173,7 +186,7 @@ def verify_exact(final: Path, run: CalibratedRun, values_exact: bool) -> int:
             raise OmniQuantError(f"the written file does not hold the run's integers for {key} ({int(wrong.sum())} "
                                  f"values differ, up to {error.max().item():.3g}), so nothing was written; please "
                                  "report it with your gguf and llama-cpp-python versions")
-    return len(run.linear_keys())
+    return len(linears) + len(stacks)
 
 
 @register_exporter("gguf")
@@ -181,6 +194,9 @@ def export_gguf(run: CalibratedRun, options: ExportConfig, staging: Path) -> dic
     type_name = options.gguf_type
     gguf_architecture(run.hf_config.model_type)
     mode = plan(run.quant, type_name, options.requantize)
+    if mode == "exact" and expert_count(run.hf_config) == 8:
+        raise ConfigError(f"llama.cpp stores an 8-expert model's attn_k and attn_v in Q8_0 whatever the file type, "
+                          f"and this run's are on {type_name}'s grid: add --requantize to re-round them (approximate)")
     tokenizer_gguf = _source_gguf(run)
     name = model_name(run)
     metadata = {"general.quantized_by": "omniquant-pl", "omniquant.quant": run.quant.tag,
@@ -229,6 +245,10 @@ def model_to_gguf(model, path: Path, type_name: str, tokenizer_gguf: Path | None
     file's tensor types. (The baseline a run's export is compared with.)"""
     config = model.config
     state = model.state_dict()
+    spec = get_arch_for_config(config)
+    if spec.experts is not None:  # fused 3-D expert tensors -> llama.cpp's gate, up and down stacks
+        prefixes = [f"{spec.backbone}.{spec.layers}.{i}." for i in range(int(config.num_hidden_layers))]
+        state = float_stacks(state, config, prefixes, spec.experts.module, spec.experts.gate_up, spec.experts.down)
     tensors = (float_tensor(name, value.detach(), config) for name, value in state.items()
                if not (name == "lm_head.weight" and tied_output(config)))
     intermediate = path.with_name(path.name + ".f32.tmp")

@@ -1,5 +1,5 @@
-"""A Hugging Face model of the LLaMA, Qwen2/Qwen3, Phi-3, Gemma 3 or Falcon families as a GGUF file llama.cpp runs,
-written with the `gguf` package.
+"""A Hugging Face model of the LLaMA, Qwen2/Qwen3, Phi-3, Gemma 3, Falcon, Mixtral or Qwen3-MoE families as a
+GGUF file llama.cpp runs, written with the `gguf` package.
 
 What the file needs beyond the weights, and where it comes from here:
 - architecture metadata (``llama.*``, ``qwen2.*``, ``qwen3.*``, ``phi3.*``, ``gemma3.*`` keys) from the
@@ -28,13 +28,14 @@ import numpy as np
 import torch
 
 from omniquant_pl.errors import OmniQuantError
+from omniquant_pl.export.gguf_experts import add_experts
 from omniquant_pl.quant.codes import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
 # model_type -> llama.cpp architecture whose tensors and rope match transformers' blocks
 GGUF_ARCHITECTURES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3",
-                      "gemma3_text": "gemma3", "falcon": "falcon"}
+                      "gemma3_text": "gemma3", "falcon": "falcon", "mixtral": "llama", "qwen3_moe": "qwen3moe"}
 # architectures whose norms multiply by 1 + w (llama.cpp's by the stored weight: 1 + w is written)
 NORM_WEIGHT_OFFSET = {"gemma3": 1.0}
 # architectures whose rope llama.cpp applies to interleaved pairs (q/k rows reordered); the others use
@@ -174,6 +175,7 @@ def add_architecture(writer, config, name: str) -> None:
                              "export this model with --format compressed-tensors")
     if gguf_architecture(config.model_type) == "gemma3":
         add_gemma3(writer, config)
+    add_experts(writer, config)
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 

@@ -18,6 +18,7 @@ from omniquant_pl.arch.base import ArchSpec
 from omniquant_pl.arch.registry import get_arch_for_config
 from omniquant_pl.config import QuantConfig
 from omniquant_pl.errors import OmniQuantError
+from omniquant_pl.export.gguf_experts import PER_EXPERT_KEY, PER_EXPERT_ROLES, expert_count, split_gate_up, stack_key
 from omniquant_pl.quant.codes import QuantizedWeight, load_block_codes
 from omniquant_pl.results import RunResults, read_results
 
@@ -65,8 +66,9 @@ class CalibratedRun:
     _codes: dict[int, dict[str, QuantizedWeight]] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def open(cls, run_dir: Path) -> CalibratedRun:
-        """Open a finished run; one-line errors for what is missing or unfinished."""
+    def open(cls, run_dir: Path, experts_ok: bool = False) -> CalibratedRun:
+        """Open a finished run; one-line errors for what is missing or unfinished (and for a mixture of
+        experts unless the caller writes expert tensors: `experts_ok`)."""
         from transformers import AutoConfig
 
         results_path = run_dir / "results.json"
@@ -86,10 +88,10 @@ class CalibratedRun:
                                  f"with: omniquant calibrate --config {run_dir / 'config.yaml'} --resume true, then export")
         quant = QuantConfig(**results.config["quant"])
         spec = get_arch_for_config(hf_config)
-        if spec.experts is not None:
+        if spec.experts is not None and not experts_ok:
             raise OmniQuantError(f"'{run_dir}' is a {spec.name} model: its expert tensors "
-                                 f"({', '.join(spec.expert_tensors)}) have codes, but no export format writes them yet; "
-                                 f"use the fake-quantized model in '{model_dir}' instead")
+                                 f"({', '.join(spec.expert_tensors)}) are written by --format gguf only; export it "
+                                 f"with --format gguf, or use the fake-quantized model in '{model_dir}'")
         return cls(run_dir, results, quant, spec, model_dir, hf_config,
                    SafetensorsFolder(model_dir))
 
@@ -120,6 +122,46 @@ class CalibratedRun:
         return {f"{self.block_prefix(i)}{name}.weight": (i, name)
                 for i in range(self.num_blocks) for name in self.spec.linear_names}
 
+    def _expert_owned(self, key: str) -> bool:
+        """Whether a saved tensor is one of a block's expert tensors (fused, or one expert's)."""
+        if self.spec.experts is None or not key.startswith(f"{self.spec.backbone}.{self.spec.layers}."):
+            return False
+        return PER_EXPERT_KEY.search(key) is not None or key.endswith(self.spec.expert_tensors)
+
+    def expert_stacks(self, block: int) -> dict[str, QuantizedWeight]:
+        """Block `block`'s expert codes as llama.cpp's stacks (gate, up, down: (experts·rows, in) each),
+        checked against the saved model's expert tensors (per expert, as transformers saves them, or fused)."""
+        experts = self.spec.experts
+        codes = self.block_codes(block)
+        fused = {name: codes[f"{experts.module}.{name}"] for name in (experts.gate_up, experts.down)}
+        for name, weight in fused.items():
+            if problems := weight.problems():
+                raise OmniQuantError(f"the codes of block {block}'s {name} are not valid ({'; '.join(problems)}): "
+                                     "re-run calibrate into a new output_dir")
+        count = expert_count(self.hf_config)
+        gate, up = split_gate_up(fused[experts.gate_up], count)
+        stacks = {"gate": gate, "up": up, "down": fused[experts.down]}
+        prefix = self.block_prefix(block)
+        saved = {key: PER_EXPERT_KEY.search(key) for key in self.tensors.keys()  # noqa: SIM118 (not a dict)
+                 if key.startswith(prefix) and self._expert_owned(key)}
+        checked = 0
+        for key, match in saved.items():
+            tensor = self.tensors.get(key)
+            if match is None:  # a fused 3-D tensor
+                name = key.removeprefix(f"{prefix}{experts.module}.")
+                expected = fused[name].dequantize(tensor.dtype).reshape(tensor.shape)
+            else:
+                stack = PER_EXPERT_ROLES.get(match[2])
+                expected = None if stack is None else one_expert(stacks[stack], int(match[1]), count).dequantize(tensor.dtype)
+            if expected is None or not torch.equal(expected, tensor):
+                raise OmniQuantError(f"{key} in {self.model_dir.name}/ does not equal the run's codes for it (the saved "
+                                     "model was changed or comes from another run); re-run calibrate into a new output_dir")
+            checked += 1
+        if checked not in (2, 3 * count):
+            raise OmniQuantError(f"block {block} of {self.model_dir.name}/ holds {checked} expert tensors, not {count} "
+                                 "experts' gate, up and down: re-run calibrate into a new output_dir")
+        return stacks
+
     def quantized_weight(self, key: str, block: int, name: str) -> QuantizedWeight:
         """The codes of one linear, checked against the saved model: its stored weight must be the
         dequantized codes in the stored dtype, bit for bit."""
@@ -132,7 +174,7 @@ class CalibratedRun:
             raise OmniQuantError(f"the codes of {key} are not valid {codes[name].bits}-bit codes ({'; '.join(problems)}): "
                                  "the run's quantized/ files were changed or damaged; re-run calibrate into a new output_dir")
         saved = self.tensors.get(key)
-        if not torch.equal(codes[name].dequantize(saved.dtype), saved):
+        if not torch.equal(codes[name].dequantize(saved.dtype).reshape(saved.shape), saved):
             raise OmniQuantError(
                 f"{key} in {self.model_dir.name}/ does not equal the run's codes for it (the saved model was "
                 "changed or comes from another run); re-run calibrate into a new output_dir"
@@ -141,10 +183,21 @@ class CalibratedRun:
 
     def tensors_in_order(self) -> Iterator[tuple[str, torch.Tensor | QuantizedWeight]]:
         """Every saved tensor by name, block by block: the quantized linears as their (checked)
-        codes, everything else as the saved tensor."""
+        codes, everything else as the saved tensor; a mixture's experts last, as llama.cpp's stacks
+        (`expert_stacks`, keyed by `gguf_experts.stack_key`)."""
         linears = self.linear_keys()
         for key in sorted(self.tensors.keys(), key=lambda k: (linears.get(k, (-1, ""))[0], k)):
             if key in linears:
                 yield key, self.quantized_weight(key, *linears[key])
-            else:
+            elif not self._expert_owned(key):
                 yield key, self.tensors.get(key)
+        if self.spec.experts is not None:  # llama.cpp's stacks, from the codes (checked against the saved tensors)
+            for block in range(self.num_blocks):
+                for stack, codes in self.expert_stacks(block).items():
+                    yield stack_key(self.block_prefix(block), self.spec.experts.module, stack), codes
+
+
+def one_expert(stack: QuantizedWeight, index: int, experts: int) -> QuantizedWeight:
+    """Expert `index`'s rows of a stack of `experts` experts' (experts·rows, in) codes."""
+    rows = stack.shape[0] // experts
+    return stack.map_rows(lambda t: t[index * rows:(index + 1) * rows])
