@@ -4,11 +4,11 @@ file types, exported and scored in llama.cpp: tests/test_kquant_grid.py.)"""
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from grid_checks import awkward_rows, check_training_stays_on_the_grid, decoded, libggml
 
 from omniquant_pl.quant.iq4_grid import BLOCK_BYTES, IQ4_TYPES, LEVELS, IQ4Quantizer, best_index, pack_iq4
 
@@ -18,8 +18,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 def _reference(x: torch.Tensor, type_name: str) -> np.ndarray:
     """llama.cpp's own bytes: quantize_iq4_nl / quantize_iq4_xs (what llama-quantize calls) from libggml-base."""
-    library = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-    function = getattr(library, f"quantize_{type_name.lower()}")
+    function = libggml(f"quantize_{type_name.lower()}")
     function.restype = ctypes.c_size_t
     data = np.ascontiguousarray(x.numpy(), dtype=np.float32)
     per_block = 32 if type_name == "IQ4_NL" else 256
@@ -27,25 +26,6 @@ def _reference(x: torch.Tensor, type_name: str) -> np.ndarray:
     function(data.ctypes.data_as(ctypes.c_void_p), out.ctypes.data_as(ctypes.c_void_p), ctypes.c_int64(x.shape[0]),
              ctypes.c_int64(x.shape[1]), None)
     return out.reshape(x.shape[0], -1)
-
-
-def _decoded(packed: np.ndarray, type_name: str) -> torch.Tensor:
-    from gguf.quants import dequantize
-
-    return torch.from_numpy(dequantize(packed, getattr(gguf.GGMLQuantizationType, type_name)).copy())
-
-
-def _inputs() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    heavy = torch.randn(8, 512, generator=g) / torch.rand(8, 512, generator=g).clamp_min(0.02)  # a few 50x outliers
-    return {
-        "normal": torch.randn(32, 512, generator=g), "heavy-tailed": heavy,
-        "bf16-valued": torch.randn(8, 512, generator=g).bfloat16().float(),
-        "ties": torch.randint(-8, 8, (8, 512), generator=g).float() * 0.25,
-        "all-positive": torch.rand(8, 512, generator=g), "all-negative": -torch.rand(8, 512, generator=g),
-        "zeros": torch.zeros(8, 512), "one-outlier": torch.zeros(8, 512).index_fill_(1, torch.tensor([3]), 5.0),
-        "constant": torch.full((8, 512), 0.3), "small": torch.randn(8, 512, generator=g) * 1e-4,
-    }
 
 
 def test_best_index_is_llama_cpps_nearest_level_with_ties_going_up():
@@ -58,11 +38,11 @@ def test_best_index_is_llama_cpps_nearest_level_with_ties_going_up():
 
 @pytest.mark.parametrize("type_name", IQ4_TYPES)
 def test_rtn_is_llama_cpps_quantizer_byte_for_byte(type_name):
-    for name, x in _inputs().items():
+    for name, x in awkward_rows().items():
         weight = IQ4Quantizer(tuple(x.shape), type_name, learnable_clipping=False).quantize(x)
         packed = pack_iq4(type_name, weight)
         assert np.array_equal(packed, _reference(x, type_name)), name
-        assert torch.equal(_decoded(packed, type_name), weight.dequantize()), name
+        assert torch.equal(decoded(packed, type_name), weight.dequantize()), name
 
 
 @pytest.mark.parametrize("type_name", IQ4_TYPES)
@@ -70,37 +50,13 @@ def test_values_below_fp16_equal_llama_cpps(type_name):
     """Scales that fp16 rounds to (signed) zero: the same all-zero values as llama.cpp's file."""
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1)) * 1e-6
     weight = IQ4Quantizer(tuple(x.shape), type_name, learnable_clipping=False).quantize(x)
-    assert torch.equal(_decoded(pack_iq4(type_name, weight), type_name), _decoded(_reference(x, type_name), type_name))
+    assert torch.equal(decoded(pack_iq4(type_name, weight), type_name), decoded(_reference(x, type_name), type_name))
 
 
 @pytest.mark.parametrize("type_name", IQ4_TYPES)
 def test_training_moves_the_stored_levels_and_stays_on_the_grid(type_name):
-    torch.manual_seed(0)
-    x = torch.randn(16, 512)
-    inputs = torch.randn(64, 512) * torch.rand(512).pow(4) * 4  # activations with outlier channels
-
-    def output_error(weight: torch.Tensor) -> torch.Tensor:  # what a block loss sees, unlike llama.cpp's search
-        return ((inputs @ (weight - x).T) ** 2).mean()
-
-    quantizer = IQ4Quantizer(tuple(x.shape), type_name, learn_rounding=True)
-    rtn = quantizer(x).detach()
-    assert torch.equal(rtn, IQ4Quantizer(tuple(x.shape), type_name, learnable_clipping=False)(x))  # identity at init
-    optimizer = torch.optim.Adam([{"params": quantizer.freedom_parameters("lwc"), "lr": 0.01},
-                                  {"params": quantizer.freedom_parameters("rounding"), "lr": 0.002}])
-    for _ in range(60):
-        loss = output_error(quantizer(x))
-        optimizer.zero_grad()
-        loss.backward()
-        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in quantizer.freedom_parameters())
-        optimizer.step()
-    trained = quantizer(x).detach()
-    assert output_error(trained) < 0.95 * output_error(rtn)  # it learned something
-    weight = quantizer.quantize(x)
-    assert not weight.problems() and set(weight.codes.unique().tolist()) <= set(LEVELS)
-    assert torch.equal(weight.dequantize(), trained)  # the codes are the forward's values
-    assert torch.equal(_decoded(pack_iq4(type_name, weight), type_name), trained)  # and the file's
-    quantizer.disable_clipping()
-    assert torch.equal(quantizer(x), rtn)
+    weight = check_training_stays_on_the_grid(IQ4Quantizer, pack_iq4, type_name)
+    assert set(weight.codes.unique().tolist()) <= set(LEVELS)
 
 
 def test_rows_the_block_does_not_divide_are_refused():

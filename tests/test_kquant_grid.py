@@ -3,11 +3,11 @@ grid llama.cpp stores, and a run calibrated for a K-quant mix exports exactly an
 from __future__ import annotations
 
 import ctypes
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from grid_checks import awkward_rows, check_training_stays_on_the_grid, decoded, libggml
 
 from omniquant_pl.quant.kquant_grid import K_GRIDS, KQuantizer, pack_kquant
 from omniquant_pl.quant.kquant_pack import BLOCK_BYTES
@@ -18,8 +18,7 @@ llama_cpp = pytest.importorskip("llama_cpp")
 
 def _reference(x: torch.Tensor, type_name: str) -> np.ndarray:
     """llama.cpp's own bytes: quantize_row_<type>_ref from the installed libggml-base."""
-    library = ctypes.CDLL(str(Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"))
-    function = getattr(library, f"quantize_row_{type_name[:2].lower()}_K_ref")
+    function = libggml(f"quantize_row_{type_name[:2].lower()}_K_ref")
     function.restype = None
     data = np.ascontiguousarray(x.numpy(), dtype=np.float32)
     out = np.zeros(data.size // 256 * BLOCK_BYTES[type_name], dtype=np.uint8)
@@ -27,32 +26,13 @@ def _reference(x: torch.Tensor, type_name: str) -> np.ndarray:
     return out.reshape(x.shape[0], -1)
 
 
-def _decoded(packed: np.ndarray, type_name: str) -> torch.Tensor:
-    from gguf.quants import dequantize
-
-    return torch.from_numpy(dequantize(packed, getattr(gguf.GGMLQuantizationType, type_name)).copy())
-
-
-def _inputs() -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(0)
-    heavy = torch.randn(8, 512, generator=g) / torch.rand(8, 512, generator=g).clamp_min(0.02)  # a few 50x outliers
-    return {
-        "normal": torch.randn(8, 512, generator=g), "heavy-tailed": heavy,
-        "bf16-valued": torch.randn(8, 512, generator=g).bfloat16().float(),
-        "ties": torch.randint(-8, 8, (8, 512), generator=g).float() * 0.25,
-        "all-positive": torch.rand(8, 512, generator=g), "all-negative": -torch.rand(8, 512, generator=g),
-        "zeros": torch.zeros(8, 512), "one-outlier": torch.zeros(8, 512).index_fill_(1, torch.tensor([3]), 5.0),
-        "constant": torch.full((8, 512), 0.3), "fp16-subnormal-factors": torch.randn(8, 512, generator=g) * 1e-4,
-    }
-
-
 @pytest.mark.parametrize("type_name", sorted(K_GRIDS))
 def test_rtn_is_llama_cpps_quantizer_byte_for_byte(type_name):
-    for name, x in _inputs().items():
+    for name, x in awkward_rows().items():
         weight = KQuantizer(tuple(x.shape), type_name, learnable_clipping=False).quantize(x)
         packed = pack_kquant(type_name, weight)
         assert np.array_equal(packed, _reference(x, type_name)), name
-        assert torch.equal(_decoded(packed, type_name), weight.dequantize()), name
+        assert torch.equal(decoded(packed, type_name), weight.dequantize()), name
 
 
 @pytest.mark.parametrize("type_name", sorted(K_GRIDS))
@@ -62,37 +42,12 @@ def test_values_below_fp16_equal_llama_cpps(type_name, magnitude):
     the export writes 0; the stored values are the same (all zero)."""
     x = torch.randn(4, 256, generator=torch.Generator().manual_seed(1)) * magnitude
     weight = KQuantizer(tuple(x.shape), type_name, learnable_clipping=False).quantize(x)
-    assert torch.equal(_decoded(pack_kquant(type_name, weight), type_name), _decoded(_reference(x, type_name), type_name))
+    assert torch.equal(decoded(pack_kquant(type_name, weight), type_name), decoded(_reference(x, type_name), type_name))
 
 
 @pytest.mark.parametrize("type_name", sorted(K_GRIDS))
 def test_training_moves_the_stored_integers_and_stays_on_the_grid(type_name):
-    torch.manual_seed(0)
-    x = torch.randn(16, 512)
-    inputs = torch.randn(64, 512) * torch.rand(512).pow(4) * 4  # activations with outlier channels
-
-    def output_error(weight: torch.Tensor) -> torch.Tensor:  # what a block loss sees, unlike llama.cpp's search
-        return ((inputs @ (weight - x).T) ** 2).mean()
-
-    quantizer = KQuantizer(tuple(x.shape), type_name, learn_rounding=True)
-    rtn = quantizer(x).detach()
-    assert torch.equal(rtn, KQuantizer(tuple(x.shape), type_name, learnable_clipping=False)(x))  # identity at init
-    optimizer = torch.optim.Adam([{"params": quantizer.freedom_parameters("lwc"), "lr": 0.01},
-                                  {"params": quantizer.freedom_parameters("rounding"), "lr": 0.002}])
-    for _ in range(60):
-        loss = output_error(quantizer(x))
-        optimizer.zero_grad()
-        loss.backward()
-        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in quantizer.freedom_parameters())
-        optimizer.step()
-    trained = quantizer(x).detach()
-    assert output_error(trained) < 0.95 * output_error(rtn)  # it learned something (measured: 0.71 to 0.87 of RTN)
-    weight = quantizer.quantize(x)
-    assert not weight.problems()
-    assert torch.equal(weight.dequantize(), trained)  # the codes are the forward's values
-    assert torch.equal(_decoded(pack_kquant(type_name, weight), type_name), trained)  # and the file's
-    quantizer.disable_clipping()
-    assert torch.equal(quantizer(x), rtn)
+    check_training_stays_on_the_grid(KQuantizer, pack_kquant, type_name)
 
 
 @pytest.mark.parametrize(("file_type", "stored_types"), [

@@ -128,39 +128,44 @@ class CalibratedRun:
             return False
         return PER_EXPERT_KEY.search(key) is not None or key.endswith(self.spec.expert_tensors)
 
-    def expert_stacks(self, block: int) -> dict[str, QuantizedWeight]:
+    def expert_stacks(self, block: int, check: bool = True) -> dict[str, QuantizedWeight]:
         """Block `block`'s expert codes as llama.cpp's stacks (gate, up, down: (experts·rows, in) each),
-        checked against the saved model's expert tensors (per expert, as transformers saves them, or fused)."""
+        checked against the saved model's expert tensors unless `check` is False (a second read of
+        stacks already checked)."""
         experts = self.spec.experts
         codes = self.block_codes(block)
         fused = {name: codes[f"{experts.module}.{name}"] for name in (experts.gate_up, experts.down)}
+        count = expert_count(self.hf_config)
+        gate, up = split_gate_up(fused[experts.gate_up], count)
+        stacks = {"gate": gate, "up": up, "down": fused[experts.down]}
+        if check:
+            self._check_expert_tensors(block, fused, stacks, count)
+        return stacks
+
+    def _check_expert_tensors(self, block: int, fused: dict[str, QuantizedWeight], stacks: dict[str, QuantizedWeight],
+                              count: int) -> None:
+        """The saved model's expert tensors of `block` (per expert, as transformers saves them, or fused)
+        must be the dequantized codes, bit for bit; one-line errors otherwise."""
         for name, weight in fused.items():
             if problems := weight.problems():
                 raise OmniQuantError(f"the codes of block {block}'s {name} are not valid ({'; '.join(problems)}): "
                                      "re-run calibrate into a new output_dir")
-        count = expert_count(self.hf_config)
-        gate, up = split_gate_up(fused[experts.gate_up], count)
-        stacks = {"gate": gate, "up": up, "down": fused[experts.down]}
-        prefix = self.block_prefix(block)
+        prefix, module = self.block_prefix(block), self.spec.experts.module
         saved = {key: PER_EXPERT_KEY.search(key) for key in self.tensors.keys()  # noqa: SIM118 (not a dict)
                  if key.startswith(prefix) and self._expert_owned(key)}
-        checked = 0
         for key, match in saved.items():
             tensor = self.tensors.get(key)
             if match is None:  # a fused 3-D tensor
-                name = key.removeprefix(f"{prefix}{experts.module}.")
-                expected = fused[name].dequantize(tensor.dtype).reshape(tensor.shape)
+                expected = fused[key.removeprefix(f"{prefix}{module}.")].dequantize(tensor.dtype).reshape(tensor.shape)
             else:
                 stack = PER_EXPERT_ROLES.get(match[2])
                 expected = None if stack is None else one_expert(stacks[stack], int(match[1]), count).dequantize(tensor.dtype)
             if expected is None or not torch.equal(expected, tensor):
                 raise OmniQuantError(f"{key} in {self.model_dir.name}/ does not equal the run's codes for it (the saved "
                                      "model was changed or comes from another run); re-run calibrate into a new output_dir")
-            checked += 1
-        if checked not in (2, 3 * count):
-            raise OmniQuantError(f"block {block} of {self.model_dir.name}/ holds {checked} expert tensors, not {count} "
+        if len(saved) not in (2, 3 * count):
+            raise OmniQuantError(f"block {block} of {self.model_dir.name}/ holds {len(saved)} expert tensors, not {count} "
                                  "experts' gate, up and down: re-run calibrate into a new output_dir")
-        return stacks
 
     def quantized_weight(self, key: str, block: int, name: str) -> QuantizedWeight:
         """The codes of one linear, checked against the saved model: its stored weight must be the

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 
 from omniquant_pl.quant.codes import QuantizedWeight
-from omniquant_pl.quant.kquant_grid import SUPER_BLOCK, TypeQuantizer, _safe
+from omniquant_pl.quant.kquant_grid import SUPER_BLOCK, TypeQuantizer, _safe, sub_integers
 from omniquant_pl.quant.primitives import fp16_ste, round_ste
 
 BLOCK = 32
@@ -186,9 +186,8 @@ def pack_iq4(type_name: str, weight: QuantizedWeight) -> np.ndarray:
         return np.concatenate([d, nibbles], axis=-1).reshape(out_features, -1)
     d = weight.super_scale.numpy().reshape(-1)  # (S,)
     per_super = SUPER_BLOCK // BLOCK
-    factor = np.repeat(d, per_super).reshape(-1, per_super)
-    integers = np.where(factor == 0, 0, weight.scale.numpy().reshape(-1, per_super) / np.where(factor == 0, 1, factor))
-    stored = (np.rint(integers).astype(np.int16) + 32).astype(np.uint16)  # (S, 8) in 0..63
+    integers, _ = sub_integers(weight)  # l = scale / d, (out, in / 32)
+    stored = (integers.reshape(-1, per_super) + 32).astype(np.uint16)  # (S, 8) in 0..63
     high = ((stored >> 4) << (2 * np.arange(per_super, dtype=np.uint16))).sum(axis=1, dtype=np.uint16)
     low = (stored & 0xF).astype(np.uint8)
     parts = [d.astype(np.float16).reshape(-1, 1).view(np.uint8), high.reshape(-1, 1).view(np.uint8),
