@@ -57,7 +57,8 @@ def run_config(path: Path, args: argparse.Namespace, output_dir: Path) -> RunCon
         model=ModelConfig(**raw["model"]),
         quant=QuantConfig(**raw["quant"]),
         calib=CalibConfig(**dict(raw["calib"], source=args.calib_source, nsamples=args.nsamples, seqlen=args.seqlen)),
-        train=TrainConfig(**dict(raw["train"], epochs=args.epochs, lwc_lr=args.lwc_lr)),
+        train=TrainConfig(**dict(raw["train"], epochs=args.epochs,
+                                 **({} if args.lwc_lr is None else {"lwc_lr": args.lwc_lr}))),
         eval=EvalConfig(datasets=[], baselines=[]),  # evaluated here, in llama.cpp
         output_dir=str(output_dir),
         resume=(output_dir / "checkpoint.json").is_file(),

@@ -58,7 +58,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--lwc-lr", type=float, default=0.05)
+    parser.add_argument("--lwc-lr", type=float, default=None, help="default: each config's train.lwc_lr")
     parser.add_argument("--eval-windows", type=int, default=8)
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--threads", type=int, default=os.cpu_count())

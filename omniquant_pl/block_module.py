@@ -36,6 +36,7 @@ from omniquant_pl.quant.experts import QuantExperts, quantize_block_experts, res
 from omniquant_pl.quant.freedoms import FREEDOMS
 from omniquant_pl.quant.gguf_mix import ModelShape
 from omniquant_pl.quant.grids import build_quantizer, linear_grid, run_grid
+from omniquant_pl.quant.init_search import search_block_clipping
 from omniquant_pl.quant.linear import QuantLinear, quantize_block_linears, restore_block_linears, set_submodule
 from omniquant_pl.quant.lwc import WeightQuantizer, clipping_disabled
 
@@ -55,9 +56,11 @@ class BlockModule(L.LightningModule):
         input_ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         compile_policy: CompilePolicy | None = None,
         model_shape: ModelShape | None = None,
+        input_power: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """`model_shape` (layers, grouped-query heads) places the block in its model: a run with
-        quant.gguf_type needs it to give each linear llama.cpp's type (quant/grids.py)."""
+        quant.gguf_type needs it to give each linear llama.cpp's type (quant/grids.py). `input_power`
+        (each linear's per-channel input E[x²]) starts the clipping where quant.lwc_search puts it."""
         super().__init__()
         check_supported(spec, quant.let, quant.abits)  # a weight-only spec never reaches the LET or activation code
         self.index = index
@@ -83,6 +86,8 @@ class BlockModule(L.LightningModule):
 
         self.quant_linears: dict[str, QuantLinear] = quantize_block_linears(
             block, spec.linear_names, lambda name, linear: make_quantizer(tuple(linear.weight.shape), name))
+        if input_power:
+            search_block_clipping(index, self.quant_linears, input_power)
         # a mixture of experts: every expert's 3-D tensors, per expert and output channel/group
         self.quant_experts: QuantExperts | None = None
         if spec.experts is not None:

@@ -99,6 +99,10 @@ class QuantConfig:
             for asymmetric runs (integer zero points).
         lwc: learn the weight clipping (LWC); False = round-to-nearest weights.
         lwc_init: initial value of the clipping logits γ and β (σ(4.0) ≈ 0.98).
+        lwc_search: start each row's clipping (on llama.cpp's K-quant and IQ4 grids: the factors on
+            its searched scales) at the candidate of least calibration-weighted weight error
+            Σ_j E[x_j²]·(Q(w)_j − w_j)², the statistics llama.cpp's importance matrix holds, instead of
+            at lwc_init (beyond the paper; quant/init_search.py). Needs lwc, not let.
         let: learn the equivalent transformation (LET) scales (and, for models whose biases can
             absorb them, such as OPT, shifts; weight-only runs too, as the official OPT scripts).
         let_alpha: SmoothQuant migration strength of the LET scale initialisation,
@@ -139,6 +143,7 @@ class QuantConfig:
     grid: Literal["minmax", "gguf"] = "minmax"
     lwc: bool = True
     lwc_init: float = 4.0
+    lwc_search: bool = False
     let: bool = False
     let_alpha: float = 0.5
     let_up_down: bool = True
@@ -156,6 +161,9 @@ class QuantConfig:
         check_choices(self, "quant")
         if not 0.0 <= self.let_alpha <= 1.0:
             raise ConfigError(f"quant.let_alpha must be in [0, 1], got {self.let_alpha}")
+        if self.lwc_search and (not self.lwc or self.let):
+            raise ConfigError("quant.lwc_search starts the learned clipping from the untransformed inputs' statistics: "
+                              "it needs quant.lwc: true and quant.let: false")
         if self.gguf_type is not None:
             from omniquant_pl.quant.gguf_mix import check_file_type
 

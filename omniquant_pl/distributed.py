@@ -153,6 +153,16 @@ def global_mean(total: torch.Tensor, count: int) -> float:
     return (pair[0] / pair[1].clamp(min=1)).item()
 
 
+def global_channel_mean(total: torch.Tensor, count: int) -> torch.Tensor:
+    """Per-channel sum / count over every process (each passes its own): input mean squares."""
+    if not is_active():
+        return total / max(count, 1)
+    pair = torch.cat([total.detach().double().reshape(-1), torch.tensor([float(count)], dtype=torch.float64,
+                                                                        device=total.device)]).to(_collective_device())
+    dist.all_reduce(pair)
+    return (pair[:-1] / pair[-1].clamp(min=1)).to(total.device, total.dtype)
+
+
 def global_sum(values: list[int]) -> list[int]:
     """Element-wise sum over every process (token counts per expert)."""
     if not is_active() or not values:

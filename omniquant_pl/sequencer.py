@@ -39,6 +39,7 @@ from omniquant_pl.quant.activation_hooks import use_quantized_attention
 from omniquant_pl.quant.codes import save_block_codes
 from omniquant_pl.quant.experts import expert_token_counts
 from omniquant_pl.quant.gguf_mix import ModelShape
+from omniquant_pl.quant.init_search import input_power
 from omniquant_pl.quant.rtn import check_quantizable
 from omniquant_pl.results import BlockResult, RunResults
 from omniquant_pl.resume import check_calibration_ids, results_so_far, start_or_resume
@@ -169,8 +170,7 @@ class BlockSequencer:
         if self.writes_files:
             write_learned(self.output_dir, self.config, learned)
         results.calibration_seconds = sum(block.seconds for block in results.blocks)
-        results.peak_accelerator_memory_bytes = torch.cuda.max_memory_allocated() if self.device.type == "cuda" \
-            else None
+        results.peak_accelerator_memory_bytes = torch.cuda.max_memory_allocated() if self.device.type == "cuda" else None
         results.peak_host_memory_bytes = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         self._emit("on_calibration_end", results)
         if not self.writes_files:
@@ -205,10 +205,10 @@ class BlockSequencer:
     def _propagate(self, block: nn.Module, inputs: torch.Tensor, index: int) -> torch.Tensor:
         return propagate(block, inputs, self.layer_kwargs[index], self.device, self.plan.local_batch_size, self.amp)
 
-    def build_module(self, index: int, block: nn.Module, ranges: dict | None = None) -> BlockModule:
+    def build_module(self, index: int, block: nn.Module, ranges: dict | None = None, power: dict | None = None):
         cfg = self.config
         return BlockModule(block, index, self.spec, self.layer_kwargs[index], cfg.quant, cfg.train, ranges,
-                           self.compile_policy, ModelShape.of(self.model.config)).to(self.device)
+                           self.compile_policy, ModelShape.of(self.model.config), power).to(self.device)
 
     def replay_block(self, index: int, fp_inputs: torch.Tensor, quant_inputs: torch.Tensor,
                      learned: Learned) -> tuple[torch.Tensor, torch.Tensor]:
@@ -238,13 +238,14 @@ class BlockSequencer:
         module = None
         try:
             names = self.spec.input_range_names if cfg.quant.let else ()
-            # LET init statistics and (mixtures of experts) tokens per expert, from the targets pass
-            with input_ranges(block, names) as ranges, expert_token_counts(block, self.spec.experts) as tokens:
+            # from the targets pass: LET init statistics, lwc_search's input E[x²], tokens per expert
+            with input_ranges(block, names) as ranges, expert_token_counts(block, self.spec.experts) as tokens, \
+                    input_power(block, self.spec.linear_names if cfg.quant.lwc_search else ()) as power:
                 targets = self._propagate(block, fp_inputs, index)
             del fp_inputs
             distributed.global_ranges(ranges)  # over every process's windows (data-parallel runs)
             aug_targets = self._propagate(block, quant_inputs, index) if cfg.train.aug_loss else None
-            module = self.build_module(index, block, ranges if cfg.quant.let else None)
+            module = self.build_module(index, block, ranges if cfg.quant.let else None, power)
             module.expert_tokens = distributed.global_sum(tokens)
             caches = [quant_inputs, targets] + ([aug_targets] if aug_targets is not None else [])
             result, state = self.fit_block(index, module, caches)

@@ -17,6 +17,7 @@ from omniquant_pl.block_module import BlockModule
 from omniquant_pl.calib.capture import capture_block_inputs, run_block
 from omniquant_pl.quant import WeightQuantizer
 from omniquant_pl.quant.activation_hooks import use_quantized_attention
+from omniquant_pl.quant.grids import build_quantizer, type_grid
 
 FREEDOMS = {"rounding": {"rounding": True}, "weights": {"train_weights": True},
             "both": {"rounding": True, "train_weights": True}}
@@ -167,3 +168,18 @@ def test_sign_sgd_moves_every_rounding_offset_by_its_learning_rate_and_a_run_use
     offsets = learned["layers.0.self_attn.q_proj.rounding"]
     # every step moves an offset by ±2^-6 (or 0): after 2 epochs of 2 steps, multiples of 2^-6
     assert offsets.abs().max() > 0 and torch.equal(offsets * 64, (offsets * 64).round())
+
+
+@pytest.mark.parametrize("type_name", ["Q4_K", "IQ4_NL"])
+def test_llama_cpp_searched_scales_come_from_the_starting_weights_not_the_learned_deltas(type_name):
+    """A replayed block loads its weight deltas before its first forward: the scales llama.cpp's search
+    starts from must still be the starting weights', as in the run that learned them."""
+    weight = torch.randn(6, 512, generator=torch.Generator().manual_seed(0)) * 0.02
+    trained, replayed = (build_quantizer(type_grid(type_name), tuple(weight.shape),
+                                         QuantConfig(lwc=True, train_weights=True)) for _ in range(2))
+    with torch.no_grad():
+        trained(weight)  # the run's first forward, deltas at 0, fixes the search
+        delta = torch.randn(weight.shape, generator=torch.Generator().manual_seed(3)) * 0.01
+        for quantizer in (trained, replayed):
+            quantizer.weight_delta.copy_(delta)
+        assert torch.equal(replayed(weight), trained(weight))

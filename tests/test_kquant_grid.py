@@ -58,7 +58,8 @@ def test_training_moves_the_stored_integers_and_stays_on_the_grid(type_name):
 def test_a_run_calibrated_for_a_gguf_file_type_exports_exactly_and_scores_in_llama_cpp(tmp_path, tokenizer, file_type,
                                                                                         stored_types):
     """A model whose rows are multiples of 256: every linear calibrated on the type llama.cpp stores it in
-    (its rules); the file holds exactly the run's weights and llama.cpp scores it like them."""
+    (its rules); the file holds exactly the run's weights and llama.cpp scores it like them (the IQ4 runs
+    start at quant.lwc_search's factors)."""
     from conftest import TINY_VOCAB
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
@@ -75,7 +76,8 @@ def test_a_run_calibrated_for_a_gguf_file_type_exports_exactly_and_scores_in_lla
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
-    calibrate(RunConfig(model=ModelConfig(str(tmp_path / "model")), quant=QuantConfig(gguf_type=file_type, rounding=True),
+    calibrate(RunConfig(model=ModelConfig(str(tmp_path / "model")), quant=QuantConfig(gguf_type=file_type, rounding=True,
+                                                                         lwc_search=file_type != "Q4_K_M"),
                         calib=CalibConfig(source="pydoc", nsamples=4, seqlen=64), train=TrainConfig(epochs=2),
                         eval=EvalConfig(datasets=["pydoc"], seqlen=64, max_windows=1, baselines=["rtn"]),
                         output_dir=str(tmp_path / "run")))

@@ -135,7 +135,8 @@ class IQ4Quantizer(TypeQuantizer):
     def _values(self, weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rows, rounding = self._rows(weight)
         x = rows.reshape(-1, BLOCK)  # (blocks, 32)
-        (scales,) = self.searched(x)
+        # llama.cpp's search of the starting weights (a replay loads learned deltas before its first forward)
+        (scales,) = self.searched(weight.detach().float().reshape(x.shape))
         if (factor := self._factor(self.upper_logit)) is not None:
             scales = scales * factor
         if self.type_name == "IQ4_NL":

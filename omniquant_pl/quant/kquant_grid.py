@@ -160,6 +160,17 @@ class TypeQuantizer(nn.Module):
             rounding = self.rounding.clamp(-ROUNDING_LIMIT, ROUNDING_LIMIT)
         return weight.float().reshape(-1, self.row_block), rounding  # (rows of row_block weights, row_block)
 
+    @property
+    def search_unit(self) -> int:
+        """Weights whose values depend on no others (init_search.py): a block or super-block."""
+        return self.row_block
+
+    @staticmethod
+    def search_logits() -> torch.Tensor:
+        """quant.lwc_search's candidates: factors 2σ(γ) 0.80, 0.82, ..., 1.20 on the searched scales."""
+        factors = torch.arange(40, 60 + 1, dtype=torch.float64) / 50  # 0.80 ... 1.20
+        return torch.logit(factors / 2).float()
+
     def _factor(self, logit: torch.Tensor | None) -> torch.Tensor | None:
         """The learned factor 2σ(logit) on a searched scale, None when LWC is off or disabled."""
         return 2 * torch.sigmoid(logit) if logit is not None and self.clipping_enabled else None
@@ -205,7 +216,8 @@ class KQuantizer(TypeQuantizer):
 
     def _values(self, weight: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         rows, rounding = self._rows(weight)
-        scales, mins, search_codes = self.searched(rows)
+        # llama.cpp's search of the starting weights (a replay loads learned deltas before its first forward)
+        scales, mins, search_codes = self.searched(weight.detach().float().reshape(rows.shape))
         if (factor := self._factor(self.upper_logit)) is not None:
             scales = scales * factor
             if mins is not None:

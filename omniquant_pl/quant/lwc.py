@@ -99,6 +99,19 @@ class WeightQuantizer(nn.Module):
                 if getattr(self, attr) is not None:
                     getattr(self, attr).fill_(freedom.identity)
 
+    @property
+    def search_unit(self) -> int:
+        """Weights whose values depend on no others (init_search.py): one row (channel or group)."""
+        return self.row_size
+
+    @staticmethod
+    def search_logits() -> torch.Tensor:
+        """quant.lwc_search's candidates: clipping factors σ(γ) 0.995, 0.98, 0.96, ..., 0.50 (the largest
+        below 1, where σ's gradient, and so training, would stop)."""
+        factors = torch.cat([torch.tensor([0.995], dtype=torch.float64),
+                             torch.arange(49, 25 - 1, -1, dtype=torch.float64) / 50])  # 0.995, 0.98, ..., 0.50
+        return torch.logit(factors).float()
+
     def _clipping_logits(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if self.upper_logit is not None and self.clipping_enabled:
             return self.upper_logit, self.lower_logit
