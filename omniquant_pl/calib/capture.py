@@ -8,6 +8,8 @@ sliding-window and full-attention layers) give each block its own mask and rotar
 """
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,3 +89,21 @@ def run_block(block: nn.Module, hidden_states: torch.Tensor, block_kwargs: dict[
     """Call a transformers block and return its hidden states (older versions return tuples)."""
     out = block(hidden_states, **block_kwargs)
     return out[0] if isinstance(out, tuple) else out
+
+
+@contextlib.contextmanager
+def linear_inputs(block: nn.Module, names: tuple[str, ...], record: Callable[[str, torch.Tensor], None]) -> Iterator[None]:
+    """Call record(name, x) with every input x (tokens, in_features), detached in fp32, of each named
+    linear of `block` while the context lasts (LET's ranges, lwc_search's mean squares)."""
+    def make_hook(name: str):
+        def hook(module, args):
+            record(name, args[0].detach().float().reshape(-1, args[0].shape[-1]))  # (tokens, in_features)
+
+        return hook
+
+    handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from omniquant_pl.arch.base import ArchSpec
+from omniquant_pl.calib.capture import linear_inputs
 from omniquant_pl.let.params import LETParams
 
 SCALE_MIN = 1e-5
@@ -22,22 +23,14 @@ def input_ranges(block: nn.Module, names: tuple[str, ...]) -> Iterator[dict[str,
     """Per-channel (min, max) over all tokens of each named linear's input."""
     ranges: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def make_hook(name: str):
-        def hook(module, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, in_features)
-            lo, hi = x.amin(0), x.amax(0)
-            if name in ranges:
-                lo, hi = torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)
-            ranges[name] = (lo, hi)
+    def record(name: str, x: torch.Tensor) -> None:
+        lo, hi = x.amin(0), x.amax(0)
+        if name in ranges:
+            lo, hi = torch.minimum(ranges[name][0], lo), torch.maximum(ranges[name][1], hi)
+        ranges[name] = (lo, hi)
 
-        return hook
-
-    handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
-    try:
+    with linear_inputs(block, names, record):
         yield ranges
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 def _smooth_scale(act_absmax: torch.Tensor, weight_absmax: torch.Tensor, alpha: float) -> torch.Tensor:

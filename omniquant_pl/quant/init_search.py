@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from omniquant_pl import distributed
+from omniquant_pl.calib.capture import linear_inputs
 
 log = logging.getLogger(__name__)
 
@@ -38,23 +39,15 @@ def input_power(block: nn.Module, names: tuple[str, ...]) -> Iterator[dict[str, 
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
 
-    def make_hook(name: str):
-        def hook(module, args):
-            x = args[0].detach().float().reshape(-1, args[0].shape[-1])  # (tokens, in_features)
-            sums[name] = sums[name] + x.square().sum(0) if name in sums else x.square().sum(0)
-            counts[name] = counts.get(name, 0) + x.shape[0]
-
-        return hook
+    def record(name: str, x: torch.Tensor) -> None:
+        sums[name] = sums[name] + x.square().sum(0) if name in sums else x.square().sum(0)
+        counts[name] = counts.get(name, 0) + x.shape[0]
 
     power: dict[str, torch.Tensor] = {}
-    handles = [block.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
-    try:
+    with linear_inputs(block, names, record):
         yield power
-        for name in sorted(sums):
-            power[name] = distributed.global_channel_mean(sums[name], counts[name])
-    finally:
-        for handle in handles:
-            handle.remove()
+    for name in sorted(sums):
+        power[name] = distributed.global_channel_mean(sums[name], counts[name])
 
 
 def _unit_errors(quantizer: nn.Module, weight: torch.Tensor, power: torch.Tensor, unit: int) -> torch.Tensor:
