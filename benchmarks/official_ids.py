@@ -18,6 +18,9 @@ OFFICIAL_IDS_SETTINGS = {
              "train": {"lwc_lr": 1e-2, "let_lr": 1e-3}, "official_ppl": 183.44},
     "W6A6": {"quant": {"wbits": 6, "abits": 6, "let": True, "let_alpha": 0.5},
              "train": {"lwc_lr": 1e-2, "let_lr": 5e-3}, "official_ppl": 21.98},
+    # no official run: the W6A6 recipe at 4-bit weights
+    "W4A8": {"quant": {"wbits": 4, "abits": 8, "let": True, "let_alpha": 0.5},
+             "train": {"lwc_lr": 1e-2, "let_lr": 5e-3}, "official_ppl": None},
 }
 CALIBRATION = {"nsamples": 16, "seqlen": 512, "epochs": 2, "eval_windows": 8, "eval_seqlen": 2048}
 

@@ -9,7 +9,6 @@ block_step.py's; the batches come from calib/batches.py.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 from typing import Any
@@ -39,6 +38,7 @@ from omniquant_pl.quant.grids import build_quantizer, linear_grid, run_grid
 from omniquant_pl.quant.init_search import search_block_clipping
 from omniquant_pl.quant.linear import QuantLinear, quantize_block_linears, restore_block_linears, set_submodule
 from omniquant_pl.quant.lwc import WeightQuantizer, clipping_disabled
+from omniquant_pl.rotate import online_rotations
 
 log = logging.getLogger(__name__)
 
@@ -71,21 +71,21 @@ class BlockModule(L.LightningModule):
         self.block = block
         self.block.requires_grad_(False)
         self.block_kwargs = block_kwargs
-        # LET scales, and shifts where biases absorb them (OPT). Weight-only too, as the official
-        # OPT scripts: the shift folds into the bias with the unquantized weight, b + W·δ, so the
-        # block computes Wq·x + (W − Wq)·δ + b, a learned correction of the rounding's mean error.
+        # LET scales, and shifts where biases absorb them (OPT; weight-only too, as the official OPT scripts:
+        # the shift folds into the bias b + W·δ, a learned correction of the rounding's mean error)
         self.let: LETParams | None = None
         if quant.let:
-            let_spec = spec if quant.let_up_down else dataclasses.replace(spec, up_down=None)
-            self.let = LETParams(block, let_spec).to(next(block.parameters()).device)
+            self.let = LETParams.for_run(block, spec, quant).to(next(block.parameters()).device)
             if input_ranges is not None:
-                init_let_from_ranges(self.let, block, let_spec, input_ranges, quant.let_alpha)
+                init_let_from_ranges(self.let, block, self.let.spec, input_ranges, quant.let_alpha)
+        self.online_rotations = online_rotations(spec, quant.rotate, quant.rotate_seed, quant.rotate_online, block)
         def make_quantizer(shape: tuple[int, int], linear: str | None = None) -> WeightQuantizer:
             grid = linear_grid(quant, linear, index, shape[1], model_shape) if linear else run_grid(quant)
             return build_quantizer(grid, shape, quant)
 
         self.quant_linears: dict[str, QuantLinear] = quantize_block_linears(
-            block, spec.linear_names, lambda name, linear: make_quantizer(tuple(linear.weight.shape), name))
+            block, spec.linear_names, lambda name, linear: make_quantizer(tuple(linear.weight.shape), name),
+            self.online_rotations)
         if input_power:
             search_block_clipping(index, self.quant_linears, input_power)
         # a mixture of experts: every expert's 3-D tensors, per expert and output channel/group
@@ -93,7 +93,7 @@ class BlockModule(L.LightningModule):
         if spec.experts is not None:
             self.quant_experts = quantize_block_experts(block, spec.experts, make_quantizer)
         self.expert_tokens: list[int] = []  # calibration tokens routed to each expert (set by the sequencer)
-        self.act_quantizers = BlockActivationQuantizers(block, spec, quant.abits) if quant.abits < 16 else None
+        self.act_quantizers = self._activation_quantizers()
         self.fused = False  # set by fuse(), with the codes of every linear in quantized_weights
         self.quantized_weights: dict[str, QuantizedWeight] = {}
         self.epoch_losses: list[float] = []
@@ -161,10 +161,8 @@ class BlockModule(L.LightningModule):
             self.let.reset_to_identity()
 
     def abandon(self) -> nn.Module:
-        """Give the block back as it was when calibration stops early (an exception, Ctrl-C): the
-        original nn.Linear modules on their untouched weights (LET only changes weights when
-        fuse() folds it) and no activation-quantizer hooks. A block already fused keeps its fused
-        weights. Returns the block."""
+        """The block as it was when calibration stops early (an exception, Ctrl-C): its nn.Linear modules on
+        their untouched weights (only fuse() changes them, and a fused block keeps them), no hooks."""
         if self.act_quantizers is not None:
             self.act_quantizers.remove()
             self.act_quantizers = None
@@ -317,7 +315,7 @@ class BlockModule(L.LightningModule):
             return self.block
         transformed = self.let.transformed(self.block) if self.let is not None else {}
         self.quantized_weights = {
-            name: linear.weight_quantizer.quantize(transformed.get(f"{name}.weight", linear.weight))
+            name: linear.quantize(transformed.get(f"{name}.weight", linear.weight))
             for name, linear in self.quant_linears.items()
             if linear.weight_quantizer is not None
         }
@@ -337,9 +335,13 @@ class BlockModule(L.LightningModule):
             restore_block_experts(self.block, self.spec.experts, self.quantized_weights)
             self.quant_experts = None
         self.fused = True
-        if self.act_quantizers is not None:
-            self.act_quantizers = BlockActivationQuantizers(self.block, self.spec, self.quant_config.abits)
+        self.act_quantizers = self._activation_quantizers()
         return self.block
+
+    def _activation_quantizers(self) -> BlockActivationQuantizers | None:
+        """Per-token input quantizers (with the online rotations) of a weight-activation run, else None."""
+        abits = self.quant_config.abits
+        return BlockActivationQuantizers(self.block, self.spec, abits, rotations=self.online_rotations) if abits < 16 else None
 
 
 def report_unrouted_experts(module: BlockModule, initial_state: dict[str, torch.Tensor]) -> list[int]:

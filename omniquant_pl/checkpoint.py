@@ -36,7 +36,7 @@ UNHASHED_MODEL = ("streaming",)
 # Options added after checkpoints existed, with the value that older runs used: left out of the
 # identity at that value, so a run checkpointed before the option existed still resumes.
 LATER_DEFAULTS = {"quant": {"grid": "minmax", "let_up_down": False, "rounding": False, "train_weights": False,
-                            "rotate": "none", "rotate_seed": 0, "gguf_type": None,
+                            "rotate": "none", "rotate_seed": 0, "rotate_online": "none", "gguf_type": None,
                             "lwc_search": False},
                   "train": {"shuffle_seed": None, "rounding_lr": 5e-3, "weight_lr": 1e-5,
                             "rounding_optimizer": "adamw"}}

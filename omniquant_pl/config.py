@@ -125,6 +125,15 @@ class QuantConfig:
             gains move into the linears, a tied head is untied); it spreads the outlier channels
             that activation quantization suffers from. Llama, Mistral, Qwen2/3 families.
         rotate_seed: seed of the rotation matrices.
+        rotate_online: rotations applied at inference, right before a linear's input is quantized
+            (weight-activation runs; the linears' weights absorb the transpose): ``none``; ``down``
+            (down_proj's input, which no folded rotation reaches); ``all`` (down_proj's input and
+            every input read from a norm: the norms keep their gains and the residual stream is not
+            rotated, so the weights never absorb the gains, which on models with far-from-uniform
+            gains such as SmolLM2 is what makes folded rotations hurt). The value heads stay rotated
+            (folded). LET learns no scale where a rotation runs online (its pair's scale would sit
+            between the rotation and the quantizer). The saved model records the rotations and the
+            evaluation loader applies them.
         gguf_type: calibrate for a llama.cpp file type (``Q4_K_M``, ``Q3_K_S``, ``Q5_K_M``, ``Q6_K``,
             ``IQ4_NL``, ``IQ4_XS``, ``Q4_0``, ...; ``Q3_K``/``Q4_K``/``Q5_K`` name the ``_M`` mixes as in
             llama-quantize): each block linear is calibrated on the GGUF type llama.cpp stores it in for
@@ -151,6 +160,7 @@ class QuantConfig:
     train_weights: bool = False
     rotate: Literal["none", "hadamard", "random"] = "none"
     rotate_seed: int = 0
+    rotate_online: Literal["none", "down", "all"] = "none"
     gguf_type: str | None = None
 
     def __post_init__(self) -> None:
@@ -164,6 +174,13 @@ class QuantConfig:
         if self.lwc_search and (not self.lwc or self.let):
             raise ConfigError("quant.lwc_search starts the learned clipping from the untransformed inputs' statistics: "
                               "it needs quant.lwc: true and quant.let: false")
+        if self.rotate_online != "none" and self.lwc_search:
+            raise ConfigError("quant.lwc_search weighs the clipping by the unrotated inputs' statistics; with "
+                              "quant.rotate_online set quant.lwc_search: false")
+        if self.rotate_online != "none" and (self.abits == 16 or self.rotate == "none"):
+            raise ConfigError(f"quant.rotate_online {self.rotate_online} rotates linear inputs right before they are "
+                              "quantized: it needs quant.abits below 16 and quant.rotate (the kind of matrix: random "
+                              "for any size, hadamard for powers of two)")
         if self.gguf_type is not None:
             from omniquant_pl.quant.gguf_mix import check_file_type
 

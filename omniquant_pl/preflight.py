@@ -196,7 +196,7 @@ def check_rotation(skeleton: nn.Module, config: RunConfig) -> None:
     from omniquant_pl.arch import get_arch
     from omniquant_pl.rotate import check_rotatable
 
-    check_rotatable(get_arch(skeleton), skeleton, kind)
+    check_rotatable(get_arch(skeleton), skeleton, kind, config.quant.rotate_online)
 
 
 def check_attention_backend(skeleton: nn.Module, config: RunConfig) -> None:

@@ -204,6 +204,8 @@ class SavedModelMeta:
     fake_quant: bool = True
     activations: ActivationQuant | None = None
     rotate: str = "none"  # quant.rotate: folded into the weights (nothing to re-apply on load)
+    rotate_seed: int = 0
+    rotate_online: str = "none"  # quant.rotate_online: the loader rotates those linear inputs (rotate.py)
     schema_version: int = SCHEMA_VERSION
 
     @classmethod
@@ -214,6 +216,7 @@ class SavedModelMeta:
         method = "omniquant-" + "+".join(m for m, on in learned if on)
         return cls(method=method, wbits=quant.wbits, abits=quant.abits, group_size=quant.group_size,
                    symmetric=quant.symmetric, grid=quant.grid, rotate=getattr(quant, "rotate", "none"),
+                   rotate_seed=getattr(quant, "rotate_seed", 0), rotate_online=getattr(quant, "rotate_online", "none"),
                    activations=ActivationQuant(quant.abits) if quant.abits < 16 else None)
 
     def to_dict(self) -> dict:

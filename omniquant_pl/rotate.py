@@ -1,8 +1,8 @@
 """Orthogonal rotations folded into the weights before calibration (`quant.rotate`), so that
 outlier channels of the residual stream and of the attention values are spread over all channels
-before anything is quantized (QuaRot/SpinQuant's foldable part). Nothing runs online: the rotated
-model is an ordinary model of the same family, and with quantization off it computes the original
-model's logits (float64: to 1e-9).
+before anything is quantized (QuaRot/SpinQuant's foldable part). The folded part runs nothing
+online: the rotated model is an ordinary model of the same family, and with quantization off it
+computes the original model's logits (float64: to 1e-9).
 
 In column-vector notation, with Q (hidden × hidden) and H (head_dim × head_dim) orthogonal:
 1. `fold_norm_gains`: each RMSNorm's gain g moves into the columns of the linears that read it,
@@ -17,9 +17,17 @@ In column-vector notation, with Q (hidden × hidden) and H (head_dim × head_dim
 A tied head is untied first (the head takes the final norm's gain, the embedding does not). Offered
 for the families whose block is "norm → readers, writer → residual" with RMSNorm and no fused or
 expert tensors; refused in one line elsewhere, with the reason.
+
+Online rotations (`quant.rotate_online`, weight-activation runs) are the part that cannot be folded:
+a linear's input x becomes x·R right before its activation quantizer (quant/activation_hooks.py) and
+the weight it quantizes W·R (quant/linear.py), so x·R·(W·R)ᵀ = x·Wᵀ; the unquantized model keeps W. ``down`` rotates down_proj's input on top of the folded
+rotations; ``all`` also rotates every input read from a norm and then leaves the residual stream
+and the norm gains alone (steps 1 and 2 are skipped, step 3 stays). One matrix per site, shared by
+every block: `online_matrices` rebuilds them from the kind and seed (a saved model records both).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
@@ -38,9 +46,11 @@ def check_hadamard_size(size: int) -> None:
                           "use quant.rotate: random")
 
 
+@functools.lru_cache(maxsize=8)
 def orthogonal(kind: str, size: int, seed: int) -> torch.Tensor:
     """A (size, size) float64 orthogonal matrix: Haar-random (`random`) or a Hadamard matrix with
-    random signs on its rows (`hadamard`, size a power of two); reproducible by `seed`."""
+    random signs on its rows (`hadamard`, size a power of two); reproducible by `seed`. Cached: the
+    caller must not modify it."""
     generator = torch.Generator().manual_seed(seed)
     if kind == "random":
         q, r = torch.linalg.qr(torch.randn(size, size, generator=generator, dtype=torch.float64))
@@ -78,7 +88,7 @@ def why_not_rotatable(spec: ArchSpec, model: nn.Module) -> str | None:
     return None
 
 
-def check_rotatable(spec: ArchSpec, model: nn.Module, kind: str) -> None:
+def check_rotatable(spec: ArchSpec, model: nn.Module, kind: str, online: str = "none") -> None:
     if kind == "none":
         return
     reason = why_not_rotatable(spec, model)
@@ -86,7 +96,8 @@ def check_rotatable(spec: ArchSpec, model: nn.Module, kind: str) -> None:
         raise ConfigError(f"quant.rotate {kind} is exact only where every residual-stream reader and writer can "
                           f"absorb it: {reason}; use quant.rotate: none for this model")
     if kind == "hadamard":
-        for size in rotation_sizes(model.config):
+        sizes = [*rotation_sizes(model.config), *([model.config.intermediate_size] if online != "none" else [])]
+        for size in sizes:
             check_hadamard_size(size)
 
 
@@ -132,16 +143,23 @@ def _rotate(weight: torch.Tensor, left: torch.Tensor | None = None, right: torch
 
 
 @torch.no_grad()
-def rotate_model(model: nn.Module, spec: ArchSpec, kind: str, seed: int = 0) -> None:
-    """Fold the norm gains and rotate the residual stream and the value heads (see the module).
-    The model computes the same function afterwards (up to floating-point rounding)."""
+def rotate_model(model: nn.Module, spec: ArchSpec, kind: str, seed: int = 0, online: str = "none") -> None:
+    """Fold the norm gains and rotate the residual stream (not with online ``all``) and the value
+    heads (see the module). The model computes the same function afterwards (up to floating-point
+    rounding). The online rotations' weights W·R are made where each block is quantized (QuantLinear)."""
     if kind == "none":
         return
-    check_rotatable(spec, model, kind)
+    check_rotatable(spec, model, kind, online)
+    value = orthogonal(kind, rotation_sizes(model.config)[1], seed + 1)  # H
+    for block in getattr(model.get_submodule(spec.backbone), spec.layers):
+        _rotate_value_heads(block.get_submodule(spec.out.source), block.get_submodule(spec.out.target), value)
+    if online != "all":
+        _rotate_residual(model, spec, kind, seed)
+
+
+def _rotate_residual(model: nn.Module, spec: ArchSpec, kind: str, seed: int) -> None:
     fold_norm_gains(model, spec)
-    hidden, head_dim = rotation_sizes(model.config)
-    residual = orthogonal(kind, hidden, seed)  # Q
-    value = orthogonal(kind, head_dim, seed + 1)  # H
+    residual = orthogonal(kind, rotation_sizes(model.config)[0], seed)  # Q
     embedding = model.get_input_embeddings()
     embedding.weight.copy_(_rotate(embedding.weight, right=residual))
     head = model.get_output_embeddings()
@@ -155,7 +173,6 @@ def rotate_model(model: nn.Module, spec: ArchSpec, kind: str, seed: int = 0) -> 
             linear.weight.copy_(_rotate(linear.weight, left=residual.T))
             if linear.bias is not None:
                 linear.bias.copy_((residual.T @ linear.bias.double()).to(linear.bias.dtype))
-        _rotate_value_heads(block.get_submodule(spec.out.source), block.get_submodule(spec.out.target), value)
 
 
 def rotate_for_run(model: nn.Module, spec: ArchSpec, quant, streamed: bool) -> None:
@@ -165,8 +182,35 @@ def rotate_for_run(model: nn.Module, spec: ArchSpec, quant, streamed: bool) -> N
     if streamed:
         raise ConfigError(f"quant.rotate {quant.rotate} needs the whole model in memory, but model.streaming auto "
                           "chose to stream it; set model.streaming: off")
-    rotate_model(model, spec, quant.rotate, quant.rotate_seed)
-    log.info("rotated the residual stream and the value heads (%s, seed %d)", quant.rotate, quant.rotate_seed)
+    online = getattr(quant, "rotate_online", "none")
+    rotate_model(model, spec, quant.rotate, quant.rotate_seed, online)
+    log.info("rotated %s (%s, seed %d)%s", "the value heads" if online == "all" else "the residual stream and the value heads",
+             quant.rotate, quant.rotate_seed, "" if online == "none" else f"; online rotations: {online}")
+
+
+def online_matrices(kind: str, seed: int, online: str, block: nn.Module, spec: ArchSpec) -> dict[str, torch.Tensor]:
+    """The online rotation of each site of `online` (none | down | all), float64, sized from a block
+    of the model: ``down`` (down_proj's input; seed + 2) and ``inputs`` (the norms' readers; seed + 3)."""
+    matrices = {}
+    if online in ("down", "all"):
+        matrices["down"] = orthogonal(kind, block.get_submodule(spec.fc2[0]).in_features, seed + 2)
+    if online == "all":
+        matrices["inputs"] = orthogonal(kind, block.get_submodule(spec.qkv.linears[0]).in_features, seed + 3)
+    return matrices
+
+
+def online_rotations(spec: ArchSpec, kind: str, seed: int, online: str, block: nn.Module) -> dict[str, torch.Tensor]:
+    """Linear name -> the online rotation of its input in every block like `block` (empty for none)."""
+    if online == "none":
+        return {}
+    return block_online_rotations(spec, online_matrices(kind, seed, online, block, spec))
+
+
+def block_online_rotations(spec: ArchSpec, matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Linear name -> its input's online rotation (the readers of both norms share ``inputs``)."""
+    readers = (*spec.qkv.linears, *spec.fc1.linears) if "inputs" in matrices else ()
+    writers = spec.fc2 if "down" in matrices else ()
+    return {**{name: matrices["inputs"] for name in readers}, **{name: matrices["down"] for name in writers}}
 
 
 def _rotate_value_heads(v_proj: nn.Linear, o_proj: nn.Linear, value: torch.Tensor) -> None:

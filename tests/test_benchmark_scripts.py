@@ -10,7 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.parametrize("script", ["peers.py", "peer_quantize.py", "freedoms_ablation.py", "block_memory.py"])
+@pytest.mark.parametrize("script", ["peers.py", "peer_quantize.py", "freedoms_ablation.py", "block_memory.py",
+                                    "rotation_rtn.py"])
 def test_script_help(script):
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), "--help"], capture_output=True, text=True,
                           timeout=120)

@@ -63,18 +63,22 @@ def saved_quant(model: nn.Module) -> QuantConfig | None:
 
 
 def install_saved_activation_quantizers(model: nn.Module) -> dict | None:
-    """A saved weight-activation model: put its activation quantizers back (they stay installed)."""
+    """A saved weight-activation model: put its activation quantizers (and online rotations) back (they
+    stay installed)."""
     meta = saved_meta(model)
     if meta is None or meta.activations is None:
         return None
     from omniquant_pl.arch import get_arch
     from omniquant_pl.arch.registry import get_blocks
     from omniquant_pl.quant.activation_hooks import BlockActivationQuantizers, use_quantized_attention
+    from omniquant_pl.rotate import online_rotations
 
     spec = get_arch(model)
     use_quantized_attention(model)
-    for block in get_blocks(model, spec):
-        BlockActivationQuantizers(block, spec, meta.activations.bits)
+    blocks = list(get_blocks(model, spec))
+    rotations = online_rotations(spec, meta.rotate, meta.rotate_seed, meta.rotate_online, blocks[0])
+    for block in blocks:
+        BlockActivationQuantizers(block, spec, meta.activations.bits, rotations=rotations)
     return asdict(meta.activations)
 
 

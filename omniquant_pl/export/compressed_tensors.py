@@ -44,6 +44,10 @@ def _require_package():
 
 def check_exportable(quant: QuantConfig) -> str:
     """The compressed-tensors format of a run's settings, or a one-line error naming what to do."""
+    if getattr(quant, "rotate_online", "none") != "none":
+        raise ConfigError(f"this run rotates linear inputs at inference (quant.rotate_online {quant.rotate_online}), which "
+                          "no engine reading compressed-tensors runs; evaluate it with omniquant evaluate, or calibrate "
+                          "with quant.rotate_online: none to export it")
     if quant.grid == "gguf" and not quant.symmetric:
         gguf_type = f"Q{quant.wbits}_1" if quant.wbits in (4, 5) and quant.group_size == 32 else None
         instead = f"--gguf-type {gguf_type}" if gguf_type else f"--gguf-type {GGUF_INSTEAD[quant.wbits]} --requantize"

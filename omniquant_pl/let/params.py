@@ -1,6 +1,7 @@
 """A block's LET parameters and the mapping from them to transformed block parameters."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -107,14 +108,15 @@ class LETParams(nn.Module):
     columns (last dimension) of both, for every expert.
     """
 
-    def __init__(self, block: nn.Module, spec: ArchSpec) -> None:
+    def __init__(self, block: nn.Module, spec: ArchSpec, norm_scales: bool = True) -> None:
+        """`norm_scales` False: no norm -> linears pair (their inputs are rotated online)."""
         super().__init__()
         self.spec = spec
         self.geometry = geometry = AttentionGeometry.of(block, spec)
         hidden = block.get_submodule(spec.qkv.linears[0]).in_features
         kv_channels = geometry.kv_heads * geometry.head_dim
-        self.qkv_scale = nn.Parameter(torch.ones(hidden))
-        self.fc1_scale = nn.Parameter(torch.ones(hidden)) if spec.fc1 is not None else None
+        self.qkv_scale = nn.Parameter(torch.ones(hidden)) if norm_scales else None
+        self.fc1_scale = nn.Parameter(torch.ones(hidden)) if spec.fc1 is not None and norm_scales else None
         self.out_scale = nn.Parameter(torch.ones(kv_channels))
         qk_width = geometry.head_dim - geometry.rotary_dim // 2
         self.qk_param = nn.Parameter(torch.ones(geometry.kv_heads, qk_width)) if spec.let_qk else None
@@ -122,8 +124,8 @@ class LETParams(nn.Module):
         if spec.up_down is not None:  # down's input columns = up's output rows
             self.down_scale = nn.Parameter(torch.ones(block.get_submodule(spec.up_down.target).in_features))
         if spec.let_shifts:
-            self.qkv_shift = nn.Parameter(torch.zeros(hidden))
-            self.fc1_shift = nn.Parameter(torch.zeros(hidden)) if spec.fc1 is not None else None
+            self.qkv_shift = nn.Parameter(torch.zeros(hidden)) if norm_scales else None
+            self.fc1_shift = nn.Parameter(torch.zeros(hidden)) if self.fc1_scale is not None else None
             self.out_shift = nn.Parameter(torch.zeros(kv_channels))
         else:
             self.qkv_shift = self.fc1_shift = self.out_shift = None
@@ -141,7 +143,15 @@ class LETParams(nn.Module):
     def norm_groups(self) -> list[tuple[NormGroup, nn.Parameter, nn.Parameter | None]]:
         """(group, scale, shift) of each norm -> linears group: qkv, and fc1 where the block has it."""
         groups = [(self.spec.qkv, self.qkv_scale, self.qkv_shift), (self.spec.fc1, self.fc1_scale, self.fc1_shift)]
-        return [group for group in groups if group[0] is not None]
+        return [group for group in groups if group[0] is not None and group[1] is not None]
+
+    @classmethod
+    def for_run(cls, block: nn.Module, spec: ArchSpec, quant) -> LETParams:
+        """The pairs a run learns (a QuantConfig): up -> down with quant.let_up_down; none whose
+        input quant.rotate_online rotates (the scale would sit between the rotation and the quantizer)."""
+        online = getattr(quant, "rotate_online", "none")
+        up_down = spec.up_down if quant.let_up_down and online == "none" else None
+        return cls(block, dataclasses.replace(spec, up_down=up_down), norm_scales=online != "all")
 
     def transformed(self, block: nn.Module) -> dict[str, torch.Tensor]:
         """Block parameters after all LET transforms, by their names in `block`."""

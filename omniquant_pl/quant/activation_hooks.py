@@ -124,9 +124,19 @@ def use_quantized_attention(model: nn.Module) -> None:
         model.set_attn_implementation(ATTENTION_NAME)
 
 
-def _input_quant_hook(quantizer: PerTokenActQuantizer):
+def _input_quant_hook(quantizer: PerTokenActQuantizer, rotation: torch.Tensor | None = None):
+    """Quantize a linear's input per token; with an online `rotation` R (in, in), quantize x·R (the
+    linear's weight holds W·R: rotate.py)."""
+    if rotation is None:
+        return lambda module, args: (quantizer(args[0]), *args[1:])
+    cast: dict[tuple, torch.Tensor] = {}  # R in each (dtype, device) the inputs came in
+
     def hook(module, args):
-        return (quantizer(args[0]), *args[1:])
+        x = args[0]
+        key = (x.dtype, x.device)
+        if key not in cast:
+            cast[key] = rotation.to(dtype=x.dtype, device=x.device)
+        return (quantizer(x @ cast[key]), *args[1:])  # (..., in) @ (in, in)
 
     return hook
 
@@ -134,12 +144,16 @@ def _input_quant_hook(quantizer: PerTokenActQuantizer):
 class BlockActivationQuantizers:
     """Installs (and removes) per-token input quantizers on a block's linears and attention."""
 
-    def __init__(self, block: nn.Module, spec: ArchSpec, bits: int, linears: bool = True) -> None:
+    def __init__(self, block: nn.Module, spec: ArchSpec, bits: int, linears: bool = True,
+                 rotations: dict[str, torch.Tensor] | None = None) -> None:
+        """`rotations`: linear name -> the online rotation of its input (quant.rotate_online)."""
         self.quantizer = PerTokenActQuantizer(bits)
         self.handles = []
+        rotations = rotations or {}
         if linears:
             for name in spec.linear_names:
-                self.handles.append(block.get_submodule(name).register_forward_pre_hook(_input_quant_hook(self.quantizer)))
+                hook = _input_quant_hook(self.quantizer, rotations.get(name))
+                self.handles.append(block.get_submodule(name).register_forward_pre_hook(hook))
         self.attention = block.get_submodule(spec.attention)
         self.attention.__dict__[QKV_QUANTIZER_ATTR] = self.quantizer
         self.attention.__dict__[QKV_CALL_COUNTER_ATTR] = self
@@ -181,9 +195,11 @@ class BlockActivationQuantizers:
 
 
 @contextlib.contextmanager
-def activation_quantization(blocks: list[nn.Module], spec: ArchSpec, bits: int) -> Iterator[None]:
-    """Quantize activations of every given block for the duration of the context."""
-    installed = [BlockActivationQuantizers(block, spec, bits) for block in blocks]
+def activation_quantization(blocks: list[nn.Module], spec: ArchSpec, bits: int,
+                            rotations: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
+    """Quantize activations of every given block for the duration of the context (with the online
+    `rotations`, by linear name, of a run with quant.rotate_online)."""
+    installed = [BlockActivationQuantizers(block, spec, bits, rotations=rotations) for block in blocks]
     try:
         yield
     finally:

@@ -17,11 +17,14 @@ class QuantLinear(nn.Module):
     The weight is quantized once per forward call (once per training step, whatever the batch).
     `to_linear()` bakes the fake-quantized weight into a plain nn.Linear: the fused module computes
     exactly what this one computes; given the linear's `QuantizedWeight` it holds exactly its
-    dequantized codes.
+    dequantized codes. With an `input_rotation` R (quant.rotate_online) it quantizes W·R, and its
+    input must arrive as x·R (the activation hook rotates it): the fused linear holds the codes of W·R.
     """
 
-    def __init__(self, linear: nn.Linear, weight_quantizer: WeightQuantizer | None) -> None:
+    def __init__(self, linear: nn.Linear, weight_quantizer: WeightQuantizer | None,
+                 input_rotation: torch.Tensor | None = None) -> None:
         super().__init__()
+        self.register_buffer("input_rotation", input_rotation, persistent=False)  # (in, in) or None
         self.in_features = linear.in_features
         self.out_features = linear.out_features
         self.weight = linear.weight
@@ -31,10 +34,21 @@ class QuantLinear(nn.Module):
             self.bias.requires_grad_(False)
         self.weight_quantizer = weight_quantizer
 
+    def rotated(self, weight: torch.Tensor) -> torch.Tensor:
+        """W·R for an online input rotation R (computed in at least float32), else W."""
+        if self.input_rotation is None:
+            return weight
+        compute = torch.promote_types(weight.dtype, torch.float32)
+        return (weight.to(compute) @ self.input_rotation.to(compute)).to(weight.dtype)  # (out, in) @ (in, in)
+
     def quantized_weight(self) -> torch.Tensor:
         if self.weight_quantizer is None:
-            return self.weight
-        return self.weight_quantizer(self.weight)
+            return self.rotated(self.weight)
+        return self.weight_quantizer(self.rotated(self.weight))
+
+    def quantize(self, weight: torch.Tensor) -> QuantizedWeight:
+        """The codes of `weight` (this linear's, or its LET-transformed value), rotated as it is used."""
+        return self.weight_quantizer.quantize(self.rotated(weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.quantized_weight(), self.bias)
@@ -74,15 +88,20 @@ def quantize_block_linears(
     block: nn.Module,
     linear_names: Iterable[str],
     make_weight_quantizer: Callable[[str, nn.Linear], WeightQuantizer | None],
+    input_rotations: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, QuantLinear]:
     """Replace each named nn.Linear of `block` (in place) with a QuantLinear whose weight quantizer is
-    `make_weight_quantizer(name, linear)`; returns them."""
+    `make_weight_quantizer(name, linear)` (and input rotation `input_rotations[name]`); returns them."""
+    input_rotations = input_rotations or {}
     replaced: dict[str, QuantLinear] = {}
     for name in linear_names:
         linear = block.get_submodule(name)
         if isinstance(linear, QuantLinear):
             raise RuntimeError(f"{name} is already quantized")
-        quant_linear = QuantLinear(linear, make_weight_quantizer(name, linear))
+        rotation = input_rotations.get(name)
+        if rotation is not None:
+            rotation = rotation.to(linear.weight.device)
+        quant_linear = QuantLinear(linear, make_weight_quantizer(name, linear), rotation)
         set_submodule(block, name, quant_linear)
         replaced[name] = quant_linear
     return replaced

@@ -15,6 +15,7 @@ from omniquant_pl.quant.activation_hooks import activation_quantization, use_qua
 from omniquant_pl.quant.gguf_mix import ModelShape
 from omniquant_pl.quant.grids import LinearGrid, build_quantizer, linear_grid, run_grid
 from omniquant_pl.quant.lwc import WeightQuantizer
+from omniquant_pl.rotate import online_rotations
 
 
 def rtn_quantizer(weight: torch.Tensor, quant: QuantConfig, grid: LinearGrid | None = None) -> WeightQuantizer:
@@ -43,16 +44,20 @@ def rtn_weights(model: nn.Module, spec: ArchSpec, quant: QuantConfig) -> Iterato
 @contextlib.contextmanager
 @torch.no_grad()
 def rtn_block_weights(blocks: list[nn.Module], spec: ArchSpec, quant: QuantConfig,
-                      shape: ModelShape | None = None) -> Iterator[None]:
+                      shape: ModelShape | None = None, rotations: dict[str, torch.Tensor] | None = None) -> Iterator[None]:
     """Temporarily replace the linears' weights of `blocks` (the model's blocks in order, or any blocks of
-    a run without quant.gguf_type) by their RTN fake-quantized values."""
+    a run without quant.gguf_type) by their RTN fake-quantized values (of W·R where `rotations` names
+    the online rotation R of a linear's input: its input must then arrive rotated)."""
     originals: list[tuple[torch.Tensor, torch.Tensor]] = []
+    rotations = rotations or {}
     for index, block in enumerate(blocks):
         for name in spec.linear_names:
             weight = block.get_submodule(name).weight
             originals.append((weight, weight.detach().to("cpu", copy=True)))
             grid = linear_grid(quant, name, index, weight.shape[1], shape)
-            weight.copy_(rtn_quantizer(weight, quant, grid)(weight))
+            rotation = rotations.get(name)
+            value = weight if rotation is None else (weight.double() @ rotation.to(weight.device)).to(weight.dtype)
+            weight.copy_(rtn_quantizer(value, quant, grid)(value))
     try:
         yield
     finally:
@@ -63,12 +68,15 @@ def rtn_block_weights(blocks: list[nn.Module], spec: ArchSpec, quant: QuantConfi
 @contextlib.contextmanager
 def rtn_model(model: nn.Module, spec: ArchSpec, quant: QuantConfig) -> Iterator[nn.Module]:
     """The RTN baseline of `quant` for the context's duration: RTN weights and, below 16 bits,
-    per-token activation quantization (linear inputs and attention q/k/v)."""
+    per-token activation quantization (linear inputs and attention q/k/v), with the online rotations
+    of quant.rotate_online."""
     check_supported(spec, let=False, abits=quant.abits)  # RTN has no LET
-    with rtn_weights(model, spec, quant), contextlib.ExitStack() as stack:
+    blocks = list(get_blocks(model, spec))
+    rotations = online_rotations(spec, quant.rotate, quant.rotate_seed, quant.rotate_online, blocks[0])
+    with rtn_block_weights(blocks, spec, quant, ModelShape.of(model.config), rotations), contextlib.ExitStack() as stack:
         if quant.abits < 16:
             use_quantized_attention(model)
-            stack.enter_context(activation_quantization(list(get_blocks(model, spec)), spec, quant.abits))
+            stack.enter_context(activation_quantization(blocks, spec, quant.abits, rotations))
         yield model
 
 
