@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +56,8 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "outputs" / "gguf-mixes")
     parser.add_argument("--output", type=Path, default=ROOT / "benchmarks" / "results" / "gguf-weight-error-smollm2-135m.json")
     args = parser.parse_args()
+    from omniquant_pl.io import atomic_write_json
+
     reference = block_tensors(args.work_dir / "fp-F32.gguf")
     weights = importance(args.work_dir / "imatrix.gguf")
     rows = []
@@ -73,8 +74,7 @@ def main() -> None:
     report = {"benchmark": "gguf-weight-error", "command": "python benchmarks/gguf_weight_error.py --types "
               + " ".join(args.types), "model": "SmolLM2-135M (the Q4_1 GGUF de-quantized), files of gguf_mixes.py",
               "rows": rows}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
+    atomic_write_json(report, args.output)
     print(f"json: {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output}")
 
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -35,11 +34,13 @@ SETTINGS = {"W4A16": (4, 16), "W3A16": (3, 16), "W4A4": (4, 4), "W6A6": (6, 6), 
 @contextlib.contextmanager
 def rotated_weights(blocks, rotations):
     """Each named linear's weight W·R for the context's duration (float weights of an online-rotated run)."""
+    from omniquant_pl.rotate import rotate_weight
+
     saved = [(block.get_submodule(name).weight, rotation) for block in blocks for name, rotation in rotations.items()]
     originals = [weight.detach().clone() for weight, _ in saved]
     with torch.no_grad():
         for weight, rotation in saved:
-            weight.copy_((weight.double() @ rotation).to(weight.dtype))
+            weight.copy_(rotate_weight(weight, right=rotation))
     try:
         yield
     finally:
@@ -54,6 +55,7 @@ def main() -> None:
     from omniquant_pl.calib.data import load_text, tokenize_cached
     from omniquant_pl.config import QuantConfig
     from omniquant_pl.eval.perplexity import evaluation_windows, window_mean_nll
+    from omniquant_pl.io import atomic_write_json
     from omniquant_pl.models import load_model_and_tokenizer
     from omniquant_pl.quant.activation_hooks import activation_quantization, use_quantized_attention
     from omniquant_pl.quant.rtn import rtn_model
@@ -108,8 +110,7 @@ def main() -> None:
               "windows": f"WikiText-2 test, first {args.windows} x {args.seqlen}", "rotation": "random (Haar), seed 0",
               "seconds": time.perf_counter() - started, "versions": software_versions(), "rows": rows,
               "norm_gains": gains}
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2))
+    atomic_write_json(report, args.output)
     print(f"json: {args.output.relative_to(ROOT) if args.output.is_relative_to(ROOT) else args.output}")
 
 

@@ -23,7 +23,7 @@ a linear's input x becomes x·R right before its activation quantizer (quant/act
 the weight it quantizes W·R (quant/linear.py), so x·R·(W·R)ᵀ = x·Wᵀ; the unquantized model keeps W. ``down`` rotates down_proj's input on top of the folded
 rotations; ``all`` also rotates every input read from a norm and then leaves the residual stream
 and the norm gains alone (steps 1 and 2 are skipped, step 3 stays). One matrix per site, shared by
-every block: `online_matrices` rebuilds them from the kind and seed (a saved model records both).
+every block: `online_rotations` rebuilds them from the kind and seed (a saved model records both).
 """
 from __future__ import annotations
 
@@ -132,7 +132,7 @@ def untie_head(model: nn.Module) -> None:
         model.config.get_text_config().tie_word_embeddings = False
 
 
-def _rotate(weight: torch.Tensor, left: torch.Tensor | None = None, right: torch.Tensor | None = None) -> torch.Tensor:
+def rotate_weight(weight: torch.Tensor, left: torch.Tensor | None = None, right: torch.Tensor | None = None) -> torch.Tensor:
     """left · weight · right in float64, back in the weight's dtype."""
     value = weight.double()
     if left is not None:
@@ -161,16 +161,16 @@ def _rotate_residual(model: nn.Module, spec: ArchSpec, kind: str, seed: int) -> 
     fold_norm_gains(model, spec)
     residual = orthogonal(kind, rotation_sizes(model.config)[0], seed)  # Q
     embedding = model.get_input_embeddings()
-    embedding.weight.copy_(_rotate(embedding.weight, right=residual))
+    embedding.weight.copy_(rotate_weight(embedding.weight, right=residual))
     head = model.get_output_embeddings()
-    head.weight.copy_(_rotate(head.weight, right=residual))
+    head.weight.copy_(rotate_weight(head.weight, right=residual))
     for block in getattr(model.get_submodule(spec.backbone), spec.layers):
         for name in (*spec.qkv.linears, *spec.fc1.linears):
             linear = block.get_submodule(name)
-            linear.weight.copy_(_rotate(linear.weight, right=residual))
+            linear.weight.copy_(rotate_weight(linear.weight, right=residual))
         for name in (spec.out.target, *spec.fc2):
             linear = block.get_submodule(name)
-            linear.weight.copy_(_rotate(linear.weight, left=residual.T))
+            linear.weight.copy_(rotate_weight(linear.weight, left=residual.T))
             if linear.bias is not None:
                 linear.bias.copy_((residual.T @ linear.bias.double()).to(linear.bias.dtype))
 
@@ -182,35 +182,24 @@ def rotate_for_run(model: nn.Module, spec: ArchSpec, quant, streamed: bool) -> N
     if streamed:
         raise ConfigError(f"quant.rotate {quant.rotate} needs the whole model in memory, but model.streaming auto "
                           "chose to stream it; set model.streaming: off")
-    online = getattr(quant, "rotate_online", "none")
+    online = quant.rotate_online
     rotate_model(model, spec, quant.rotate, quant.rotate_seed, online)
     log.info("rotated %s (%s, seed %d)%s", "the value heads" if online == "all" else "the residual stream and the value heads",
              quant.rotate, quant.rotate_seed, "" if online == "none" else f"; online rotations: {online}")
 
 
-def online_matrices(kind: str, seed: int, online: str, block: nn.Module, spec: ArchSpec) -> dict[str, torch.Tensor]:
-    """The online rotation of each site of `online` (none | down | all), float64, sized from a block
-    of the model: ``down`` (down_proj's input; seed + 2) and ``inputs`` (the norms' readers; seed + 3)."""
-    matrices = {}
-    if online in ("down", "all"):
-        matrices["down"] = orthogonal(kind, block.get_submodule(spec.fc2[0]).in_features, seed + 2)
-    if online == "all":
-        matrices["inputs"] = orthogonal(kind, block.get_submodule(spec.qkv.linears[0]).in_features, seed + 3)
-    return matrices
-
-
 def online_rotations(spec: ArchSpec, kind: str, seed: int, online: str, block: nn.Module) -> dict[str, torch.Tensor]:
-    """Linear name -> the online rotation of its input in every block like `block` (empty for none)."""
-    if online == "none":
-        return {}
-    return block_online_rotations(spec, online_matrices(kind, seed, online, block, spec))
-
-
-def block_online_rotations(spec: ArchSpec, matrices: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Linear name -> its input's online rotation (the readers of both norms share ``inputs``)."""
-    readers = (*spec.qkv.linears, *spec.fc1.linears) if "inputs" in matrices else ()
-    writers = spec.fc2 if "down" in matrices else ()
-    return {**{name: matrices["inputs"] for name in readers}, **{name: matrices["down"] for name in writers}}
+    """Linear name -> the online rotation of its input (float64) in every block like `block`, for
+    `online` none | down | all: down_proj's input (seed + 2) and, with ``all``, the readers of both
+    norms, which share one matrix (seed + 3)."""
+    rotations: dict[str, torch.Tensor] = {}
+    if online in ("down", "all"):
+        down = orthogonal(kind, block.get_submodule(spec.fc2[0]).in_features, seed + 2)
+        rotations.update({name: down for name in spec.fc2})
+    if online == "all":
+        readers = orthogonal(kind, block.get_submodule(spec.qkv.linears[0]).in_features, seed + 3)
+        rotations.update({name: readers for name in (*spec.qkv.linears, *spec.fc1.linears)})
+    return rotations
 
 
 def _rotate_value_heads(v_proj: nn.Linear, o_proj: nn.Linear, value: torch.Tensor) -> None:
@@ -218,7 +207,7 @@ def _rotate_value_heads(v_proj: nn.Linear, o_proj: nn.Linear, value: torch.Tenso
     kv_heads, heads = v_proj.out_features // head_dim, o_proj.in_features // head_dim
     per_kv = torch.block_diag(*[value.T] * kv_heads)  # (kv_heads·head_dim,)²: Hᵀ per value head
     per_query = torch.block_diag(*[value] * heads)  # (heads·head_dim,)²: H per query head
-    v_proj.weight.copy_(_rotate(v_proj.weight, left=per_kv))
+    v_proj.weight.copy_(rotate_weight(v_proj.weight, left=per_kv))
     if v_proj.bias is not None:
         v_proj.bias.copy_((per_kv @ v_proj.bias.double()).to(v_proj.bias.dtype))
-    o_proj.weight.copy_(_rotate(o_proj.weight, right=per_query))
+    o_proj.weight.copy_(rotate_weight(o_proj.weight, right=per_query))

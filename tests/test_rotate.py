@@ -129,25 +129,32 @@ def test_a_rotated_run_calibrates_saves_and_reloads_with_its_logits(tmp_path, to
         results.perplexity["omniquant"]["pydoc"].ppl, rel=1e-5)
 
 
-def test_a_rotated_run_resumed_after_its_first_block_equals_the_uninterrupted_one(tmp_path, tokenizer):
-    import dataclasses
-    import json
-    import shutil
-
+def _saved_tiny_llama_run(tmp_path, tokenizer, quant, eval_config):
+    """A tiny Llama saved under tmp_path/model and the RunConfig calibrating it into tmp_path/full
+    (4 x 32 pydoc tokens, 2 epochs, batch 2)."""
     from conftest import tiny_llama
-    from safetensors.torch import load_file
 
-    from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig, calibrate
+    from omniquant_pl import CalibConfig, ModelConfig, RunConfig, TrainConfig
 
     model_dir = tmp_path / "model"
     tiny_llama().save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
-    config = RunConfig(model=ModelConfig(str(model_dir), dtype="float32"),
-                       quant=QuantConfig(wbits=3, group_size=16, rounding=True, rotate="random", rotate_seed=4),
-                       calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32),
-                       train=TrainConfig(epochs=2, batch_size=2), eval=EvalConfig(datasets=[]),
-                       output_dir=str(tmp_path / "full"))
-    calibrate(config)
+    return RunConfig(model=ModelConfig(str(model_dir), dtype="float32"), quant=quant,
+                     calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32), train=TrainConfig(epochs=2, batch_size=2),
+                     eval=eval_config, output_dir=str(tmp_path / "full"))
+
+
+def _assert_resuming_after_block_0_equals(config, tmp_path):
+    """The finished run in tmp_path/full, copied and cut back to its first block, resumes to
+    bit-identical learned parameters."""
+    import dataclasses
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from omniquant_pl import calibrate
+
     cut = tmp_path / "cut"
     shutil.copytree(tmp_path / "full", cut)
     state = json.loads((cut / "checkpoint.json").read_text())
@@ -157,6 +164,15 @@ def test_a_rotated_run_resumed_after_its_first_block_equals_the_uninterrupted_on
     calibrate(dataclasses.replace(config, output_dir=str(cut), resume=True))
     full, resumed = load_file(tmp_path / "full" / "learned_params.safetensors"), load_file(cut / "learned_params.safetensors")
     assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+
+
+def test_a_rotated_run_resumed_after_its_first_block_equals_the_uninterrupted_one(tmp_path, tokenizer):
+    from omniquant_pl import EvalConfig, QuantConfig, calibrate
+
+    config = _saved_tiny_llama_run(tmp_path, tokenizer, QuantConfig(wbits=3, group_size=16, rounding=True,
+                                                                    rotate="random", rotate_seed=4), EvalConfig(datasets=[]))
+    calibrate(config)
+    _assert_resuming_after_block_0_equals(config, tmp_path)
 
 
 @pytest.mark.parametrize("online", ["down", "all"])
@@ -229,25 +245,14 @@ def test_an_online_rotated_run_saves_reloads_and_resumes_with_its_logits(tmp_pat
     """W4A4 + LWC + LET with quant.rotate_online all: the saved model, loaded by the evaluation loader,
     reproduces the run (its config records the rotations), and a run cut after block 0 resumes to the
     same learned parameters."""
-    import dataclasses
     import json
-    import shutil
 
-    from conftest import tiny_llama
-    from safetensors.torch import load_file
-
-    from omniquant_pl import CalibConfig, EvalConfig, ModelConfig, QuantConfig, RunConfig, TrainConfig, calibrate
+    from omniquant_pl import EvalConfig, ModelConfig, QuantConfig, calibrate
     from omniquant_pl.eval.runner import evaluate_target, resolve_target
 
-    model_dir = tmp_path / "model"
-    tiny_llama().save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    config = RunConfig(model=ModelConfig(str(model_dir), dtype="float32"),
-                       quant=QuantConfig(wbits=4, abits=4, let=True, rotate="random", rotate_online="all"),
-                       calib=CalibConfig(source="pydoc", nsamples=4, seqlen=32),
-                       train=TrainConfig(epochs=2, batch_size=2),
-                       eval=EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=2, baselines=["fp"]),
-                       output_dir=str(tmp_path / "full"))
+    config = _saved_tiny_llama_run(tmp_path, tokenizer,
+                                   QuantConfig(wbits=4, abits=4, let=True, rotate="random", rotate_online="all"),
+                                   EvalConfig(datasets=["pydoc"], seqlen=32, max_windows=2, baselines=["fp"]))
     results = calibrate(config)
     saved = json.loads((tmp_path / "full" / "model" / "config.json").read_text())["omniquant"]
     assert (saved["rotate"], saved["rotate_online"]) == ("random", "all")
@@ -255,15 +260,7 @@ def test_an_online_rotated_run_saves_reloads_and_resumes_with_its_logits(tmp_pat
                                torch.device("cpu"))
     assert reloaded["perplexity"]["omniquant"]["pydoc"]["ppl"] == pytest.approx(
         results.perplexity["omniquant"]["pydoc"].ppl, rel=1e-5)
-    cut = tmp_path / "cut"
-    shutil.copytree(tmp_path / "full", cut)
-    state = json.loads((cut / "checkpoint.json").read_text())
-    state["finished_blocks"], state["results"]["blocks"] = 1, state["results"]["blocks"][:1]
-    (cut / "checkpoint.json").write_text(json.dumps(state))
-    (cut / "learned" / "block_001.safetensors").unlink()
-    calibrate(dataclasses.replace(config, output_dir=str(cut), resume=True))
-    full, resumed = load_file(tmp_path / "full" / "learned_params.safetensors"), load_file(cut / "learned_params.safetensors")
-    assert full.keys() == resumed.keys() and all(torch.equal(full[k], resumed[k]) for k in full)
+    _assert_resuming_after_block_0_equals(config, tmp_path)
 
 
 def test_the_rtn_baseline_of_an_online_rotated_run_rotates_its_weights_and_inputs():

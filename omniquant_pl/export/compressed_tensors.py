@@ -44,7 +44,7 @@ def _require_package():
 
 def check_exportable(quant: QuantConfig) -> str:
     """The compressed-tensors format of a run's settings, or a one-line error naming what to do."""
-    if getattr(quant, "rotate_online", "none") != "none":
+    if quant.rotate_online != "none":
         raise ConfigError(f"this run rotates linear inputs at inference (quant.rotate_online {quant.rotate_online}), which "
                           "no engine reading compressed-tensors runs; evaluate it with omniquant evaluate, or calibrate "
                           "with quant.rotate_online: none to export it")

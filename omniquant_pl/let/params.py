@@ -149,9 +149,8 @@ class LETParams(nn.Module):
     def for_run(cls, block: nn.Module, spec: ArchSpec, quant) -> LETParams:
         """The pairs a run learns (a QuantConfig): up -> down with quant.let_up_down; none whose
         input quant.rotate_online rotates (the scale would sit between the rotation and the quantizer)."""
-        online = getattr(quant, "rotate_online", "none")
-        up_down = spec.up_down if quant.let_up_down and online == "none" else None
-        return cls(block, dataclasses.replace(spec, up_down=up_down), norm_scales=online != "all")
+        up_down = spec.up_down if quant.let_up_down and quant.rotate_online == "none" else None
+        return cls(block, dataclasses.replace(spec, up_down=up_down), norm_scales=quant.rotate_online != "all")
 
     def transformed(self, block: nn.Module) -> dict[str, torch.Tensor]:
         """Block parameters after all LET transforms, by their names in `block`."""

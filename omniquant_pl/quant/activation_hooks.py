@@ -124,19 +124,21 @@ def use_quantized_attention(model: nn.Module) -> None:
         model.set_attn_implementation(ATTENTION_NAME)
 
 
-def _input_quant_hook(quantizer: PerTokenActQuantizer, rotation: torch.Tensor | None = None):
+def _input_quant_hook(quantizer: PerTokenActQuantizer, rotation: torch.Tensor | None = None,
+                      casts: dict | None = None):
     """Quantize a linear's input per token; with an online `rotation` R (in, in), quantize x·R (the
-    linear's weight holds W·R: rotate.py)."""
+    linear's weight holds W·R: rotate.py). `casts` holds R in each (dtype, device) inputs came in,
+    shared by the hooks of one block (the readers of a norm share R)."""
     if rotation is None:
         return lambda module, args: (quantizer(args[0]), *args[1:])
-    cast: dict[tuple, torch.Tensor] = {}  # R in each (dtype, device) the inputs came in
+    casts = {} if casts is None else casts
 
     def hook(module, args):
         x = args[0]
-        key = (x.dtype, x.device)
-        if key not in cast:
-            cast[key] = rotation.to(dtype=x.dtype, device=x.device)
-        return (quantizer(x @ cast[key]), *args[1:])  # (..., in) @ (in, in)
+        key = (id(rotation), x.dtype, x.device)
+        if key not in casts:
+            casts[key] = rotation.to(dtype=x.dtype, device=x.device)
+        return (quantizer(x @ casts[key]), *args[1:])  # (..., in) @ (in, in)
 
     return hook
 
@@ -149,10 +151,10 @@ class BlockActivationQuantizers:
         """`rotations`: linear name -> the online rotation of its input (quant.rotate_online)."""
         self.quantizer = PerTokenActQuantizer(bits)
         self.handles = []
-        rotations = rotations or {}
+        rotations, casts = rotations or {}, {}
         if linears:
             for name in spec.linear_names:
-                hook = _input_quant_hook(self.quantizer, rotations.get(name))
+                hook = _input_quant_hook(self.quantizer, rotations.get(name), casts)
                 self.handles.append(block.get_submodule(name).register_forward_pre_hook(hook))
         self.attention = block.get_submodule(spec.attention)
         self.attention.__dict__[QKV_QUANTIZER_ATTR] = self.quantizer

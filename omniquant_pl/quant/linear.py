@@ -99,8 +99,8 @@ def quantize_block_linears(
         if isinstance(linear, QuantLinear):
             raise RuntimeError(f"{name} is already quantized")
         rotation = input_rotations.get(name)
-        if rotation is not None:
-            rotation = rotation.to(linear.weight.device)
+        if rotation is not None:  # once, in the dtype `rotated` computes in
+            rotation = rotation.to(linear.weight.device, torch.promote_types(linear.weight.dtype, torch.float32))
         quant_linear = QuantLinear(linear, make_weight_quantizer(name, linear), rotation)
         set_submodule(block, name, quant_linear)
         replaced[name] = quant_linear

@@ -15,7 +15,7 @@ from omniquant_pl.quant.activation_hooks import activation_quantization, use_qua
 from omniquant_pl.quant.gguf_mix import ModelShape
 from omniquant_pl.quant.grids import LinearGrid, build_quantizer, linear_grid, run_grid
 from omniquant_pl.quant.lwc import WeightQuantizer
-from omniquant_pl.rotate import online_rotations
+from omniquant_pl.rotate import online_rotations, rotate_weight
 
 
 def rtn_quantizer(weight: torch.Tensor, quant: QuantConfig, grid: LinearGrid | None = None) -> WeightQuantizer:
@@ -56,7 +56,7 @@ def rtn_block_weights(blocks: list[nn.Module], spec: ArchSpec, quant: QuantConfi
             originals.append((weight, weight.detach().to("cpu", copy=True)))
             grid = linear_grid(quant, name, index, weight.shape[1], shape)
             rotation = rotations.get(name)
-            value = weight if rotation is None else (weight.double() @ rotation.to(weight.device)).to(weight.dtype)
+            value = weight if rotation is None else rotate_weight(weight, right=rotation.to(weight.device))
             weight.copy_(rtn_quantizer(value, quant, grid)(value))
     try:
         yield
